@@ -1,0 +1,61 @@
+"""A chat session against a run's tuned model (or its base), streaming each answer as it is generated."""
+
+from collections.abc import Callable
+from threading import Thread
+
+import torch
+from transformers import TextIteratorStreamer
+
+from llamatailor.config import RunConfig
+from llamatailor.data.formats import Message
+from llamatailor.data.templating import render_prompt
+from llamatailor.evaluate.generation import greedy_config
+from llamatailor.models.loading import load_adapter_model, load_saved_tokenizer
+
+
+class ChatSession:
+    """Keeps the conversation; `reply` adds the user's turn and the model's answer to it."""
+
+    def __init__(self, config: RunConfig, use_base: bool = False, max_new_tokens: int = 256) -> None:
+        run = config.run_dir
+        self.chat = load_saved_tokenizer(run.adapter, config.model)
+        self.model = load_adapter_model(config.model, run.adapter)
+        self.model.eval()
+        self.use_base = use_base
+        self.max_new_tokens = max_new_tokens
+        self.system_prompt = config.data.system_prompt
+        self.history: list[Message] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages = [*system, *self.history, {"role": "user", "content": text}]
+        prompt = torch.tensor([render_prompt(self.chat, messages)], device=self.model.device)
+        streamer = TextIteratorStreamer(self.chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {
+            "input_ids": prompt,
+            "attention_mask": torch.ones_like(prompt),
+            "generation_config": greedy_config(self.chat, self.max_new_tokens),
+            "streamer": streamer,
+        }
+        worker = Thread(target=self._generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            if on_text:
+                on_text(piece)
+        worker.join()
+        answer = "".join(pieces).strip()
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        return answer
+
+    @torch.inference_mode()
+    def _generate(self, **kwargs: object) -> None:
+        if self.use_base:
+            with self.model.disable_adapter():
+                self.model.generate(**kwargs)
+        else:
+            self.model.generate(**kwargs)

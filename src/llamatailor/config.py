@@ -1,0 +1,290 @@
+"""The run file's schema (pydantic v2) and its loading: YAML, `key.sub=value` overrides, clear errors."""
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llamatailor.errors import ConfigError
+from llamatailor.rundir import RunDir
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="An alias (smollm2-135m-instruct), a local Hugging Face folder, a hub id or a .gguf file.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    family: Literal["auto", "llama2", "llama3", "llama4", "chatml"] = Field(
+        "auto", description="Chat format; auto detects it from the tokenizer."
+    )
+    chat_template: Path | None = Field(
+        None, description="A Jinja file that replaces the tokenizer's template."
+    )
+
+
+class DataSection(Section):
+    train: list[Path] = Field(min_length=1, description="Training files (JSON or JSONL).")
+    val: list[Path] = Field(default_factory=list, description="Validation files; else split from train.")
+    test: list[Path] = Field(default_factory=list, description="Test files; else split from train.")
+    val_ratio: float = Field(0.1, ge=0, lt=1)
+    test_ratio: float = Field(0.1, ge=0, lt=1)
+    system_prompt: str | None = Field(None, description="Added to conversations that have no system message.")
+    max_seq_len: int = Field(1024, ge=16, description="Longer samples are truncated (and reported).")
+
+    @model_validator(mode="after")
+    def _ratios_leave_training_data(self) -> "DataSection":
+        taken = (0 if self.val else self.val_ratio) + (0 if self.test else self.test_ratio)
+        if taken >= 0.9:
+            raise ValueError(
+                f"val_ratio + test_ratio is {taken:g}; keep it below 0.9 so training data remains"
+            )
+        return self
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] | None = Field(None, description="Module names; default: the family's linear layers.")
+
+
+class TrainSection(Section):
+    method: Literal["lora"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="If set, overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    gradient_checkpointing: Literal["auto", True, False] = Field(
+        "auto",
+        description="Recompute activations to save memory; auto: on for GPUs, off on CPU (pure cost there).",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."
+    )
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int | None = Field(
+        None, ge=1, description="Validation loss every N steps; default: save_steps."
+    )
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's own choice.")
+
+
+class EvalSection(Section):
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="Evaluate on the first N test records only.")
+    show: int = Field(3, ge=0, description="How many held-out answers to print, base vs tuned.")
+    json_fields: list[str] | None = Field(
+        None, description="Score answers as JSON on these keys (field precision/recall/F1)."
+    )
+
+
+class RunConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="The run's name and folder.")
+    output_dir: Path = Field(Path("runs"), description="Runs go to <output_dir>/<name>.")
+    seed: int = 42
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.output_dir / self.name)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data, with paths made absolute so the run dir's copy works from anywhere."""
+        return _absolute_paths(self).model_dump(mode="json")
+
+    def section_hash(self, *keys: str) -> str:
+        """Hash of the named parts of the resolved config (`data`, `train`, `data.max_seq_len`...)."""
+        resolved = self.resolved()
+        picked = {key: _lookup(resolved, key.split(".")) for key in keys}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    data = config.data.model_copy(
+        update={
+            "train": [p.resolve() for p in config.data.train],
+            "val": [p.resolve() for p in config.data.val],
+            "test": [p.resolve() for p in config.data.test],
+        }
+    )
+    chat_template = config.model.chat_template.resolve() if config.model.chat_template else None
+    model = config.model.model_copy(update={"chat_template": chat_template})
+    return config.model_copy(update={"output_dir": config.output_dir.resolve(), "data": data, "model": model})
+
+
+def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
+    node: Any = tree
+    for part in parts:
+        node = node[part]
+    return node
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run file, apply `key.sub=value` overrides, validate; raise ConfigError naming what is wrong."""
+    path = resolve_config_path(path)
+    text = _read_run_file(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the run file must be a mapping of keys to values, found {type(raw).__name__}"
+        )
+    override_origin: dict[tuple[str, ...], str] = {}
+    for override in overrides or []:
+        key_path, value = parse_override(override)
+        set_key(raw, key_path, value, override)
+        override_origin[key_path] = override
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path, text, override_origin)) from None
+
+
+def _read_run_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: run file not found (working directory: {Path.cwd()})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise ConfigError(f"{path}: cannot read the run file: {exc}") from None
+
+
+def resolve_config_path(path: Path) -> Path:
+    """A run directory stands for its resolved `config.yaml`."""
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return path / "config.yaml"
+    return path
+
+
+def parse_override(override: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, value_text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected key.sub=value, e.g. train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {exc}") from None
+    return tuple(part.strip() for part in key.split(".")), value
+
+
+def set_key(raw: dict[str, Any], key_path: tuple[str, ...], value: Any, override: str) -> None:
+    node = raw
+    for depth, part in enumerate(key_path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(key_path[: depth + 1])
+            raise ConfigError(f"override {override!r}: {where} is a value, not a section")
+        node = child
+    node[key_path[-1]] = value
+
+
+def format_validation_error(
+    exc: ValidationError, path: Path, text: str, override_origin: dict[tuple[str, ...], str]
+) -> str:
+    lines = [f"{path}: invalid run file ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc) or "(top level)"
+        origin = _origin(loc, path, text, override_origin)
+        lines.append(f"  - {key}{origin}: {_describe(error, loc)}")
+    return "\n".join(lines)
+
+
+def _origin(loc: tuple[str, ...], path: Path, text: str, override_origin: dict[tuple[str, ...], str]) -> str:
+    for length in range(len(loc), 0, -1):
+        if loc[:length] in override_origin:
+            return f" (from override {override_origin[loc[:length]]!r})"
+    line = yaml_line_of(text, loc)
+    return f" ({path.name} line {line})" if line else ""
+
+
+def _describe(error: dict[str, Any], loc: tuple[str, ...]) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = allowed_keys(loc[:-1])
+        hint = _closest(loc[-1], allowed)
+        suggestion = f"; did you mean '{'.'.join((*loc[:-1], hint))}'?" if hint else ""
+        return f"unknown key (value {value!r}){suggestion} Allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        options = [part.strip(" '") for part in expected.replace(" or ", ", ").split(",")]
+        hint = _closest(str(value), options)
+        suggestion = f"; did you mean '{hint}'?" if hint else ""
+        return f"got {value!r}, expected one of {expected}{suggestion}"
+    return f"got {value!r}: {error['msg']}"
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    matches = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def allowed_keys(loc: tuple[str, ...]) -> list[str]:
+    """The keys the schema allows at a section path (empty when the path is not a section)."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        model = _section_type(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _section_type(arg)
+            if found:
+                return found
+    return None
+
+
+def yaml_line_of(text: str, loc: tuple[str, ...]) -> int | None:
+    """1-based line of the deepest key of `loc` present in the YAML text."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((item for item in node.value if item[0].value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

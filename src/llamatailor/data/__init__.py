@@ -1,0 +1,1 @@
+"""Data: input formats, reading, templating with loss masks, splitting, the prepare stage."""

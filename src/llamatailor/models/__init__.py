@@ -1,0 +1,1 @@
+"""Models: where they come from, their chat families, loading, and tiny test models."""

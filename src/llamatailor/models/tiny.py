@@ -1,0 +1,94 @@
+"""Tiny random Llama models with real tokenizers, for tests and smoke runs (no network needed).
+
+Tokenizers come from files that exist offline: the embedded SmolLM2 model (ChatML), and the Llama 3 (BPE)
+and Llama 2 (SentencePiece) vocabularies that the llama-cpp-python source distribution ships as
+llama.cpp test files, with Meta's official Llama 3.1 chat template from the same archive.
+"""
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from llamatailor.cache import cache_dir
+from llamatailor.errors import ModelLoadError
+from llamatailor.models.families import LLAMA2_TEMPLATE
+from llamatailor.models.source import embedded_gguf_path
+from llamatailor.rundir import atomic_path
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+MODELS_IN_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/models"
+LLAMA3_TEMPLATE_FILE = "templates/meta-llama-Llama-3.1-8B-Instruct.jinja"
+
+TokenizerKind = Literal["chatml", "llama3", "llama2"]
+
+
+def llama_cpp_sdist() -> Path:
+    """The llama-cpp-python sdist in the cache (the Makefile puts it there); fetched with pip if absent."""
+    folder = cache_dir() / "sdist"
+    path = folder / SDIST_NAME
+    if not path.is_file():
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q"]
+        command += ["-d", str(folder), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not path.is_file():
+            raise ModelLoadError(f"could not download {SDIST_NAME} with pip: {result.stderr.strip()[-500:]}")
+    return path
+
+
+def llama_cpp_model_file(relative: str) -> Path:
+    """A file from llama.cpp's `models/` folder, extracted once from the sdist into the cache."""
+    target = cache_dir() / "llama.cpp-models" / LLAMA_CPP_PYTHON_VERSION / relative
+    if target.is_file():
+        return target
+    with tarfile.open(llama_cpp_sdist()) as archive:
+        member = archive.extractfile(f"{MODELS_IN_SDIST}/{relative}")
+        if member is None:
+            raise ModelLoadError(f"{relative} is not a file in {SDIST_NAME}")
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(member.read())
+    return target
+
+
+def real_tokenizer(kind: TokenizerKind) -> PreTrainedTokenizerBase:
+    """A real tokenizer with its chat template: SmolLM2 (ChatML), Llama 3 (128k BPE) or Llama 2 (32k SPM)."""
+    if kind == "chatml":
+        gguf = embedded_gguf_path("smollm2-135m-instruct")
+    else:
+        gguf = llama_cpp_model_file(f"ggml-vocab-llama-{'bpe' if kind == 'llama3' else 'spm'}.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if kind == "llama3":
+        tokenizer.chat_template = llama_cpp_model_file(LLAMA3_TEMPLATE_FILE).read_text(encoding="utf-8")
+    elif kind == "llama2":
+        tokenizer.chat_template = LLAMA2_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(kind: TokenizerKind, folder: Path, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama (hidden 64) with a real tokenizer into `folder`; return the folder."""
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = real_tokenizer(kind)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder

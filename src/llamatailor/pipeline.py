@@ -1,0 +1,169 @@
+"""The stages in order, what each depends on, and their records in the run's manifest.
+
+A stage is up to date when its last run completed with the same fingerprint (the config keys it reads
+and the hashes of its input files) and its outputs are all still there; `llamatailor run` skips it then.
+"""
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llamatailor import __version__
+from llamatailor.config import RunConfig
+from llamatailor.data.prepare import SPLITS, prepare
+from llamatailor.evaluate.stage import evaluate_run
+from llamatailor.rundir import RunDir, now_iso, sha256_file
+from llamatailor.train.sft import train_sft
+
+BULKY_FIELDS = ("report", "samples")
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "tokenizers", "gguf")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_keys: tuple[str, ...]
+    inputs: Callable[[RunConfig], list[Path]]
+    outputs: Callable[[RunDir], list[Path]]
+    action: Callable[..., Any]
+
+
+def _prepare_inputs(config: RunConfig) -> list[Path]:
+    template = [config.model.chat_template] if config.model.chat_template else []
+    return [*config.data.train, *config.data.val, *config.data.test, *template]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "prepare",
+        ("seed", "model", "data"),
+        _prepare_inputs,
+        lambda run: [*(run.split(name) for name in SPLITS), run.rejected, run.data_report],
+        prepare,
+    ),
+    Stage(
+        "train",
+        ("seed", "model", "data", "train"),
+        lambda config: [config.run_dir.split("train"), config.run_dir.split("val")],
+        lambda run: [
+            run.adapter / "adapter_model.safetensors",
+            run.adapter / "adapter_config.json",
+            run.metrics,
+        ],
+        train_sft,
+    ),
+    Stage(
+        "eval",
+        ("model", "eval"),
+        lambda config: [config.run_dir.split("test"), config.run_dir.adapter / "adapter_model.safetensors"],
+        lambda run: [run.eval / "metrics.json", run.eval / "samples.jsonl", run.eval / "report.md"],
+        evaluate_run,
+    ),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def input_hashes(stage: Stage, config: RunConfig) -> dict[str, str]:
+    return {str(path.resolve()): sha256_file(path) for path in stage.inputs(config) if path.is_file()}
+
+
+def fingerprint(stage: Stage, config: RunConfig, inputs: dict[str, str]) -> str:
+    payload = {"stage": stage.name, "config": config.section_hash(*stage.config_keys), "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def is_up_to_date(stage: Stage, config: RunConfig) -> bool:
+    run = config.run_dir
+    record = run.stage_record(stage.name)
+    if not record or record.get("status") != "complete":
+        return False
+    if not all(path.exists() for path in stage.outputs(run)):
+        return False
+    return record.get("fingerprint") == fingerprint(stage, config, input_hashes(stage, config))
+
+
+def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
+    """Run one stage, recording its start, inputs, timing, outcome and a summary in the manifest."""
+    run = config.run_dir
+    start_run(config)
+    inputs = input_hashes(stage, config)
+    record: dict[str, Any] = {
+        "status": "running",
+        "fingerprint": fingerprint(stage, config, inputs),
+        "inputs": inputs,
+        "started_at": now_iso(),
+    }
+    run.set_stage_record(stage.name, record)
+    started = time.perf_counter()
+    try:
+        result = stage.action(config, **kwargs)
+    except BaseException as exc:
+        record.update(
+            status="failed", error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - started
+        )
+        run.set_stage_record(stage.name, record)
+        raise
+    record.update(
+        status="complete",
+        finished_at=now_iso(),
+        seconds=round(time.perf_counter() - started, 2),
+        summary=summarize(result),
+    )
+    run.set_stage_record(stage.name, record)
+    return result
+
+
+def start_run(config: RunConfig) -> None:
+    """Write the resolved config and the manifest's run-wide facts (versions, config hash, git revision)."""
+    run = config.run_dir
+    run.root.mkdir(parents=True, exist_ok=True)
+    resolved = config.resolved()
+    run.write_config(resolved)
+    manifest = run.read_manifest()
+    run.update_manifest(
+        name=config.name,
+        created_at=manifest.get("created_at", now_iso()),
+        config_hash=hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest(),
+        llamatailor=__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        packages={name: _version(name) for name in TRACKED_PACKAGES},
+        git_revision=_git_revision(),
+    )
+
+
+def summarize(result: Any) -> dict[str, Any] | None:
+    """A small JSON-able summary of a stage result for the manifest (bulky fields left out)."""
+    if not dataclasses.is_dataclass(result):
+        return None
+    summary = {}
+    for field in dataclasses.fields(result):
+        if field.name not in BULKY_FIELDS:
+            value = getattr(result, field.name)
+            summary[field.name] = str(value) if isinstance(value, Path) else value
+    return summary
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_revision() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None

@@ -1,0 +1,177 @@
+"""The run directory: its fixed layout, atomic writes, and the manifest that records each stage.
+
+Every artifact is written under a temporary name in its final folder and renamed into place, so a crash
+never leaves a half-written file under its final name.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamatailor.errors import StageError
+
+MANIFEST_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write (file or folder); rename it into place on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()
+    try:
+        yield tmp
+        replace_path(tmp, path)
+    finally:
+        remove_path(tmp)
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing a file or a whole folder that is there."""
+    if target.is_dir() and not target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        target.rename(old)
+        source.rename(target)
+        shutil.rmtree(old)
+    else:
+        source.replace(target)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object per line; return the number of rows."""
+    count = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run directory (`<output_dir>/<name>`); the layout is a contract users rely on."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        return self.data / f"{name}.jsonl"
+
+    def read_split(self, name: str) -> list[dict[str, Any]]:
+        """Records of a prepared split; StageError if `prepare` has not written it."""
+        path = self.split(name)
+        if not path.is_file():
+            raise StageError(f"{path} does not exist: run `llamatailor prepare` first")
+        return read_jsonl(path)
+
+    @property
+    def rejected(self) -> Path:
+        return self.data / "rejected.jsonl"
+
+    @property
+    def data_report(self) -> Path:
+        return self.data / "report.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest.exists():
+            return {"manifest_version": MANIFEST_VERSION, "stages": {}}
+        return json.loads(self.manifest.read_text(encoding="utf-8"))
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        manifest = self.read_manifest()
+        manifest.update(fields)
+        manifest["updated_at"] = now_iso()
+        write_json(self.manifest, manifest)
+        return manifest
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        return self.read_manifest()["stages"].get(stage)
+
+    def set_stage_record(self, stage: str, record: dict[str, Any]) -> None:
+        manifest = self.read_manifest()
+        manifest["stages"][stage] = record
+        manifest["updated_at"] = now_iso()
+        write_json(self.manifest, manifest)
+
+    def write_config(self, resolved: dict[str, Any]) -> None:
+        write_text(self.config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,1 @@
+"""Training: supervised fine-tuning with adapters, and its callbacks."""

@@ -1,0 +1,67 @@
+"""Rich renderings of stage results for the terminal (the CLI prints them; nothing here prints)."""
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from llamatailor.data.prepare import PrepareResult
+from llamatailor.evaluate.report import metric_rows
+from llamatailor.evaluate.stage import EvalResult
+from llamatailor.train.sft import TrainResult
+
+
+def prepare_view(result: PrepareResult) -> RenderableType:
+    table = Table(title="Prepared data", show_edge=False)
+    for column in ("split", "samples", "tokens min", "median", "p95", "max", "truncated"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, count in result.splits.items():
+        stats = result.report["tokens"][name]
+        cells = [str(stats.get(key, "-")) for key in ("min", "median", "p95", "max")]
+        table.add_row(name, str(count), *cells, str(result.report["truncated"][name]))
+    rejected = Text(f"rejected: {result.rejected}", style="yellow" if result.rejected else "green")
+    if result.rejected:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in result.rejected_by_kind.items())
+        rejected.append(f" ({kinds}; all of them with their records in data/rejected.jsonl)")
+    return Group(table, rejected)
+
+
+def train_view(result: TrainResult) -> RenderableType:
+    share = 100 * result.trainable_parameters / max(result.total_parameters, 1)
+    lines = [
+        f"steps: {result.steps} in {result.seconds:.0f} s ({result.precision})",
+        f"trainable parameters: {result.trainable_parameters:,} of {result.total_parameters:,} ({share:.2f}%)",
+        f"loss: {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}; val loss: {_fmt(result.eval_loss)}",
+        f"adapter: {result.adapter}",
+    ]
+    return Text("\n".join(lines))
+
+
+def eval_view(result: EvalResult, show: int) -> RenderableType:
+    parts: list[RenderableType] = []
+    for sample in result.samples[:show]:
+        answers = Table(show_header=False, show_edge=False, box=None, padding=(0, 1))
+        answers.add_column(style="bold")
+        answers.add_column(overflow="fold")
+        answers.add_row("prompt", sample["prompt"])
+        answers.add_row("reference", sample["reference"])
+        answers.add_row("base", Text(sample["base"], style="red"))
+        answers.add_row("tuned", Text(sample["tuned"], style="green"))
+        parts += [answers, Text("")]
+    table = Table(title=f"Held-out test set ({result.metrics['tuned']['count']} samples)", show_edge=False)
+    for column in ("metric", "base", "tuned", "delta"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, base, tuned in metric_rows(result.metrics):
+        if isinstance(base, float):
+            style = "bold" if name == result.headline else None
+            table.add_row(name, f"{base:.3f}", f"{tuned:.3f}", f"{tuned - base:+.3f}", style=style)
+    headline = result.headline
+    base_score, tuned_score = result.metrics["base"][headline], result.metrics["tuned"][headline]
+    verdict = Text(
+        f"score ({headline}): base {base_score:.3f} -> tuned {tuned_score:.3f}",
+        style="bold green" if tuned_score > base_score else "bold red",
+    )
+    return Group(*parts, table, verdict, Text(f"report: {result.folder / 'report.md'}"))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

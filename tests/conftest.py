@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random Llama models with real tokenizers, data files and run files."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamatailor.config import ModelSection
+from llamatailor.models.loading import ChatTokenizer, prepare_tokenizer
+from llamatailor.models.tiny import build_tiny_model, real_tokenizer
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders of tiny random Llamas: ChatML (SmolLM2 tokenizer) and Llama 3 (128k tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: build_tiny_model(kind, root / kind) for kind in ("chatml", "llama3")}
+
+
+@pytest.fixture(scope="session")
+def chatml(tiny_models: dict[str, Path]) -> ChatTokenizer:
+    return _chat_tokenizer(tiny_models["chatml"])
+
+
+@pytest.fixture(scope="session")
+def llama3(tiny_models: dict[str, Path]) -> ChatTokenizer:
+    return _chat_tokenizer(tiny_models["llama3"])
+
+
+@pytest.fixture(scope="session")
+def llama2() -> ChatTokenizer:
+    return prepare_tokenizer(real_tokenizer("llama2"), ModelSection())
+
+
+def _chat_tokenizer(folder: Path) -> ChatTokenizer:
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(folder), ModelSection(base=str(folder)))

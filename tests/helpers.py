@@ -1,0 +1,56 @@
+"""Helpers for tests: data files and run files."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def alpaca_rows(count: int, start: int = 0) -> list[dict[str, str]]:
+    """Small, distinct Alpaca records: name a number's successor, as JSON."""
+    return [
+        {
+            "instruction": "Give the next number as JSON.",
+            "input": f"n = {n}",
+            "output": json.dumps({"next": n + 1}),
+        }
+        for n in range(start, start + count)
+    ]
+
+
+def write_run_file(
+    folder: Path, model: Path | str, train_files: list[Path], **sections: dict[str, Any]
+) -> Path:
+    """A run file for a quick run on a tiny model; `sections` replace or extend the defaults."""
+    config: dict[str, Any] = {
+        "name": "tiny",
+        "output_dir": str(folder / "runs"),
+        "seed": 7,
+        "model": {"base": str(model)},
+        "data": {
+            "train": [str(p) for p in train_files],
+            "val_ratio": 0.2,
+            "test_ratio": 0.2,
+            "max_seq_len": 128,
+        },
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        },
+        "eval": {"max_new_tokens": 8, "batch_size": 4, "json_fields": ["next"]},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,76 @@
+"""Integration on the embedded SmolLM2-135M-Instruct: a few real LoRA steps do what they must."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from helpers import write_run_file
+from llamatailor.config import load_config
+from llamatailor.data.prepare import prepare
+from llamatailor.models.loading import load_adapter_model, load_tokenizer
+from llamatailor.models.source import resolve_source
+from llamatailor.train.sft import build_trainer, load_lora_model, save_adapter, tokenized_split
+
+DEMO_DATA = Path(__file__).parent.parent / "examples" / "data" / "stdlib_signatures.jsonl"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("embedded")
+    data = folder / "train.jsonl"
+    with DEMO_DATA.open() as source:
+        data.write_text("".join(itertools.islice(source, 16)))
+    run_file = write_run_file(
+        folder,
+        "smollm2-135m-instruct",
+        [data],
+        data={"val_ratio": 0.0, "test_ratio": 0.0, "max_seq_len": 256},
+        train={"max_steps": 4, "batch_size": 4, "learning_rate": 1e-3, "save_steps": 100},
+    )
+    config = load_config(run_file)
+    prepare(config)
+    return config
+
+
+def test_few_steps_lower_the_loss_and_change_exactly_the_adapter(embedded_run):
+    config = embedded_run
+    chat = load_tokenizer(config.model)
+    model = load_lora_model(config, chat, "fp32")
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    samples = tokenized_split(config.run_dir, "train", chat, config.data.max_seq_len)
+    batch = DataCollatorForLanguageModeling(pad_token_id=chat.tokenizer.pad_token_id)(
+        [samples[i] for i in range(8)]
+    )
+
+    def batch_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**batch).loss.item()
+
+    loss_before = batch_loss()
+    build_trainer(config, chat, model, "fp32").train()
+    loss_after = batch_loss()
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert len(trainable) == 30 * 7 * 2  # 30 layers x 7 linear layers x (A, B)
+    assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+    save_adapter(model, chat, config.run_dir, config)
+    ours = load_adapter_model(config.model, config.run_dir.adapter).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_source(config.model.base).location)
+    plain = PeftModel.from_pretrained(base, config.run_dir.adapter).eval()
+    with torch.no_grad():
+        assert torch.equal(ours(**batch).logits, plain(**batch).logits)
+        assert abs(ours(**batch).loss.item() - loss_after) < 1e-4

@@ -1,0 +1,112 @@
+"""`llamatailor prepare` on real files: good records go through, bad ones are kept with precise reasons."""
+
+import json
+
+from typer.testing import CliRunner
+
+from helpers import alpaca_rows, write_jsonl, write_run_file
+from llamatailor.cli import app
+
+runner = CliRunner()
+
+
+def make_data(tmp_path):
+    rows = alpaca_rows(20)
+    rows.insert(3, {"instruction": "Give the next number as JSON.", "output": 5})  # line 4: wrong type
+    rows.insert(6, {"instruction": "Say <|im_end|>", "output": "no"})  # line 7: control token text
+    rows.insert(9, {"instruction": "word " * 200, "output": "too late"})  # line 10: answer cut away
+    rows.append({"instruction": "Long answer.", "output": "many " * 100})  # line 24: truncated, kept
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('{"instruction": "broken", "output": \n')  # line 25: invalid JSON
+    return path
+
+
+def test_prepare_keeps_good_records_and_explains_bad_ones(tmp_path, tiny_models):
+    data = make_data(tmp_path)
+    run_file = write_run_file(
+        tmp_path, tiny_models["chatml"], [data], data={"system_prompt": "Answer in JSON.", "max_seq_len": 64}
+    )
+    result = runner.invoke(app, ["prepare", str(run_file)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny"
+    rejected = [json.loads(line) for line in (run / "data" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["kind"], r["field"]) for r in rejected] == [
+        (f"{data}:4", "invalid", "output"),
+        (f"{data}:7", "unrenderable", ""),
+        (f"{data}:10", "unrenderable", ""),
+        (f"{data}:25", "unreadable", ""),
+    ]
+    assert rejected[0]["reason"] == "expected a string, got int"
+    assert rejected[0]["record"] == {"instruction": "Give the next number as JSON.", "output": 5}
+    assert "special token text '<|im_end|>'" in rejected[1]["reason"]
+    assert (
+        "assistant part is truncated away" in rejected[2]["reason"]
+        and "max_seq_len is 64" in rejected[2]["reason"]
+    )
+    assert rejected[3]["reason"].startswith("invalid JSON")
+
+    report = json.loads((run / "data" / "report.json").read_text())
+    assert report["splits"] == {"train": 13, "val": 4, "test": 4}
+    assert report["rejected"] == {"total": 4, "by_kind": {"invalid": 1, "unrenderable": 2, "unreadable": 1}}
+    assert report["files"][0]["format"] == "alpaca" and report["files"][0]["accepted"] == 21
+    assert sum(report["truncated"].values()) == 1
+    assert report["tokens"]["train"]["max"] <= 64 or report["truncated"]["train"] == 1
+    assert report["family"] == "chatml"
+
+    splits = {
+        name: (run / "data" / f"{name}.jsonl").read_text().splitlines() for name in ("train", "val", "test")
+    }
+    records = [json.loads(line) for lines in splits.values() for line in lines]
+    assert len({r["id"] for r in records}) == 21
+    assert all(r["messages"][0] == {"role": "system", "content": "Answer in JSON."} for r in records)
+    assert (run / "data" / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "rejected: 4" in result.output
+    assert f"{data}:4: output: expected a string, got int" in result.output
+
+
+def test_prepare_twice_gives_identical_files(tmp_path, tiny_models):
+    run_file = write_run_file(
+        tmp_path, tiny_models["chatml"], [make_data(tmp_path)], data={"max_seq_len": 64}
+    )
+    data_dir = tmp_path / "runs" / "tiny" / "data"
+    contents = []
+    for _ in range(2):
+        assert runner.invoke(app, ["prepare", str(run_file)]).exit_code == 0
+        contents.append({path.name: path.read_bytes() for path in sorted(data_dir.glob("*.json*"))})
+    assert contents[0] == contents[1]
+    assert len(contents[0]) == 5
+
+
+def test_explicit_val_file_is_used_as_given(tmp_path, tiny_models):
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(10))
+    val = write_jsonl(tmp_path / "val.jsonl", alpaca_rows(3, start=100))
+    run_file = write_run_file(
+        tmp_path, tiny_models["llama3"], [train], data={"val": [str(val)], "test_ratio": 0.0}
+    )
+    assert runner.invoke(app, ["prepare", str(run_file)]).exit_code == 0
+    data_dir = tmp_path / "runs" / "tiny" / "data"
+    val_rows = [json.loads(line) for line in (data_dir / "val.jsonl").read_text().splitlines()]
+    assert [row["source"] for row in val_rows] == [f"{val}:1", f"{val}:2", f"{val}:3"]
+    assert len((data_dir / "train.jsonl").read_text().splitlines()) == 10
+    assert (data_dir / "test.jsonl").read_text() == ""
+
+
+def test_file_in_no_known_format_fails_clearly(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    run_file = write_run_file(tmp_path, tiny_models["chatml"], [data])
+    result = runner.invoke(app, ["prepare", str(run_file)])
+    assert result.exit_code == 1
+    assert (
+        "qa.jsonl: matches no known format; found records with keys ['answer', 'question']" in result.output
+    )
+
+
+def test_typo_in_run_file_exits_2_with_the_fix(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(5))
+    run_file = write_run_file(tmp_path, tiny_models["chatml"], [data], train={"batch_sise": 4})
+    result = runner.invoke(app, ["prepare", str(run_file)])
+    assert result.exit_code == 2
+    assert "train.batch_sise (run.yaml line" in result.output
+    assert "unknown key (value 4); did you mean 'train.batch_size'?" in result.output
+    assert not (tmp_path / "runs").exists(), "nothing is written for an invalid run file"
