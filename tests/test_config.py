@@ -123,3 +123,11 @@ def test_run_directory_stands_for_its_resolved_config(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(config.resolved()), encoding="utf-8")
     again = load_config(run)
     assert again.data.train == [Path("data/a.jsonl").resolve()]
+    assert again.model.base == "smollm2-135m-instruct"
+
+
+def test_local_model_folder_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    config = load_config(write(tmp_path, GOOD), ["model.base=models/mine"])
+    assert config.resolved()["model"]["base"] == str(tmp_path / "models" / "mine")

@@ -1,19 +1,20 @@
 """Integration on the embedded SmolLM2-135M-Instruct: a few real LoRA steps do what they must."""
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from helpers import write_run_file
 from llamatailor.config import load_config
 from llamatailor.data.prepare import prepare
 from llamatailor.models.loading import load_adapter_model, load_tokenizer
-from llamatailor.models.source import resolve_source
+from llamatailor.models.source import CONVERTED_MARKER, embedded_gguf_path, resolve_source
 from llamatailor.train.sft import build_trainer, load_lora_model, save_adapter, tokenized_split
 
 DEMO_DATA = Path(__file__).parent.parent / "examples" / "data" / "stdlib_signatures.jsonl"
@@ -74,3 +75,21 @@ def test_few_steps_lower_the_loss_and_change_exactly_the_adapter(embedded_run):
     with torch.no_grad():
         assert torch.equal(ours(**batch).logits, plain(**batch).logits)
         assert abs(ours(**batch).loss.item() - loss_after) < 1e-4
+
+
+def test_gguf_file_converts_once_to_the_same_weights_as_the_alias():
+    gguf = embedded_gguf_path("smollm2-135m-instruct")
+    by_path, by_alias = resolve_source(str(gguf)), resolve_source("smollm2-135m-instruct")
+    assert (by_path.kind, by_alias.kind) == ("gguf", "embedded")
+    assert by_path.location == by_alias.location
+    folder = Path(by_path.location)
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert json.loads((folder / CONVERTED_MARKER).read_text())["gguf"] == str(gguf.resolve())
+    converted = AutoModelForCausalLM.from_pretrained(folder).eval()
+    direct = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([[1, 504, 3300, 28, 2, 198, 9690, 30]])
+    with torch.no_grad():
+        assert torch.equal(converted(input_ids=ids).logits, direct(input_ids=ids).logits)

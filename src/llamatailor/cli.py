@@ -49,7 +49,9 @@ def user_errors(command: F) -> F:
 
 def _setup_logging() -> None:
     # Raised inside peft/TRL about their own use of a renamed transformers property; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+    )
     handler = RichHandler(console=errors, show_path=False, show_time=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("llamatailor").setLevel(logging.INFO)

@@ -130,7 +130,9 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
         }
     )
     chat_template = config.model.chat_template.resolve() if config.model.chat_template else None
-    model = config.model.model_copy(update={"chat_template": chat_template})
+    local_base = Path(config.model.base).expanduser()
+    base = str(local_base.resolve()) if local_base.exists() else config.model.base  # aliases, hub ids stay
+    model = config.model.model_copy(update={"chat_template": chat_template, "base": base})
     return config.model_copy(update={"output_dir": config.output_dir.resolve(), "data": data, "model": model})
 
 
