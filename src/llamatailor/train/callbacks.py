@@ -77,6 +77,10 @@ def memory_now() -> dict[str, float]:
 class CompactProgress(ProgressCallback):
     """The trainer's progress bar, showing the latest losses on the bar instead of printing a dict per log."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: dict[str, str] = {}
+
     def on_log(
         self,
         args: TrainingArguments,
@@ -87,6 +91,6 @@ class CompactProgress(ProgressCallback):
     ) -> None:
         if not (state.is_world_process_zero and self.training_bar is not None and logs):
             return
-        shown = {name: f"{logs[key]:.4g}" for key, name in BAR_KEYS.items() if key in logs}
-        if shown:
-            self.training_bar.set_postfix(shown, refresh=False)
+        self.shown.update({name: f"{logs[key]:.4g}" for key, name in BAR_KEYS.items() if key in logs})
+        if self.shown:
+            self.training_bar.set_postfix(self.shown, refresh=False)
