@@ -54,7 +54,8 @@ def render_for_training(chat: ChatTokenizer, messages: list[Message], max_len: i
         if message["role"] != "assistant":
             continue
         prompt = chat_ids(chat, messages[:index], add_generation_prompt=True)
-        with_answer = chat_ids(chat, messages[: index + 1], add_generation_prompt=False)
+        is_last = index == len(messages) - 1
+        with_answer = full if is_last else chat_ids(chat, messages[: index + 1], add_generation_prompt=False)
         if full[: len(prompt)] != prompt or full[: len(with_answer)] != with_answer:
             raise RenderError(
                 f"the chat template renders turn {index} differently inside the whole conversation than up to "

@@ -1,5 +1,6 @@
 """Load the tokenizer (with its chat format) and the model for a run, the same way in every stage."""
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ class ChatTokenizer:
     family: Family
     template_origin: str
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> list[int]:
         return self.family.stop_token_ids(self.tokenizer)
 
