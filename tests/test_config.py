@@ -40,7 +40,7 @@ def test_overrides_are_typed_and_create_nested_keys(tmp_path):
     )
     assert config.train.lora.r == 32
     assert config.train.max_steps == 10
-    assert config.data.val == [Path("v.jsonl")]
+    assert [source.path for source in config.data.val] == [Path("v.jsonl")]
     assert config.eval.json_fields == ["a", "b"]
     assert config.seed == 3
 
@@ -122,7 +122,7 @@ def test_run_directory_stands_for_its_resolved_config(tmp_path):
 
     (run / "config.yaml").write_text(yaml.safe_dump(config.resolved()), encoding="utf-8")
     again = load_config(run)
-    assert again.data.train == [Path("data/a.jsonl").resolve()]
+    assert again.data.train[0].path == Path("data/a.jsonl").resolve()
     assert again.model.base == "smollm2-135m-instruct"
 
 

@@ -34,7 +34,7 @@ def test_prepare_keeps_good_records_and_explains_bad_ones(tmp_path, tiny_models)
     assert [(r["source"], r["kind"], r["field"]) for r in rejected] == [
         (f"{data}:4", "invalid", "output"),
         (f"{data}:7", "unrenderable", ""),
-        (f"{data}:10", "unrenderable", ""),
+        (f"{data}:10", "truncated_away", ""),
         (f"{data}:25", "unreadable", ""),
     ]
     assert rejected[0]["reason"] == "expected a string, got int"
@@ -47,11 +47,15 @@ def test_prepare_keeps_good_records_and_explains_bad_ones(tmp_path, tiny_models)
     assert rejected[3]["reason"].startswith("invalid JSON")
 
     report = json.loads((run / "data" / "report.json").read_text())
-    assert report["splits"] == {"train": 13, "val": 4, "test": 4}
-    assert report["rejected"] == {"total": 4, "by_kind": {"invalid": 1, "unrenderable": 2, "unreadable": 1}}
-    assert report["files"][0]["format"] == "alpaca" and report["files"][0]["accepted"] == 21
-    assert sum(report["truncated"].values()) == 1
-    assert report["tokens"]["train"]["max"] <= 64 or report["truncated"]["train"] == 1
+    assert report["splits"]["sft"] == {"train": 13, "val": 4, "test": 4}
+    assert report["rejected"]["train"] == {
+        "invalid": 1,
+        "truncated_away": 1,
+        "unreadable": 1,
+        "unrenderable": 1,
+    }
+    assert report["inputs"][0]["format"] == "alpaca" and report["inputs"][0]["accepted"] == 21
+    assert sum(report["truncated"]["sft"].values()) == 1
     assert report["family"] == "chatml"
 
     splits = {

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from llamatailor.errors import ConfigError
 from llamatailor.rundir import RunDir
 
+SPLITS = ("train", "val", "test")
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -33,14 +35,96 @@ class ModelSection(Section):
     )
 
 
+DataFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "preference"]
+PiiKind = Literal["email", "phone", "card", "ip", "iban", "national_id", "secret"]
+PII_KINDS: tuple[str, ...] = typing.get_args(PiiKind)
+
+
+class DataFile(Section):
+    """One input: a local file (JSON, JSONL, CSV, Parquet) or a dataset on the Hugging Face Hub."""
+
+    path: Path | None = Field(None, description="A .json, .jsonl, .csv or .parquet file.")
+    hub: str | None = Field(None, description="A hub dataset (organisation/name); needs a network.")
+    hub_config: str | None = Field(None, description="The hub dataset's configuration (subset), if any.")
+    hub_split: str = Field("train", description="The hub dataset's split to read.")
+    format: DataFormat = Field("auto", description="auto: detected from the first records' keys.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Our field name -> the file's column name, e.g. {output: answer}."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str | Path) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataFile":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(
+                "give either path (a local file) or hub (a hub dataset name), not both or neither"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else f"hub:{self.hub}"
+
+
+class CleaningSection(Section):
+    unicode_nfc: bool = Field(True, description="Normalise text to Unicode NFC.")
+    control_chars: bool = Field(True, description="Remove control characters (tab and newline stay).")
+    whitespace: bool = Field(
+        True, description="CRLF to LF, no trailing spaces on lines, no outer whitespace."
+    )
+
+
+class PolicySection(Section):
+    empty: Literal["drop", "keep"] = Field("drop", description="A message that is empty after cleaning.")
+    too_short: Literal["drop", "keep"] = Field("drop", description="An answer under min_answer_tokens.")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="A sample over max_seq_len tokens.")
+
+
+class DedupSection(Section):
+    exact: bool = Field(True, description="Drop records whose normalised text repeats an earlier one.")
+    near: bool = Field(True, description="Drop near-duplicates (MinHash LSH at `threshold`).")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of word 3-grams.")
+    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (accuracy vs memory).")
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> "DedupSection":
+        if self.num_perm % 4:
+            raise ValueError(f"num_perm must be a multiple of 4 (bands of 4 rows), got {self.num_perm}")
+        return self
+
+
+class PiiSection(Section):
+    mode: Literal["report", "mask", "drop"] = Field(
+        "report", description="report: count only; mask: replace with [KIND]; drop: reject the record."
+    )
+    kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
+
+
 class DataSection(Section):
-    train: list[Path] = Field(min_length=1, description="Training files (JSON or JSONL).")
-    val: list[Path] = Field(default_factory=list, description="Validation files; else split from train.")
-    test: list[Path] = Field(default_factory=list, description="Test files; else split from train.")
+    train: list[DataFile] = Field(min_length=1, description="Training inputs; val/test are drawn from them.")
+    val: list[DataFile] = Field(default_factory=list, description="Validation inputs; else drawn from train.")
+    test: list[DataFile] = Field(default_factory=list, description="Test inputs; else drawn from train.")
     val_ratio: float = Field(0.1, ge=0, lt=1)
     test_ratio: float = Field(0.1, ge=0, lt=1)
+    stratify_by: str | None = Field(
+        None, description="A record field whose values keep their shares per split."
+    )
     system_prompt: str | None = Field(None, description="Added to conversations that have no system message.")
-    max_seq_len: int = Field(1024, ge=16, description="Longer samples are truncated (and reported).")
+    max_seq_len: int = Field(
+        1024, ge=16, description="Longer samples are truncated or dropped (policy.too_long)."
+    )
+    min_answer_tokens: int = Field(
+        1, ge=0, description="Shorter answers are dropped or kept (policy.too_short)."
+    )
+    max_record_bytes: int = Field(1_000_000, ge=1, description="Larger records are rejected unparsed.")
+    clean: CleaningSection = Field(default_factory=CleaningSection)
+    policy: PolicySection = Field(default_factory=PolicySection)
+    dedup: DedupSection = Field(default_factory=DedupSection)
+    pii: PiiSection = Field(default_factory=PiiSection)
 
     @model_validator(mode="after")
     def _ratios_leave_training_data(self) -> "DataSection":
@@ -50,6 +134,10 @@ class DataSection(Section):
                 f"val_ratio + test_ratio is {taken:g}; keep it below 0.9 so training data remains"
             )
         return self
+
+    def inputs(self) -> list[tuple[str, DataFile]]:
+        """(split, input) pairs in reading order: train inputs first, so earlier copies win."""
+        return [(split, item) for split in ("train", "val", "test") for item in getattr(self, split)]
 
 
 class LoraSection(Section):
@@ -123,17 +211,17 @@ class RunConfig(Section):
 
 def _absolute_paths(config: RunConfig) -> RunConfig:
     data = config.data.model_copy(
-        update={
-            "train": [p.resolve() for p in config.data.train],
-            "val": [p.resolve() for p in config.data.val],
-            "test": [p.resolve() for p in config.data.test],
-        }
+        update={split: [_absolute_file(item) for item in getattr(config.data, split)] for split in SPLITS}
     )
     chat_template = config.model.chat_template.resolve() if config.model.chat_template else None
     local_base = Path(config.model.base).expanduser()
     base = str(local_base.resolve()) if local_base.exists() else config.model.base  # aliases, hub ids stay
     model = config.model.model_copy(update={"chat_template": chat_template, "base": base})
     return config.model_copy(update={"output_dir": config.output_dir.resolve(), "data": data, "model": model})
+
+
+def _absolute_file(item: DataFile) -> DataFile:
+    return item.model_copy(update={"path": item.path.resolve()}) if item.path is not None else item
 
 
 def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:

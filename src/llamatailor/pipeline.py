@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from llamatailor import __version__
-from llamatailor.config import RunConfig
-from llamatailor.data.prepare import SPLITS, prepare
+from llamatailor.config import SPLITS, RunConfig
+from llamatailor.data.prepare import prepare
 from llamatailor.evaluate.stage import evaluate_run
 from llamatailor.rundir import RunDir, now_iso, sha256_file
 from llamatailor.train.sft import train_sft
@@ -38,7 +38,7 @@ class Stage:
 
 def _prepare_inputs(config: RunConfig) -> list[Path]:
     template = [config.model.chat_template] if config.model.chat_template else []
-    return [*config.data.train, *config.data.val, *config.data.test, *template]
+    return [source.path for _, source in config.data.inputs() if source.path is not None] + template
 
 
 STAGES: tuple[Stage, ...] = (
@@ -82,6 +82,8 @@ def fingerprint(stage: Stage, config: RunConfig, inputs: dict[str, str]) -> str:
 
 def is_up_to_date(stage: Stage, config: RunConfig) -> bool:
     run = config.run_dir
+    if stage.name == "prepare" and any(source.hub for _, source in config.data.inputs()):
+        return False  # a hub data set can change upstream and has no local file to hash
     record = run.stage_record(stage.name)
     if not record or record.get("status") != "complete":
         return False

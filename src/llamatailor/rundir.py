@@ -120,6 +120,9 @@ class RunDir:
             raise StageError(f"{path} does not exist: run `llamatailor prepare` first")
         return read_jsonl(path)
 
+    def preference_split(self, name: str) -> Path:
+        return self.data / "preference" / f"{name}.jsonl"
+
     @property
     def rejected(self) -> Path:
         return self.data / "rejected.jsonl"

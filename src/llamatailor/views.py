@@ -12,17 +12,24 @@ from llamatailor.train.sft import TrainResult
 
 def prepare_view(result: PrepareResult) -> RenderableType:
     table = Table(title="Prepared data", show_edge=False)
-    for column in ("split", "samples", "tokens min", "median", "p95", "max", "truncated"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for name, count in result.splits.items():
-        stats = result.report["tokens"][name]
-        cells = [str(stats.get(key, "-")) for key in ("min", "median", "p95", "max")]
-        table.add_row(name, str(count), *cells, str(result.report["truncated"][name]))
+    for column in ("kind", "split", "samples", "tokens min", "median", "p95", "max", "truncated"):
+        table.add_column(column, justify="left" if column in ("kind", "split") else "right")
+    for kind in ("sft", "preference"):
+        for name, stats in result.report["tokens"][kind].items():
+            if kind == "preference" and not stats["count"]:
+                continue
+            cells = [str(stats.get(key, "-")) for key in ("min", "median", "p95", "max")]
+            table.add_row(
+                kind, name, str(stats["count"]), *cells, str(result.report["truncated"][kind][name])
+            )
     rejected = Text(f"rejected: {result.rejected}", style="yellow" if result.rejected else "green")
     if result.rejected:
         kinds = ", ".join(f"{kind} {count}" for kind, count in result.rejected_by_kind.items())
         rejected.append(f" ({kinds}; all of them with their records in data/rejected.jsonl)")
-    return Group(table, rejected)
+    pii = result.report["pii"]
+    found = ", ".join(f"{kind} in {count} records" for kind, count in pii["records"].items())
+    checks = Text(f"PII ({pii['mode']}): {found or 'none found'}", style="yellow" if found else "default")
+    return Group(table, rejected, checks)
 
 
 def train_view(result: TrainResult) -> RenderableType:

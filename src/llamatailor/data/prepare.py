@@ -1,55 +1,51 @@
-"""The `prepare` stage: data files -> canonical conversations, rendered and checked, split, reported.
+"""The `prepare` stage: inputs -> checked canonical samples, deduplicated, split without leakage, reported.
 
-Bad records never stop the stage: each goes to `data/rejected.jsonl` with its file, line, field and
-reason, and the good ones go on. Every accepted sample was rendered with the run's chat template, so
-training cannot meet a sample whose answer is truncated away.
+Records are streamed through three passes so that memory stays flat with the data size:
+1. scan: each record is read, parsed, cleaned, PII-checked and rendered (see `scan.py`); accepted
+   samples go to a spool file, and only compact facts (kind, token count, hashes, MinHash signature)
+   stay in memory; rejected records go straight to `rejected.jsonl`.
+2. decide: exact and near-duplicate clusters, leaks (a val/test input record with a near-duplicate in
+   train), and the seeded split of the records drawn from the train inputs, cluster by cluster.
+3. write: the spool is copied line by line into the split files.
+Bad records never stop the stage: each is kept in `data/rejected.jsonl` with file, line, field, reason.
 """
 
+import array
+import contextlib
 import hashlib
 import json
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from llamatailor.config import DataSection, RunConfig
-from llamatailor.data.formats import Message, RecordError, to_conversation
-from llamatailor.data.reader import detect_file_format, read_records
-from llamatailor.data.split import split_records
-from llamatailor.data.templating import RenderError, render_for_training
+import numpy as np
+
+from llamatailor.config import SPLITS, RunConfig
+from llamatailor.data.dedup import MinHasher, exact_key, near_duplicate_clusters
+from llamatailor.data.formats import Sample
+from llamatailor.data.reader import detect_file_format, read_source
+from llamatailor.data.report import build_report, render_report_markdown
+from llamatailor.data.scan import Accepted, Rejected, ScanCounts, scan_record
+from llamatailor.data.split import SPLIT_CODES, split_groups
 from llamatailor.models.loading import ChatTokenizer, load_tokenizer
 from llamatailor.plots import plot_lengths
-from llamatailor.rundir import write_json, write_jsonl
+from llamatailor.rundir import RunDir, atomic_path, write_json, write_text
 
-SPLITS = ("train", "val", "test")
+KINDS = ("sft", "preference")
 SHOWN_REJECTIONS = 5
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    source: str
-    messages: list[Message]
-    tokens: int
-    truncated: bool
-
-    def row(self) -> dict[str, Any]:
-        return {"id": self.id, "source": self.source, "messages": self.messages}
-
-
-@dataclass
-class FileResult:
-    path: Path
-    split: str
-    format: str
-    examples: list[Example] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+KEPT, DUPLICATE, NEAR_DUPLICATE, LEAK = 0, 1, 2, 3
+DECISION_REASONS = {
+    DUPLICATE: ("duplicate", "same normalised text as {other}"),
+    NEAR_DUPLICATE: ("near_duplicate", "near-duplicate (estimated Jaccard >= {threshold}) of {other}"),
+    LEAK: ("leak", "a near-duplicate of train record {other}: kept out of {split} to avoid leakage"),
+}
 
 
 @dataclass(frozen=True)
 class PrepareResult:
-    splits: dict[str, int]
+    splits: dict[str, int]  # SFT samples per split
+    preference_splits: dict[str, int]
     rejected: int
     rejected_by_kind: dict[str, int]
     first_rejections: list[str]  # "file:line: field: reason", the first few
@@ -57,130 +53,221 @@ class PrepareResult:
     report: dict[str, Any]
 
 
+@dataclass
+class Index:
+    """What the decide pass needs per accepted record, in compact arrays (no text)."""
+
+    num_perm: int
+    kind: array.array = field(default_factory=lambda: array.array("b"))
+    input_split: array.array = field(default_factory=lambda: array.array("b"))
+    exact: array.array = field(default_factory=lambda: array.array("Q"))
+    tokens: array.array = field(default_factory=lambda: array.array("l"))
+    truncated: array.array = field(default_factory=lambda: array.array("b"))
+    stratum: array.array = field(default_factory=lambda: array.array("l"))
+    signatures: array.array = field(default_factory=lambda: array.array("I"))
+    strata: dict[str, int] = field(default_factory=dict)
+
+    def add(self, accepted: Accepted, input_split: str, signature: np.ndarray) -> None:
+        self.kind.append(KINDS.index(accepted.sample.kind))
+        self.input_split.append(SPLIT_CODES[input_split])
+        self.exact.append(exact_key(accepted.dedup_text))
+        self.tokens.append(accepted.tokens)
+        self.truncated.append(accepted.truncated)
+        self.stratum.append(self.strata.setdefault(accepted.stratum, len(self.strata)))
+        self.signatures.frombytes(signature.tobytes())
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "kind": np.frombuffer(self.kind, dtype=np.int8),
+            "input_split": np.frombuffer(self.input_split, dtype=np.int8),
+            "exact": np.frombuffer(self.exact, dtype=np.uint64),
+            "tokens": np.frombuffer(self.tokens, dtype=np.int64),
+            "truncated": np.frombuffer(self.truncated, dtype=np.int8).astype(bool),
+            "stratum": np.frombuffer(self.stratum, dtype=np.int64),
+            "signatures": np.frombuffer(self.signatures, dtype=np.uint32).reshape(-1, self.num_perm),
+        }
+
+
+@dataclass
+class ScanTally:
+    """Counts from the scan pass, per input split."""
+
+    read: Counter[str] = field(default_factory=Counter)
+    rejected: dict[str, Counter[str]] = field(default_factory=lambda: {split: Counter() for split in SPLITS})
+    files: list[dict[str, Any]] = field(default_factory=list)
+    checks: ScanCounts = field(default_factory=ScanCounts)
+    first_rejections: list[str] = field(default_factory=list)
+
+
 def prepare(config: RunConfig, chat: ChatTokenizer | None = None) -> PrepareResult:
     chat = chat or load_tokenizer(config.model)
-    files = [
-        read_file(path, split, chat, config.data) for split in SPLITS for path in getattr(config.data, split)
-    ]
-    splits = assign_splits(files, config)
-    rejected = [row for result in files for row in result.rejected]
     run = config.run_dir
-    for name in SPLITS:
-        write_jsonl(run.split(name), (example.row() for example in splits[name]))
-    write_jsonl(run.rejected, rejected)
-    report = build_report(files, splits, rejected, chat, config.data)
+    run.data.mkdir(parents=True, exist_ok=True)
+    index, tally = Index(config.data.dedup.num_perm), ScanTally()
+    spool = run.data / ".spool.jsonl"
+    try:
+        with atomic_path(run.rejected) as rejected_tmp, rejected_tmp.open("w", encoding="utf-8") as rejected:
+            with spool.open("w", encoding="utf-8") as spool_out:
+                scan_inputs(config, chat, index, tally, spool_out, rejected)
+            facts = index.arrays()
+            clusters, decision, other = decide(facts, config)
+            split_of = assign_splits(facts, clusters, decision, config)
+            write_splits(run, spool, facts, decision, other, split_of, config, rejected, tally)
+    finally:
+        spool.unlink(missing_ok=True)
+    report = build_report(config, chat, tally, facts, decision, split_of, index.strata)
     write_json(run.data_report, report)
-    plot_lengths(
-        {name: [e.tokens for e in examples] for name, examples in splits.items()}, run.data / "lengths.png"
-    )
+    write_text(run.data / "report.md", render_report_markdown(report))
+    plot_lengths(_lengths(facts, decision, split_of), run.data / "lengths.png")
+    rejected_by_kind = Counter({kind: count for c in tally.rejected.values() for kind, count in c.items()})
+    rejected_by_kind.update(report["dedup"]["removed"])
     return PrepareResult(
-        splits={name: len(examples) for name, examples in splits.items()},
-        rejected=len(rejected),
-        rejected_by_kind=report["rejected"]["by_kind"],
-        first_rejections=[describe_rejection(row) for row in rejected[:SHOWN_REJECTIONS]],
-        truncated=sum(report["truncated"].values()),
+        splits=report["splits"]["sft"],
+        preference_splits=report["splits"]["preference"],
+        rejected=sum(rejected_by_kind.values()),
+        rejected_by_kind=dict(sorted(rejected_by_kind.items())),
+        first_rejections=tally.first_rejections,
+        truncated=sum(report["truncated"]["sft"].values()) + sum(report["truncated"]["preference"].values()),
         report=report,
     )
 
 
-def read_file(path: Path, split: str, chat: ChatTokenizer, data: DataSection) -> FileResult:
-    fmt = detect_file_format(path)
-    result = FileResult(path, split, fmt.name)
-    for record in read_records(path):
-        if record.error is not None:
-            result.rejected.append(_rejection(record.where, "unreadable", record.error, record.raw))
-            continue
-        try:
-            messages = with_system_prompt(to_conversation(record.value, fmt), data.system_prompt)
-            sample = render_for_training(chat, messages, data.max_seq_len)
-        except RecordError as exc:
-            result.rejected.append(_rejection(record.where, "invalid", exc, record.value))
-            continue
-        except RenderError as exc:
-            result.rejected.append(
-                _rejection(record.where, "unrenderable", RecordError("", str(exc)), record.value)
-            )
-            continue
-        result.examples.append(
-            Example(conversation_id(messages), record.where, messages, sample.full_length, sample.truncated)
-        )
-    return result
-
-
-def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
-    if system_prompt is None or messages[0]["role"] == "system":
-        return messages
-    return [{"role": "system", "content": system_prompt}, *messages]
-
-
-def conversation_id(messages: list[Message]) -> str:
-    return hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
-
-
-def _rejection(where: str, kind: str, error: RecordError, record: Any) -> dict[str, Any]:
-    return {"source": where, "kind": kind, "field": error.field, "reason": error.reason, "record": record}
-
-
-def describe_rejection(row: dict[str, Any]) -> str:
-    field = f"{row['field']}: " if row["field"] else ""
-    return f"{row['source']}: {field}{row['reason']}"
-
-
-def assign_splits(files: list[FileResult], config: RunConfig) -> dict[str, list[Example]]:
-    """Explicit val/test files are used as given; otherwise those splits are drawn from the train files."""
-    by_split = {name: [e for f in files if f.split == name for e in f.examples] for name in SPLITS}
+def scan_inputs(
+    config: RunConfig, chat: ChatTokenizer, index: Index, tally: ScanTally, spool: IO[str], rejected: IO[str]
+) -> None:
     data = config.data
-    drawn = split_records(
-        by_split["train"],
-        val_ratio=0.0 if data.val else data.val_ratio,
-        test_ratio=0.0 if data.test else data.test_ratio,
-        seed=config.seed,
-    )
-    return {
-        "train": drawn["train"],
-        "val": by_split["val"] if data.val else drawn["val"],
-        "test": by_split["test"] if data.test else drawn["test"],
-    }
-
-
-def build_report(
-    files: list[FileResult],
-    splits: dict[str, list[Example]],
-    rejected: list[dict[str, Any]],
-    chat: ChatTokenizer,
-    data: DataSection,
-) -> dict[str, Any]:
-    return {
-        "files": [
+    hasher = MinHasher(data.dedup.num_perm, seed=config.seed)
+    for input_split, source in data.inputs():
+        fmt = detect_file_format(source, data.max_record_bytes)
+        accepted = rejected_count = 0
+        for raw in read_source(source, data.max_record_bytes):
+            tally.read[input_split] += 1
+            outcome = scan_record(raw, fmt, data, chat, tally.checks)
+            if isinstance(outcome, Rejected):
+                rejected_count += 1
+                tally.rejected[input_split][outcome.kind] += 1
+                _write_rejection(rejected, tally, raw.where, outcome)
+                continue
+            accepted += 1
+            index.add(outcome, input_split, hasher.signature(outcome.dedup_text))
+            spool.write(
+                json.dumps(outcome.sample.row(sample_id(outcome.sample), raw.where), ensure_ascii=False)
+                + "\n"
+            )
+        tally.files.append(
             {
-                "path": str(f.path),
-                "split": f.split,
-                "format": f.format,
-                "accepted": len(f.examples),
-                "rejected": len(f.rejected),
+                "input": source.label,
+                "split": input_split,
+                "format": fmt.name,
+                "accepted": accepted,
+                "rejected": rejected_count,
             }
-            for f in files
-        ],
-        "splits": {name: len(examples) for name, examples in splits.items()},
-        "rejected": {"total": len(rejected), "by_kind": dict(Counter(row["kind"] for row in rejected))},
-        "tokens": {name: length_stats([e.tokens for e in examples]) for name, examples in splits.items()},
-        "truncated": {name: sum(e.truncated for e in examples) for name, examples in splits.items()},
-        "max_seq_len": data.max_seq_len,
-        "family": chat.family.name,
-        "chat_template": chat.template_origin,
-    }
+        )
 
 
-def length_stats(lengths: list[int]) -> dict[str, float]:
-    if not lengths:
-        return {"count": 0}
-    ordered = sorted(lengths)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {
-        "count": len(ordered),
-        "min": ordered[0],
-        "median": statistics.median(ordered),
-        "p95": p95,
-        "max": ordered[-1],
-        "total": sum(ordered),
-    }
+def sample_id(sample: Sample) -> str:
+    body = (
+        [sample.messages, sample.chosen, sample.rejected] if sample.kind == "preference" else sample.messages
+    )
+    return hashlib.sha256(json.dumps(body, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def _write_rejection(handle: IO[str], tally: ScanTally, where: str, rejection: Rejected) -> None:
+    row = {"source": where, "kind": rejection.kind, "field": rejection.field, "reason": rejection.reason}
+    handle.write(json.dumps({**row, "record": rejection.record}, ensure_ascii=False) + "\n")
+    if len(tally.first_rejections) < SHOWN_REJECTIONS:
+        field_part = f"{rejection.field}: " if rejection.field else ""
+        tally.first_rejections.append(f"{where}: {field_part}{rejection.reason}")
+
+
+def decide(facts: dict[str, np.ndarray], config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per record: its near-duplicate cluster, KEPT / DUPLICATE / NEAR_DUPLICATE / LEAK, and the record it
+    repeats (-1 if none). Reading order makes train inputs' records the earliest of their clusters."""
+    dedup = config.data.dedup
+    clusters = near_duplicate_clusters(facts["signatures"], facts["kind"], dedup.threshold)
+    decision = np.full(len(clusters), KEPT, dtype=np.int8)
+    other = np.full(len(clusters), -1, dtype=np.int64)
+    first_exact: dict[tuple[int, int], int] = {}
+    for i in range(len(clusters)):
+        earlier = first_exact.setdefault((int(facts["kind"][i]), int(facts["exact"][i])), i)
+        root = int(clusters[i])
+        crosses_from_train = facts["input_split"][root] == 0 and facts["input_split"][i] != 0
+        if root != i and crosses_from_train:
+            decision[i], other[i] = LEAK, root
+        elif dedup.exact and earlier != i:
+            decision[i], other[i] = DUPLICATE, earlier
+        elif dedup.near and root != i:
+            decision[i], other[i] = NEAR_DUPLICATE, root
+    return clusters, decision, other
+
+
+def assign_splits(
+    facts: dict[str, np.ndarray], clusters: np.ndarray, decision: np.ndarray, config: RunConfig
+) -> np.ndarray:
+    """Split code per record: explicit val/test inputs keep theirs; train inputs are split by cluster."""
+    data = config.data
+    split_of = facts["input_split"].copy()
+    for kind in range(len(KINDS)):
+        drawn = np.flatnonzero((facts["kind"] == kind) & (facts["input_split"] == 0) & (decision == KEPT))
+        split_of[drawn] = split_groups(
+            clusters[drawn],
+            facts["stratum"][drawn],
+            val_ratio=0.0 if data.val else data.val_ratio,
+            test_ratio=0.0 if data.test else data.test_ratio,
+            seed=config.seed,
+        )
+    return split_of
+
+
+def write_splits(
+    run: RunDir,
+    spool: Path,
+    facts: dict[str, np.ndarray],
+    decision: np.ndarray,
+    other: np.ndarray,
+    split_of: np.ndarray,
+    config: RunConfig,
+    rejected: IO[str],
+    tally: ScanTally,
+) -> None:
+    has_preference = bool(np.any(facts["kind"] == 1)) or any(f["format"] == "preference" for f in tally.files)
+    targets = {(0, name): run.split(name) for name in SPLITS}
+    if has_preference:
+        targets.update({(1, name): run.preference_split(name) for name in SPLITS})
+    sources: dict[int, str] = {}
+    needed = set(other[other >= 0].tolist())
+    with contextlib.ExitStack() as stack, spool.open(encoding="utf-8") as lines:
+        outputs = {
+            key: stack.enter_context(stack.enter_context(atomic_path(path)).open("w", encoding="utf-8"))
+            for key, path in targets.items()
+        }
+        for i, line in enumerate(lines):
+            row = json.loads(line) if decision[i] != KEPT or i in needed else None
+            if i in needed:
+                sources[i] = row["source"]
+            if decision[i] == KEPT:
+                outputs[(int(facts["kind"][i]), SPLITS[split_of[i]])].write(line)
+                continue
+            kind, template = DECISION_REASONS[int(decision[i])]
+            reason = template.format(
+                other=sources[int(other[i])],
+                threshold=config.data.dedup.threshold,
+                split=SPLITS[facts["input_split"][i]],
+            )
+            _write_rejection(rejected, tally, row["source"], Rejected(kind, "", reason, row))
+
+
+def _lengths(
+    facts: dict[str, np.ndarray], decision: np.ndarray, split_of: np.ndarray
+) -> dict[str, list[int]]:
+    lengths = {}
+    for kind, kind_name in enumerate(KINDS):
+        for code, name in enumerate(SPLITS):
+            chosen = (facts["kind"] == kind) & (decision == KEPT) & (split_of == code)
+            if np.any(chosen):
+                label = name if kind_name == "sft" else f"preference {name}"
+                lengths[label] = facts["tokens"][chosen].tolist()
+    return lengths

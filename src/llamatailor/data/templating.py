@@ -15,7 +15,11 @@ IGNORE_INDEX = -100
 
 
 class RenderError(ValueError):
-    """A conversation that cannot be trained on as rendered (reason in the message)."""
+    """A conversation that cannot be trained on as rendered: `kind` is truncated_away or unrenderable."""
+
+    def __init__(self, reason: str, kind: str = "unrenderable") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ def render_for_training(chat: ChatTokenizer, messages: list[Message], max_len: i
         first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         raise RenderError(
             f"the assistant part is truncated away: the sample has {len(full)} tokens, its first answer starts "
-            f"at token {first_answer} and data.max_seq_len is {max_len}"
+            f"at token {first_answer} and data.max_seq_len is {max_len}",
+            kind="truncated_away",
         )
     return sample
 
