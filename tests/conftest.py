@@ -1,6 +1,12 @@
 """Shared fixtures: tiny random Llama models with real tokenizers, data files and run files."""
 
 import os
+
+# Before any Hugging Face library is imported: they read these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 from pathlib import Path
 
 import pytest
@@ -11,8 +17,6 @@ from llamatailor.models.loading import ChatTokenizer, prepare_tokenizer
 from llamatailor.models.tiny import build_tiny_model, real_tokenizer
 
 torch.set_num_threads(1)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

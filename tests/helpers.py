@@ -54,3 +54,12 @@ def write_run_file(
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def conversation(user: str, answer: str) -> dict[str, Any]:
+    """An OpenAI-messages record."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}

@@ -70,16 +70,31 @@ def test_prepare_keeps_good_records_and_explains_bad_ones(tmp_path, tiny_models)
 
 
 def test_prepare_twice_gives_identical_files(tmp_path, tiny_models):
+    prefs = write_jsonl(
+        tmp_path / "prefs.jsonl", [{"prompt": f"Q{n}", "chosen": "yes", "rejected": "no"} for n in range(6)]
+    )
+    inputs = [make_data(tmp_path), prefs]
     run_file = write_run_file(
-        tmp_path, tiny_models["chatml"], [make_data(tmp_path)], data={"max_seq_len": 64}
+        tmp_path, tiny_models["chatml"], inputs, data={"max_seq_len": 64, "pii": {"mode": "mask"}}
     )
     data_dir = tmp_path / "runs" / "tiny" / "data"
     contents = []
     for _ in range(2):
         assert runner.invoke(app, ["prepare", str(run_file)]).exit_code == 0
-        contents.append({path.name: path.read_bytes() for path in sorted(data_dir.glob("*.json*"))})
+        files = sorted(path for path in data_dir.rglob("*") if path.is_file() and path.suffix != ".png")
+        contents.append({str(path.relative_to(data_dir)): path.read_bytes() for path in files})
     assert contents[0] == contents[1]
-    assert len(contents[0]) == 5
+    assert sorted(contents[0]) == [
+        "preference/test.jsonl",
+        "preference/train.jsonl",
+        "preference/val.jsonl",
+        "rejected.jsonl",
+        "report.json",
+        "report.md",
+        "test.jsonl",
+        "train.jsonl",
+        "val.jsonl",
+    ]
 
 
 def test_explicit_val_file_is_used_as_given(tmp_path, tiny_models):

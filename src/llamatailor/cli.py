@@ -80,7 +80,13 @@ def _run_stage(name: str, config: RunConfig) -> None:
     elif name == "train":
         console.print(views.train_view(run_stage(STAGE_BY_NAME[name], config)))
     else:
-        result = run_stage(STAGE_BY_NAME[name], config)
+        with _progress() as progress:
+            task = progress.add_task("reading", total=None)
+
+            def on_progress(phase: str, done: int) -> None:
+                progress.update(task, description=phase, completed=done)
+
+            result = run_stage(STAGE_BY_NAME[name], config, progress=on_progress)
         console.print(views.prepare_view(result))
         for line in result.first_rejections:  # unwrapped, so that file:line stays whole
             console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)

@@ -51,14 +51,14 @@ class MinHasher:
         return minhash.hashvalues.astype(np.uint32)
 
 
-def band_hashes(signatures: np.ndarray) -> np.ndarray:
-    """(records, bands) uint64: each band's values folded into one hash (collisions are verified later)."""
-    records, num_perm = signatures.shape
-    bands = signatures.reshape(records, num_perm // ROWS_PER_BAND, ROWS_PER_BAND).astype(np.uint64)
-    folded = np.zeros(bands.shape[:2], dtype=np.uint64)
+def band_hash(signatures: np.ndarray, band: int) -> np.ndarray:
+    """One band's values folded into one uint64 per record (collisions are verified later). One band at a
+    time keeps the temporary arrays small: a million records need 32 MB here, not half a gigabyte."""
+    rows = signatures[:, band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND].astype(np.uint64)
+    folded = np.zeros(len(signatures), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for row in range(ROWS_PER_BAND):
-            folded = folded * np.uint64(0x100000001B3) + bands[:, :, row] + np.uint64(row + 1)
+            folded = folded * np.uint64(0x100000001B3) + rows[:, row] + np.uint64(row + 1)
     return folded
 
 
@@ -77,19 +77,17 @@ def near_duplicate_clusters(signatures: np.ndarray, groups: np.ndarray, threshol
             i = parent[i]
         return int(i)
 
-    if len(signatures):
-        bands = band_hashes(signatures)
-        for band in range(bands.shape[1]):
-            keys = np.stack([bands[:, band], groups.astype(np.uint64)])
-            order = np.lexsort(keys)
-            same = np.all(keys[:, order[1:]] == keys[:, order[:-1]], axis=0)
-            for start, end in _runs(same):
-                members = np.sort(order[start : end + 1])
-                first = int(members[0])
-                for other in members[1:]:
-                    if estimated_jaccard(signatures[first], signatures[other]) >= threshold:
-                        a, b = root(first), root(int(other))
-                        parent[max(a, b)] = min(a, b)
+    for band in range(signatures.shape[1] // ROWS_PER_BAND if len(signatures) else 0):
+        keys = np.stack([band_hash(signatures, band), groups.astype(np.uint64)])
+        order = np.lexsort(keys)
+        same = np.all(keys[:, order[1:]] == keys[:, order[:-1]], axis=0)
+        for start, end in _runs(same):
+            members = np.sort(order[start : end + 1])
+            first = int(members[0])
+            for other in members[1:]:
+                if estimated_jaccard(signatures[first], signatures[other]) >= threshold:
+                    a, b = root(first), root(int(other))
+                    parent[max(a, b)] = min(a, b)
     return np.array([root(i) for i in range(len(signatures))], dtype=np.int64)
 
 

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +35,8 @@ from llamatailor.rundir import RunDir, atomic_path, write_json, write_text
 
 KINDS = ("sft", "preference")
 SHOWN_REJECTIONS = 5
+PROGRESS_EVERY = 1000
+ProgressCallback = Callable[[str, int], None]
 KEPT, DUPLICATE, NEAR_DUPLICATE, LEAK = 0, 1, 2, 3
 DECISION_REASONS = {
     DUPLICATE: ("duplicate", "same normalised text as {other}"),
@@ -102,7 +105,11 @@ class ScanTally:
     first_rejections: list[str] = field(default_factory=list)
 
 
-def prepare(config: RunConfig, chat: ChatTokenizer | None = None) -> PrepareResult:
+def prepare(
+    config: RunConfig, chat: ChatTokenizer | None = None, progress: ProgressCallback | None = None
+) -> PrepareResult:
+    """`progress(phase, records)` is called as work goes on: scanning, deduplicating, writing."""
+    progress = progress or (lambda phase, done: None)
     chat = chat or load_tokenizer(config.model)
     run = config.run_dir
     run.data.mkdir(parents=True, exist_ok=True)
@@ -111,10 +118,12 @@ def prepare(config: RunConfig, chat: ChatTokenizer | None = None) -> PrepareResu
     try:
         with atomic_path(run.rejected) as rejected_tmp, rejected_tmp.open("w", encoding="utf-8") as rejected:
             with spool.open("w", encoding="utf-8") as spool_out:
-                scan_inputs(config, chat, index, tally, spool_out, rejected)
+                scan_inputs(config, chat, index, tally, spool_out, rejected, progress)
             facts = index.arrays()
+            progress("deduplicating", len(index))
             clusters, decision, other = decide(facts, config)
             split_of = assign_splits(facts, clusters, decision, config)
+            progress("writing", len(index))
             write_splits(run, spool, facts, decision, other, split_of, config, rejected, tally)
     finally:
         spool.unlink(missing_ok=True)
@@ -136,15 +145,26 @@ def prepare(config: RunConfig, chat: ChatTokenizer | None = None) -> PrepareResu
 
 
 def scan_inputs(
-    config: RunConfig, chat: ChatTokenizer, index: Index, tally: ScanTally, spool: IO[str], rejected: IO[str]
+    config: RunConfig,
+    chat: ChatTokenizer,
+    index: Index,
+    tally: ScanTally,
+    spool: IO[str],
+    rejected: IO[str],
+    progress: ProgressCallback,
 ) -> None:
     data = config.data
     hasher = MinHasher(data.dedup.num_perm, seed=config.seed)
-    for input_split, source in data.inputs():
-        fmt = detect_file_format(source, data.max_record_bytes)
+    # Every input is found and its format known before the long scan starts.
+    inputs = [
+        (split, source, detect_file_format(source, data.max_record_bytes)) for split, source in data.inputs()
+    ]
+    for input_split, source, fmt in inputs:
         accepted = rejected_count = 0
         for raw in read_source(source, data.max_record_bytes):
             tally.read[input_split] += 1
+            if tally.read.total() % PROGRESS_EVERY == 0:
+                progress("scanning", tally.read.total())
             outcome = scan_record(raw, fmt, data, chat, tally.checks)
             if isinstance(outcome, Rejected):
                 rejected_count += 1
@@ -187,20 +207,25 @@ def decide(facts: dict[str, np.ndarray], config: RunConfig) -> tuple[np.ndarray,
     """Per record: its near-duplicate cluster, KEPT / DUPLICATE / NEAR_DUPLICATE / LEAK, and the record it
     repeats (-1 if none). Reading order makes train inputs' records the earliest of their clusters."""
     dedup = config.data.dedup
+    kinds = facts["kind"].astype(np.uint64)
     clusters = near_duplicate_clusters(facts["signatures"], facts["kind"], dedup.threshold)
+    _, first_index, inverse = np.unique(
+        np.stack([facts["exact"], kinds]), axis=1, return_index=True, return_inverse=True
+    )
+    earliest = first_index[inverse.ravel()]
+    position = np.arange(len(clusters))
+    from_train = facts["input_split"][clusters] == 0
+    leak = (clusters != position) & from_train & (facts["input_split"] != 0)
+    duplicate = ~leak & dedup.exact & (earliest != position)
+    near = ~leak & ~duplicate & dedup.near & (clusters != position)
     decision = np.full(len(clusters), KEPT, dtype=np.int8)
     other = np.full(len(clusters), -1, dtype=np.int64)
-    first_exact: dict[tuple[int, int], int] = {}
-    for i in range(len(clusters)):
-        earlier = first_exact.setdefault((int(facts["kind"][i]), int(facts["exact"][i])), i)
-        root = int(clusters[i])
-        crosses_from_train = facts["input_split"][root] == 0 and facts["input_split"][i] != 0
-        if root != i and crosses_from_train:
-            decision[i], other[i] = LEAK, root
-        elif dedup.exact and earlier != i:
-            decision[i], other[i] = DUPLICATE, earlier
-        elif dedup.near and root != i:
-            decision[i], other[i] = NEAR_DUPLICATE, root
+    for mask, code, repeated in (
+        (leak, LEAK, clusters),
+        (duplicate, DUPLICATE, earliest),
+        (near, NEAR_DUPLICATE, clusters),
+    ):
+        decision[mask], other[mask] = code, repeated[mask]
     return clusters, decision, other
 
 

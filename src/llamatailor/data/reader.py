@@ -31,6 +31,7 @@ class RawRecord:
     value: Any = None
     error: RecordError | None = None
     raw: str = ""
+    size: int | None = None  # bytes as read, where the input format tells
 
 
 def read_source(source: DataFile, max_record_bytes: int) -> Iterator[RawRecord]:
@@ -39,7 +40,7 @@ def read_source(source: DataFile, max_record_bytes: int) -> Iterator[RawRecord]:
     for record in records:
         if record.error is not None:
             yield record
-        elif (size := _size(record.value)) > max_record_bytes:
+        elif (size := record.size if record.size is not None else _size(record.value)) > max_record_bytes:
             reason = f"record is {size:,} bytes; data.max_record_bytes is {max_record_bytes:,}"
             yield RawRecord(record.where, error=RecordError("", reason, "too_large"), raw=_preview(record))
         else:
@@ -91,14 +92,14 @@ def _jsonl(path: Path) -> Iterator[RawRecord]:
                 continue
             where = f"{path}:{number}"
             try:
-                text = raw_line.decode("utf-8")
+                text = raw_line.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 bad = raw_line[exc.start : exc.start + 1]
                 error = RecordError("", f"not valid UTF-8 (byte {exc.start}: {bad!r})", "unreadable")
                 yield RawRecord(where, error=error, raw=raw_line[:PREVIEW_CHARS].decode("utf-8", "replace"))
                 continue
             try:
-                yield RawRecord(where, value=json.loads(text))
+                yield RawRecord(where, value=json.loads(text), size=len(raw_line))
             except json.JSONDecodeError as exc:
                 yield RawRecord(
                     where,

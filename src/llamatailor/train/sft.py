@@ -94,6 +94,10 @@ def build_trainer(
     """TRL's SFTTrainer over the run's rendered train and val splits, logging to metrics.jsonl."""
     run = config.run_dir
     train_set = tokenized_split(run, "train", chat, config.data.max_seq_len)
+    if len(train_set) == 0:
+        raise StageError(
+            f"{run.split('train')} has no samples: see {run.data / 'report.md'} for what was rejected"
+        )
     val_set = tokenized_split(run, "val", chat, config.data.max_seq_len)
     trainer = SFTTrainer(
         model=model,
