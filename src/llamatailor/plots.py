@@ -25,7 +25,8 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path) -> None:
             axes.hist(values, bins=40, alpha=0.6, label=f"{name} ({len(values)})")
     axes.set_xlabel("tokens per sample (chat template applied)")
     axes.set_ylabel("samples")
-    axes.legend()
+    if any(lengths.values()):
+        axes.legend()
     _save(figure, path)
 
 
@@ -40,5 +41,6 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
         axes.plot(*zip(*val, strict=True), marker="o", label="val loss")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
-    axes.legend()
+    if train or val:
+        axes.legend()
     _save(figure, path)
