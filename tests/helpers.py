@@ -63,3 +63,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def conversation(user: str, answer: str) -> dict[str, Any]:
     """An OpenAI-messages record."""
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def prepared_run(folder: Path, model: Path | str, rows: list[dict[str, Any]], **sections: Any) -> Path:
+    """A run file over `rows` whose data is already prepared (in-process); returns the run file."""
+    from llamatailor.config import load_config
+    from llamatailor.data.prepare import prepare
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(folder / "train.jsonl", rows)
+    run_file = write_run_file(folder, model, [data], **sections)
+    prepare(load_config(run_file))
+    return run_file

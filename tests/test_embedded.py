@@ -13,9 +13,11 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from helpers import write_run_file
 from llamatailor.config import load_config
 from llamatailor.data.prepare import prepare
-from llamatailor.models.loading import load_adapter_model, load_tokenizer
+from llamatailor.models.loading import load_tokenizer, load_tuned_model
 from llamatailor.models.source import CONVERTED_MARKER, embedded_gguf_path, resolve_source
-from llamatailor.train.sft import build_trainer, load_lora_model, save_adapter, tokenized_split
+from llamatailor.train.model_setup import trainable_model
+from llamatailor.train.session import save_trained
+from llamatailor.train.sft import build_trainer, tokenized_split
 
 DEMO_DATA = Path(__file__).parent.parent / "examples" / "data" / "stdlib_signatures.jsonl"
 pytestmark = pytest.mark.slow
@@ -42,7 +44,7 @@ def embedded_run(tmp_path_factory):
 def test_few_steps_lower_the_loss_and_change_exactly_the_adapter(embedded_run):
     config = embedded_run
     chat = load_tokenizer(config.model)
-    model = load_lora_model(config, chat, "fp32")
+    model = trainable_model(config, chat, "fp32")
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     samples = tokenized_split(config.run_dir, "train", chat, config.data.max_seq_len)
     batch = DataCollatorForLanguageModeling(pad_token_id=chat.tokenizer.pad_token_id)(
@@ -55,7 +57,8 @@ def test_few_steps_lower_the_loss_and_change_exactly_the_adapter(embedded_run):
             return model(**batch).loss.item()
 
     loss_before = batch_loss()
-    build_trainer(config, chat, model, "fp32").train()
+    trainer = build_trainer(config, chat, model, "fp32")
+    trainer.train()
     loss_after = batch_loss()
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
 
@@ -68,8 +71,8 @@ def test_few_steps_lower_the_loss_and_change_exactly_the_adapter(embedded_run):
         else:
             assert torch.equal(param, before[name]), f"frozen {name} changed"
 
-    save_adapter(model, chat, config.run_dir, config)
-    ours = load_adapter_model(config.model, config.run_dir.adapter).eval()
+    save_trained(trainer, chat, config.run_dir.adapter, {"base": config.model.base})
+    ours = load_tuned_model(config.model, config.run_dir.adapter).eval()
     base = AutoModelForCausalLM.from_pretrained(resolve_source(config.model.base).location)
     plain = PeftModel.from_pretrained(base, config.run_dir.adapter).eval()
     with torch.no_grad():

@@ -12,7 +12,7 @@ from helpers import alpaca_rows, write_jsonl, write_run_file
 from llamatailor.chat import ChatSession
 from llamatailor.cli import app
 from llamatailor.config import load_config
-from llamatailor.models.loading import load_adapter_model, load_saved_tokenizer
+from llamatailor.models.loading import load_saved_tokenizer, load_tuned_model
 
 runner = CliRunner()
 
@@ -104,7 +104,7 @@ def test_second_run_skips_and_a_changed_key_reruns_what_depends_on_it(finished_r
 def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(finished_run, tiny_models):
     run_file, run, _ = finished_run
     config = load_config(run_file)
-    ours = load_adapter_model(config.model, run / "adapter").eval()
+    ours = load_tuned_model(config.model, run / "adapter").eval()
     plain = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_models["chatml"]), run / "adapter"
     )

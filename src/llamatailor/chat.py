@@ -10,18 +10,19 @@ from llamatailor.config import RunConfig
 from llamatailor.data.formats import Message
 from llamatailor.data.templating import render_prompt
 from llamatailor.evaluate.generation import greedy_config
-from llamatailor.models.loading import load_adapter_model, load_saved_tokenizer
+from llamatailor.models.loading import load_base_model, load_saved_tokenizer, load_tuned_model
 
 
 class ChatSession:
     """Keeps the conversation; `reply` adds the user's turn and the model's answer to it."""
 
     def __init__(self, config: RunConfig, use_base: bool = False, max_new_tokens: int = 256) -> None:
-        run = config.run_dir
-        self.chat = load_saved_tokenizer(run.adapter, config.model)
-        self.model = load_adapter_model(config.model, run.adapter)
-        self.model.eval()
-        self.use_base = use_base
+        final = config.run_dir.final(config.dpo.enabled)
+        # The tokenizer and template saved with the tuned model, for the base too: the same prompt for both.
+        self.chat = load_saved_tokenizer(final, config.model)
+        self.model = (
+            load_base_model(config.model) if use_base else load_tuned_model(config.model, final)
+        ).eval()
         self.max_new_tokens = max_new_tokens
         self.system_prompt = config.data.system_prompt
         self.history: list[Message] = []
@@ -54,8 +55,4 @@ class ChatSession:
 
     @torch.inference_mode()
     def _generate(self, **kwargs: object) -> None:
-        if self.use_base:
-            with self.model.disable_adapter():
-                self.model.generate(**kwargs)
-        else:
-            self.model.generate(**kwargs)
+        self.model.generate(**kwargs)

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from llamatailor import __version__
 from llamatailor.config import RunConfig, load_config
+from llamatailor.distributed import is_main_process
 from llamatailor.errors import ConfigError, LlamatailorError
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     help="Fine-tune a Llama-family model for one job: prepare -> train -> eval (then chat with it).",
 )
-console = Console()
+console = Console(quiet=not is_main_process())  # under torchrun, one process speaks
 errors = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,41 +56,59 @@ def _setup_logging() -> None:
     handler = RichHandler(console=errors, show_path=False, show_time=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("llamatailor").setLevel(logging.INFO)
+    # bitsandbytes warns on CPU that an optional kernel package is missing; its slower path works.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _load(config: Path, overrides: list[str] | None) -> RunConfig:
     return load_config(config, overrides or [])
 
 
-def _run_stage(name: str, config: RunConfig) -> None:
+def _run_stage(name: str, config: RunConfig, **kwargs: Any) -> None:
     from llamatailor import views
     from llamatailor.pipeline import STAGE_BY_NAME, run_stage
 
     console.rule(f"[bold]{name}[/] · run {config.name}")
+    stage = STAGE_BY_NAME[name]
     if name == "eval":
         with _progress() as progress:
             tasks: dict[str, Any] = {}
 
-            def on_progress(label: str, done: int, total: int) -> None:
+            def on_answers(label: str, done: int, total: int) -> None:
                 if label not in tasks:
                     tasks[label] = progress.add_task(f"answering ({label})", total=total)
                 progress.update(tasks[label], completed=done)
 
-            result = run_stage(STAGE_BY_NAME[name], config, progress=on_progress)
+            result = run_stage(stage, config, progress=on_answers)
         console.print(views.eval_view(result, config.eval.show))
-    elif name == "train":
-        console.print(views.train_view(run_stage(STAGE_BY_NAME[name], config)))
-    else:
+    elif name == "prepare":
         with _progress() as progress:
             task = progress.add_task("reading", total=None)
 
-            def on_progress(phase: str, done: int) -> None:
+            def on_records(phase: str, done: int) -> None:
                 progress.update(task, description=phase, completed=done)
 
-            result = run_stage(STAGE_BY_NAME[name], config, progress=on_progress)
+            result = run_stage(stage, config, progress=on_records)
         console.print(views.prepare_view(result))
         for line in result.first_rejections:  # unwrapped, so that file:line stays whole
             console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
+    else:
+        result = run_stage(stage, config, **kwargs)
+        console.print(views.train_view(result) if name == "train" else views.dpo_view(result))
+
+
+def _train_stage(name: str, config_path: Path, overrides: list[str] | None, resume: bool, nproc: int) -> None:
+    """Run train or dpo here, or under torchrun in `nproc` processes (DDP) that this process waits for."""
+    from llamatailor.distributed import world_size
+    from llamatailor.train.launch import launch_distributed
+
+    if nproc > 1 and world_size() == 1:
+        console.rule(f"[bold]{name}[/] · {nproc} processes (torchrun)")
+        code = launch_distributed(name, config_path, overrides or [], nproc, resume)
+        if code:
+            raise typer.Exit(code)
+        return
+    _run_stage(name, _load(config_path, overrides), resume=resume)
 
 
 def _progress() -> Progress:
@@ -109,11 +128,30 @@ def prepare(config: ConfigArg, overrides: OverridesArg = None) -> None:
     _run_stage("prepare", _load(config, overrides))
 
 
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue from the newest complete checkpoint of this configuration.")
+]
+NprocOption = Annotated[int, typer.Option("--nproc", min=1, help="Processes to train in (torchrun, DDP).")]
+
+
 @app.command()
 @user_errors
-def train(config: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Fine-tune with LoRA on the prepared data; writes adapter/, metrics.jsonl and loss.png."""
-    _run_stage("train", _load(config, overrides))
+def train(
+    config: ConfigArg, overrides: OverridesArg = None, resume: ResumeOption = False, nproc: NprocOption = 1
+) -> None:
+    """Fine-tune (LoRA, QLoRA or full) on the prepared data; writes adapter/ (or model/), metrics.jsonl, loss.png."""
+    _train_stage("train", config, overrides, resume, nproc)
+
+
+@app.command()
+@user_errors
+def dpo(
+    config: ConfigArg, overrides: OverridesArg = None, resume: ResumeOption = False, nproc: NprocOption = 1
+) -> None:
+    """Preference optimisation (DPO) continuing the SFT adapter; writes dpo/adapter/. Needs dpo.enabled."""
+    if not _load(config, overrides).dpo.enabled:
+        raise ConfigError(f"{config}: dpo.enabled is false; set it (or pass dpo.enabled=true) to run DPO")
+    _train_stage("dpo", config, overrides, resume, nproc)
 
 
 @app.command(name="eval")
@@ -129,20 +167,26 @@ def run(
     config: ConfigArg,
     overrides: OverridesArg = None,
     force: Annotated[bool, typer.Option("--force", help="Run every stage, even those up to date.")] = False,
+    nproc: NprocOption = 1,
 ) -> None:
-    """Run all stages in order, skipping those whose outputs are complete for this config and inputs."""
+    """Run all stages in order, skipping those whose outputs are complete for this config and inputs;
+    an interrupted training resumes from its newest complete checkpoint."""
     from llamatailor import views
     from llamatailor.evaluate.stage import load_eval_result
     from llamatailor.pipeline import STAGES, is_up_to_date
 
     loaded = _load(config, overrides)
     for stage in STAGES:
-        if not force and is_up_to_date(stage, loaded):
+        if not stage.enabled(loaded):
+            console.print(f"[dim]{stage.name}: off in this run file, skipped[/]")
+        elif not force and is_up_to_date(stage, loaded):
             console.print(f"[dim]{stage.name}: up to date for this config and inputs, skipped[/]")
             if stage.name == "eval":
                 console.print(views.eval_view(load_eval_result(loaded.run_dir), loaded.eval.show))
-            continue
-        _run_stage(stage.name, loaded)
+        elif stage.name in ("train", "dpo"):
+            _train_stage(stage.name, config, overrides, resume=not force, nproc=nproc)
+        else:
+            _run_stage(stage.name, loaded)
 
 
 @app.command()

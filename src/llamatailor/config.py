@@ -140,39 +140,98 @@ class DataSection(Section):
         return [(split, item) for split in ("train", "val", "test") for item in getattr(self, split)]
 
 
+LoraTargets = Literal["attention", "mlp", "all-linear"]
+
+
 class LoraSection(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    targets: list[str] | None = Field(None, description="Module names; default: the family's linear layers.")
+    targets: LoraTargets | list[str] = Field(
+        "all-linear", description="attention, mlp, all-linear (the family's linear layers), or module names."
+    )
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
 
 
-class TrainSection(Section):
-    method: Literal["lora"] = "lora"
-    lora: LoraSection = Field(default_factory=LoraSection)
+class QuantizationSection(Section):
+    """The frozen base of a QLoRA run (bitsandbytes)."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (4-bit).")
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: the run's precision (bf16 on GPUs that have it, fp32 on CPU)."
+    )
+
+
+class Schedule(Section):
+    """Optimisation settings; the SFT (`train`) and DPO (`dpo`) sections both have them."""
+
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="If set, overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "adamw", description="The 8-bit and paged variants (bitsandbytes) need a CUDA GPU."
+    )
+    batch_size: int = Field(8, ge=1, description="Per process.")
     grad_accum: int = Field(1, ge=1)
     gradient_checkpointing: Literal["auto", True, False] = Field(
         "auto",
         description="Recompute activations to save memory; auto: on for GPUs, off on CPU (pure cost there).",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."
+        "auto", description="auto: bf16 on GPUs that have it, fp16 (loss-scaled) on older GPUs, fp32 on CPU."
     )
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(
         None, ge=1, description="Validation loss every N steps; default: save_steps."
     )
-    save_steps: int = Field(100, ge=1)
-    save_total_limit: int = Field(2, ge=1)
+    save_steps: int = Field(100, ge=1, description="A checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep the last K checkpoints (and the best one).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without a better val loss."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="The least improvement that counts.")
+    trackers: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list, description="Besides TensorBoard (always on), when installed."
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's own choice.")
+
+    @model_validator(mode="after")
+    def _saves_fall_on_evaluations(self) -> "Schedule":
+        # Checkpoints are ranked by val loss, so every saved step must be an evaluated one.
+        if self.eval_steps is not None and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}): "
+                "checkpoints are kept by their val loss"
+            )
+        return self
+
+
+class TrainSection(Schedule):
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora",
+        description="lora: adapter on a 16/32-bit base; qlora: adapter on a 4/8-bit base; full: every weight.",
+    )
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+
+
+class DpoSection(Schedule):
+    """Direct preference optimisation after SFT, continuing the SFT adapter on data/preference/."""
+
+    enabled: bool = Field(False, description="Run the dpo stage in `llamatailor run`.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the SFT model.")
+    loss_type: Literal[
+        "sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair"
+    ] = "sigmoid"
+    learning_rate: float = Field(5e-6, gt=0, lt=1)
+    batch_size: int = Field(4, ge=1, description="Preference pairs per process.")
 
 
 class EvalSection(Section):
@@ -192,6 +251,7 @@ class RunConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    dpo: DpoSection = Field(default_factory=DpoSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
     @property

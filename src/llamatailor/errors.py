@@ -19,3 +19,7 @@ class ModelLoadError(LlamatailorError):
 
 class StageError(LlamatailorError):
     """A stage cannot start because what it needs from an earlier stage is missing."""
+
+
+class TrainingDiverged(LlamatailorError):
+    """The loss or the weights became NaN/inf; the message says what to change."""

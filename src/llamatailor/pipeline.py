@@ -19,8 +19,10 @@ from typing import Any
 from llamatailor import __version__
 from llamatailor.config import SPLITS, RunConfig
 from llamatailor.data.prepare import prepare
+from llamatailor.distributed import is_main_process
 from llamatailor.evaluate.stage import evaluate_run
-from llamatailor.rundir import RunDir, now_iso, sha256_file
+from llamatailor.rundir import now_iso, sha256_file
+from llamatailor.train.dpo import train_dpo
 from llamatailor.train.sft import train_sft
 
 BULKY_FIELDS = ("report", "samples")
@@ -32,8 +34,9 @@ class Stage:
     name: str
     config_keys: tuple[str, ...]
     inputs: Callable[[RunConfig], list[Path]]
-    outputs: Callable[[RunDir], list[Path]]
+    outputs: Callable[[RunConfig], list[Path]]
     action: Callable[..., Any]
+    enabled: Callable[[RunConfig], bool] = lambda config: True
 
 
 def _prepare_inputs(config: RunConfig) -> list[Path]:
@@ -41,30 +44,58 @@ def _prepare_inputs(config: RunConfig) -> list[Path]:
     return [source.path for _, source in config.data.inputs() if source.path is not None] + template
 
 
+def _weights(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _train_outputs(config: RunConfig) -> list[Path]:
+    run = config.run_dir
+    if config.train.method == "full":
+        return [run.model / "config.json", *_weights(run.model), run.metrics]
+    return [run.adapter / "adapter_config.json", run.adapter / "adapter_model.safetensors", run.metrics]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "prepare",
         ("seed", "model", "data"),
         _prepare_inputs,
-        lambda run: [*(run.split(name) for name in SPLITS), run.rejected, run.data_report],
+        lambda config: [
+            *(config.run_dir.split(name) for name in SPLITS),
+            config.run_dir.rejected,
+            config.run_dir.data_report,
+        ],
         prepare,
     ),
     Stage(
         "train",
         ("seed", "model", "data", "train"),
         lambda config: [config.run_dir.split("train"), config.run_dir.split("val")],
-        lambda run: [
-            run.adapter / "adapter_model.safetensors",
-            run.adapter / "adapter_config.json",
-            run.metrics,
-        ],
+        _train_outputs,
         train_sft,
     ),
     Stage(
+        "dpo",
+        ("seed", "model", "data", "train", "dpo"),
+        lambda config: [
+            config.run_dir.preference_split("train"),
+            config.run_dir.preference_split("val"),
+            *_weights(config.run_dir.trained),
+        ],
+        lambda config: [
+            config.run_dir.dpo / "adapter" / "adapter_model.safetensors",
+            config.run_dir.dpo / "metrics.jsonl",
+        ],
+        train_dpo,
+        enabled=lambda config: config.dpo.enabled,
+    ),
+    Stage(
         "eval",
-        ("model", "eval"),
-        lambda config: [config.run_dir.split("test"), config.run_dir.adapter / "adapter_model.safetensors"],
-        lambda run: [run.eval / "metrics.json", run.eval / "samples.jsonl", run.eval / "report.md"],
+        ("model", "eval", "dpo.enabled"),
+        lambda config: [config.run_dir.split("test"), *_weights(config.run_dir.final(config.dpo.enabled))],
+        lambda config: [
+            config.run_dir.eval / name for name in ("metrics.json", "samples.jsonl", "report.md")
+        ],
         evaluate_run,
     ),
 )
@@ -87,13 +118,16 @@ def is_up_to_date(stage: Stage, config: RunConfig) -> bool:
     record = run.stage_record(stage.name)
     if not record or record.get("status") != "complete":
         return False
-    if not all(path.exists() for path in stage.outputs(run)):
+    if not all(path.exists() for path in stage.outputs(config)):
         return False
     return record.get("fingerprint") == fingerprint(stage, config, input_hashes(stage, config))
 
 
 def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
-    """Run one stage, recording its start, inputs, timing, outcome and a summary in the manifest."""
+    """Run one stage, recording its start, inputs, timing, outcome and a summary in the manifest (by the main
+    process only: under torchrun every process runs the stage, one keeps the books)."""
+    if not is_main_process():
+        return stage.action(config, **kwargs)
     run = config.run_dir
     start_run(config)
     inputs = input_hashes(stage, config)

@@ -140,6 +140,28 @@ class RunDir:
         return self.root / "adapter"
 
     @property
+    def model(self) -> Path:
+        """A fully fine-tuned model (train.method full), in place of an adapter."""
+        return self.root / "model"
+
+    @property
+    def trained(self) -> Path:
+        """What SFT produced: the adapter, or the whole model for full fine-tuning."""
+        return self.model if (self.model / "config.json").is_file() else self.adapter
+
+    @property
+    def dpo(self) -> Path:
+        return self.root / "dpo"
+
+    def final(self, dpo_enabled: bool) -> Path:
+        """The model the later stages use: the DPO adapter when DPO is on, else what SFT produced."""
+        return self.dpo / "adapter" if dpo_enabled else self.trained
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 

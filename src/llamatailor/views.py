@@ -7,6 +7,7 @@ from rich.text import Text
 from llamatailor.data.prepare import PrepareResult
 from llamatailor.evaluate.report import metric_rows
 from llamatailor.evaluate.stage import EvalResult
+from llamatailor.train.dpo import DpoResult
 from llamatailor.train.sft import TrainResult
 
 
@@ -35,12 +36,29 @@ def prepare_view(result: PrepareResult) -> RenderableType:
 def train_view(result: TrainResult) -> RenderableType:
     share = 100 * result.trainable_parameters / max(result.total_parameters, 1)
     lines = [
-        f"steps: {result.steps} in {result.seconds:.0f} s ({result.precision})",
+        f"{result.method}: {result.steps} steps in {result.seconds:.0f} s ({result.precision}, {result.processes} process"
+        + ("es)" if result.processes > 1 else ")")
+        + (f", resumed from {result.resumed_from}" if result.resumed_from else ""),
         f"trainable parameters: {result.trainable_parameters:,} of {result.total_parameters:,} ({share:.2f}%)",
-        f"loss: {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}; val loss: {_fmt(result.eval_loss)}",
-        f"adapter: {result.adapter}",
+        f"loss: {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}; best val loss: {_fmt(result.eval_loss)}",
+        f"saved: {result.output}",
     ]
-    return Text("\n".join(lines))
+    return Group(Text("\n".join(lines)), *_warnings(result.warnings))
+
+
+def dpo_view(result: DpoResult) -> RenderableType:
+    lines = [
+        f"dpo: {result.steps} steps in {result.seconds:.0f} s ({result.precision})"
+        + (f", resumed from {result.resumed_from}" if result.resumed_from else ""),
+        f"loss: {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}; best val loss: {_fmt(result.eval_loss)}",
+        f"chosen-over-rejected reward margin: {_fmt(result.first_margin)} -> {_fmt(result.last_margin)}",
+        f"saved: {result.output}",
+    ]
+    return Group(Text("\n".join(lines)), *_warnings(result.warnings))
+
+
+def _warnings(warnings: list[str]) -> list[Text]:
+    return [Text(f"warning: {warning}", style="yellow") for warning in warnings]
 
 
 def eval_view(result: EvalResult, show: int) -> RenderableType:

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import PreTrainedModel
+
 from llamatailor.config import RunConfig
 from llamatailor.data.templating import render_prompt
 from llamatailor.evaluate.generation import Generation, generate_all
 from llamatailor.evaluate.metrics import headline_metric, score_answers
 from llamatailor.evaluate.report import render_report
-from llamatailor.models.loading import load_adapter_model, load_saved_tokenizer
+from llamatailor.models.loading import base_model_of, load_saved_tokenizer, load_tuned_model
 from llamatailor.rundir import RunDir, read_jsonl, write_json, write_jsonl, write_text
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -32,13 +34,13 @@ class EvalResult:
 def evaluate_run(config: RunConfig, progress: ProgressCallback | None = None) -> EvalResult:
     run = config.run_dir
     records = run.read_split("test")[: config.eval.max_samples]
-    chat = load_saved_tokenizer(run.adapter, config.model)
-    model = load_adapter_model(config.model, run.adapter)
-    model.eval()
+    final = run.final(config.dpo.enabled)
+    chat = load_saved_tokenizer(final, config.model)
+    model = load_tuned_model(config.model, final).eval()
     prompts = [render_prompt(chat, record["messages"][:-1]) for record in records]
     references = [record["messages"][-1]["content"] for record in records]
 
-    def answer(label: str) -> list[Generation]:
+    def answer(label: str, model: PreTrainedModel) -> list[Generation]:
         done = 0
 
         def step(count: int) -> None:
@@ -49,9 +51,9 @@ def evaluate_run(config: RunConfig, progress: ProgressCallback | None = None) ->
 
         return generate_all(model, chat, prompts, config.eval.max_new_tokens, config.eval.batch_size, step)
 
-    tuned = answer("tuned")
-    with model.disable_adapter():
-        base = answer("base")
+    tuned = answer("tuned", model)
+    with base_model_of(model, config.model) as base_model:
+        base = answer("base", base_model)
     fields = config.eval.json_fields
     metrics = {
         name: {

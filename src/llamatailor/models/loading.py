@@ -1,7 +1,10 @@
 """Load the tokenizer (with its chat format) and the model for a run, the same way in every stage."""
 
+import contextlib
 import functools
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -9,7 +12,13 @@ from typing import Any, Literal
 import torch
 from huggingface_hub.errors import HFValidationError
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from llamatailor.config import ModelSection
 from llamatailor.errors import ModelLoadError
@@ -91,20 +100,43 @@ def torch_dtype(precision: Precision) -> torch.dtype:
 
 
 def load_base_model(
-    model: ModelSection, dtype: torch.dtype = torch.float32, source: ModelSource | None = None
+    model: ModelSection,
+    dtype: torch.dtype = torch.float32,
+    source: ModelSource | None = None,
+    quantization: BitsAndBytesConfig | None = None,
 ) -> PreTrainedModel:
+    """The base model, on this process's GPU when there is one (left unplaced for FSDP/DeepSpeed to shard)."""
     source = source or resolve_source(model.base)
-    loaded = _from_pretrained(AutoModelForCausalLM.from_pretrained, source, model.revision, dtype=dtype)
-    if torch.cuda.is_available():
-        loaded = loaded.to("cuda")
-    return loaded
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    sharded = any(
+        os.environ.get(name) == "true" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
+    if torch.cuda.is_available() and not sharded:
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return _from_pretrained(AutoModelForCausalLM.from_pretrained, source, model.revision, **kwargs)
 
 
-def load_adapter_model(model: ModelSection, adapter: Path, dtype: torch.dtype = torch.float32) -> PeftModel:
-    """The base model with a run's trained adapter on top (PEFT's own loader)."""
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{adapter}: no trained adapter here; run `llamatailor train` first")
-    return PeftModel.from_pretrained(load_base_model(model, dtype), adapter)
+def load_tuned_model(
+    model: ModelSection, folder: Path, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """A run's result: the base with its adapter (PEFT's own loader), or a fully fine-tuned model."""
+    if (folder / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(load_base_model(model, dtype), folder)
+    if (folder / "config.json").is_file():
+        return load_base_model(model.model_copy(update={"base": str(folder)}), dtype)
+    raise ModelLoadError(f"{folder}: no trained adapter or model here; run `llamatailor train` first")
+
+
+@contextlib.contextmanager
+def base_model_of(tuned: PreTrainedModel, model: ModelSection) -> Iterator[PreTrainedModel]:
+    """The untuned model to compare with: the same object with its adapter off, or the base loaded anew."""
+    if isinstance(tuned, PeftModel):
+        with tuned.disable_adapter():
+            yield tuned
+    else:
+        yield load_base_model(model, next(tuned.parameters()).dtype).eval()
 
 
 def _from_pretrained(loader: Any, source: ModelSource, revision: str | None, **kwargs: Any) -> Any:

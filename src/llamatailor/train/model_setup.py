@@ -1,0 +1,67 @@
+"""The model a training run updates: an adapter (LoRA, DoRA, rsLoRA) on a full-precision base, the same on
+a 4- or 8-bit base (QLoRA), or every weight (full fine-tuning)."""
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, PreTrainedModel
+
+from llamatailor.config import LoraSection, QuantizationSection, RunConfig
+from llamatailor.models.families import Family
+from llamatailor.models.loading import ChatTokenizer, Precision, load_base_model, torch_dtype
+from llamatailor.train.arguments import use_gradient_checkpointing
+
+TARGET_PRESETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def lora_targets(targets: str | list[str], family: Family) -> list[str]:
+    if isinstance(targets, list):
+        return targets
+    return list(family.lora_targets if targets == "all-linear" else TARGET_PRESETS[targets])
+
+
+def lora_config(lora: LoraSection, family: Family) -> LoraConfig:
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(lora.targets, family),
+        use_dora=lora.dora,
+        use_rslora=lora.rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(quantization: QuantizationSection, precision: Precision) -> BitsAndBytesConfig:
+    dtype_name = precision if quantization.compute_dtype == "auto" else quantization.compute_dtype
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(dtype_name),
+    )
+
+
+def trainable_model(
+    config: RunConfig, chat: ChatTokenizer, precision: Precision
+) -> PeftModel | PreTrainedModel:
+    """The model with exactly the weights the method trains set to require gradients."""
+    train = config.train
+    # On GPUs the frozen base is kept in the compute dtype; autocast does the mixed precision.
+    dtype = torch.float32 if precision == "fp32" else torch_dtype(precision)
+    if train.method == "full":
+        return load_base_model(config.model, dtype).requires_grad_(True)
+    if train.method == "qlora":
+        base = load_base_model(
+            config.model, dtype, quantization=quantization_config(train.quantization, precision)
+        )
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=use_gradient_checkpointing(train)
+        )
+    else:
+        base = load_base_model(config.model, dtype)
+    return get_peft_model(base, lora_config(train.lora, chat.family))

@@ -1,0 +1,172 @@
+"""Training that is hard to break: exact resume after SIGKILL, damaged checkpoints, NaN, overfitting."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from helpers import alpaca_rows, prepared_run, read_rows, write_jsonl, write_run_file
+from llamatailor.cli import app
+from llamatailor.config import load_config
+from llamatailor.errors import TrainingDiverged
+from llamatailor.models.loading import load_tokenizer
+from llamatailor.train.checkpoints import MARKER, resumable_checkpoint
+from llamatailor.train.model_setup import trainable_model
+from llamatailor.train.session import run_trainer, starting_checkpoint
+from llamatailor.train.sft import build_trainer, sft_checkpoint_key
+
+runner = CliRunner()
+CLI = str(Path(sys.executable).parent / "llamatailor")
+RESUME_TRAIN = {
+    "max_steps": 24,
+    "save_steps": 4,
+    "save_total_limit": 3,
+    "learning_rate": 3e-3,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.1},  # dropout: the resumed RNG state matters
+}
+
+
+def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_adapter(tmp_path, tiny_models):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name in ("straight", "killed"):
+        folder = tmp_path / name
+        runs[name] = prepared_run(folder, tiny_models["chatml"], alpaca_rows(64), train=RESUME_TRAIN)
+    subprocess.run([CLI, "train", str(runs["straight"])], check=True, env=env, capture_output=True)
+
+    killed_run = tmp_path / "killed" / "runs" / "tiny"
+    process = subprocess.Popen(
+        [CLI, "train", str(runs["killed"])], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    marker = killed_run / "checkpoints" / "checkpoint-8" / MARKER
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_run / "adapter").exists(), "the run must be killed before it finished"
+    assert json.loads((killed_run / "manifest.json").read_text())["stages"]["train"]["status"] == "running"
+
+    # `run` resumes an interrupted training by default (`train --resume` does the same alone).
+    resumed = subprocess.run([CLI, "run", str(runs["killed"])], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    straight, after_kill = (
+        adapter_weights(tmp_path / "straight" / "runs" / "tiny"),
+        adapter_weights(killed_run),
+    )
+    assert straight.keys() == after_kill.keys()
+    worst = max(float((straight[k] - after_kill[k]).abs().max()) for k in straight)
+    assert worst < 1e-5, worst
+    steps = [row["step"] for row in read_rows(killed_run / "metrics.jsonl") if "loss" in row]
+    assert steps == sorted(set(steps)) and steps[-1] == 24, "the log continues where the checkpoint left off"
+
+
+def test_a_partial_or_damaged_newest_checkpoint_is_passed_over(tmp_path, tiny_models):
+    run_file = prepared_run(
+        tmp_path,
+        tiny_models["chatml"],
+        alpaca_rows(16),
+        train={"max_steps": 6, "save_steps": 2, "save_total_limit": 3},
+    )
+    assert runner.invoke(app, ["train", str(run_file)]).exit_code == 0
+    config = load_config(run_file)
+    checkpoints, key = config.run_dir.checkpoints, sft_checkpoint_key(config)
+    assert resumable_checkpoint(checkpoints, key) == (checkpoints / "checkpoint-6", [])
+
+    weights = checkpoints / "checkpoint-6" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a damaged file
+    (checkpoints / "checkpoint-4" / MARKER).unlink()  # a save that never finished
+    found, skipped = resumable_checkpoint(checkpoints, key)
+    assert found == checkpoints / "checkpoint-2"
+    assert skipped == [
+        "checkpoint-6: its files no longer match what was written (damaged or changed)",
+        "checkpoint-4: no completeness marker (the save did not finish)",
+    ]
+    assert starting_checkpoint(checkpoints, key, resume=True) == checkpoints / "checkpoint-2"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert resumable_checkpoint(checkpoints, "another configuration") == (
+        None,
+        ["checkpoint-2: written by a different configuration or data"],
+    )
+
+
+def test_nan_stops_the_run_keeps_the_last_good_checkpoint_and_says_what_to_change(tmp_path, tiny_models):
+    run_file = prepared_run(
+        tmp_path, tiny_models["chatml"], alpaca_rows(16), train={"max_steps": 8, "save_steps": 2}
+    )
+    config = load_config(run_file)
+    chat = load_tokenizer(config.model)
+    model = trainable_model(config, chat, "fp32")
+    calls = {"training": 0}
+
+    def poison_from_the_fifth_forward(module, args, output):  # what fp16 overflow or a bad batch does
+        if module.training:
+            calls["training"] += 1
+            if calls["training"] >= 5:
+                return output * float("nan")
+        return output
+
+    model.base_model.model.model.layers[0].register_forward_hook(poison_from_the_fifth_forward)
+    trainer = build_trainer(config, chat, model, "fp32")
+    key = sft_checkpoint_key(config)
+    with pytest.raises(TrainingDiverged) as info:
+        run_trainer(trainer, "train", key, None, config.run_dir.metrics)
+    message = str(info.value)
+    assert "became NaN/inf at step 5" in message and "Lower train.learning_rate" in message
+    assert f"The last good checkpoint is {config.run_dir.checkpoints / 'checkpoint-4'}" in message
+    assert sorted(p.name for p in config.run_dir.checkpoints.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    good = load_file(config.run_dir.checkpoints / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in good.values())
+
+
+def test_rising_val_loss_stops_early_warns_and_is_in_the_manifest(tmp_path, tiny_models):
+    train_rows = alpaca_rows(12)
+    contradicting = [{**row, "output": json.dumps({"next": -1})} for row in alpaca_rows(4)]
+    train_path = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    val_path = write_jsonl(tmp_path / "val.jsonl", contradicting)
+    schedule = {
+        "max_steps": 60,
+        "eval_steps": 3,
+        "save_steps": 3,
+        "learning_rate": 2e-2,
+        "logging_steps": 1,
+        "lr_scheduler": "constant",
+        "early_stopping_patience": 3,
+    }
+    data = {"val": [str(val_path)], "test_ratio": 0.0}
+    run_file = write_run_file(tmp_path, tiny_models["chatml"], [train_path], data=data, train=schedule)
+    result = runner.invoke(app, ["run", str(run_file)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    summary = manifest["stages"]["train"]["summary"]
+    assert summary["steps"] < 60, "early stopping ended the run"
+    assert summary["warnings"] and summary["warnings"][0].startswith("possible overfitting at step")
+    assert "warning: possible overfitting" in result.output
+    rows = read_rows(tmp_path / "runs" / "tiny" / "metrics.jsonl")
+    best = min(row["eval_loss"] for row in rows if "eval_loss" in row)
+    assert summary["eval_loss"] == pytest.approx(best), "the result is the best checkpoint's weights"
+    events = list((tmp_path / "runs" / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_a_tracker_that_is_not_installed_is_named(tmp_path, tiny_models):
+    run_file = prepared_run(tmp_path, tiny_models["chatml"], alpaca_rows(8), train={"trackers": ["wandb"]})
+    result = runner.invoke(app, ["train", str(run_file)])
+    assert result.exit_code == 1
+    assert "train.trackers asks for wandb, which is not installed: pip install wandb" in result.output
