@@ -39,3 +39,28 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, tiny_models):
     assert len(losses(run_one)) == 4
     assert losses(run_two) == pytest.approx(losses(run_one), rel=1e-4)
     assert (run_two / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "stage"),
+    [("fsdp", "FSDP", None), ("deepspeed_zero2", "DEEPSPEED", 2), ("deepspeed_zero3", "DEEPSPEED", 3)],
+)
+def test_example_accelerate_configs_are_valid(name, kind, stage):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(
+        str(Path(__file__).parent.parent / "examples" / "accelerate" / f"{name}.yaml")
+    )
+    assert config.distributed_type.value == kind and not config.use_cpu
+    assert config.deepspeed_config.get("zero_stage") == stage
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+
+
+def test_deepspeed_is_refused_on_cpu(monkeypatch):
+    from llamatailor.errors import StageError
+    from llamatailor.train.launch import check_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(StageError, match=r"DeepSpeed needs CUDA GPUs.*--nproc N"):
+        check_launch()
