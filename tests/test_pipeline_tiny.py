@@ -81,6 +81,7 @@ def test_manifest_records_versions_hashes_and_stages(finished_run):
     data_file = str((run.parent.parent / "train.jsonl").resolve())
     assert list(manifest["stages"]["prepare"]["inputs"]) == [data_file]
     assert manifest["stages"]["train"]["summary"]["steps"] == 4
+    assert manifest["stages"]["train"]["summary"]["planned_peak_bytes"] > 0
     eval_metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert eval_metrics["headline"] == "json_field_f1"
     assert {"base", "tuned"} <= eval_metrics.keys() and eval_metrics["tuned"]["count"] == 6

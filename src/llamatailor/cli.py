@@ -191,6 +191,64 @@ def run(
 
 @app.command()
 @user_errors
+def plan(
+    config: Annotated[Path | None, typer.Argument(help="A run file to plan for (optional).")] = None,
+    overrides: OverridesArg = None,
+    model: Annotated[
+        str | None, typer.Option(help="A preset (see docs/plan.md), a model folder or a cached hub id.")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="full, lora or qlora.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Sequences per device per step.")] = None,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (no extra memory).")] = 1,
+    checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit.")
+    ] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="all-linear, attention, mlp, or comma-separated names.")
+    ] = None,
+    bits: Annotated[int | None, typer.Option(help="QLoRA base bits: 4 or 8.")] = None,
+    gpus: Annotated[int, typer.Option(help="Devices.")] = 1,
+    sharding: Annotated[str, typer.Option(help="none, zero2, zero3 or fsdp.")] = "none",
+    gpu_mem: Annotated[
+        float | None, typer.Option(help="GiB per GPU; default: the GPU here, else this CPU's free RAM.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Which method fits this GPU for this model and shapes, with the peak memory term by term."""
+    import json
+
+    from llamatailor import views
+    from llamatailor.plan.options import build_plan
+
+    loaded = _load(config, overrides) if config is not None else None
+    result = build_plan(
+        loaded,
+        model=model,
+        method=method,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        checkpointing=checkpointing,
+        optimizer=optimizer,
+        lora_r=lora_r,
+        lora_targets=lora_targets,
+        bits=bits,
+        gpus=gpus,
+        sharding=sharding,
+        gpu_mem_gib=gpu_mem,
+    )
+    if json_output:
+        from llamatailor.plan.verdict import plan_as_dict
+
+        console.print_json(json.dumps({**plan_as_dict(result), "grad_accum": grad_accum}))
+    else:
+        console.print(views.plan_view(result))
+
+
+@app.command()
+@user_errors
 def chat(
     config: ConfigArg,
     overrides: OverridesArg = None,

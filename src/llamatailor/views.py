@@ -7,6 +7,7 @@ from rich.text import Text
 from llamatailor.data.prepare import PrepareResult
 from llamatailor.evaluate.report import metric_rows
 from llamatailor.evaluate.stage import EvalResult
+from llamatailor.plan.verdict import Plan
 from llamatailor.train.dpo import DpoResult
 from llamatailor.train.sft import TrainResult
 
@@ -41,9 +42,12 @@ def train_view(result: TrainResult) -> RenderableType:
         + (f", resumed from {result.resumed_from}" if result.resumed_from else ""),
         f"trainable parameters: {result.trainable_parameters:,} of {result.total_parameters:,} ({share:.2f}%)",
         f"loss: {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}; best val loss: {_fmt(result.eval_loss)}",
+        f"planned peak memory: {result.planned_peak_bytes / 2**30:.2f} GiB per device"
+        if result.planned_peak_bytes
+        else "",
         f"saved: {result.output}",
     ]
-    return Group(Text("\n".join(lines)), *_warnings(result.warnings))
+    return Group(Text("\n".join(line for line in lines if line)), *_warnings(result.warnings))
 
 
 def dpo_view(result: DpoResult) -> RenderableType:
@@ -90,3 +94,42 @@ def eval_view(result: EvalResult, show: int) -> RenderableType:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def plan_view(plan: Plan) -> RenderableType:
+    gib = 2**30
+    table = Table(
+        title=f"{plan.arch.name} ({plan.arch.total_params() / 1e9:.2f}B parameters): peak memory per "
+        f"{'GPU' if plan.setup.device == 'cuda' else 'CPU process'}, GiB",
+        show_edge=False,
+    )
+    table.add_column("term")
+    for fit in plan.methods:
+        table.add_column(
+            fit.label + (" (4-bit)" if fit.label == "qlora" and fit.setup.bits == 4 else ""), justify="right"
+        )
+    for term in plan.methods[0].breakdown.terms():
+        table.add_row(term, *(f"{fit.breakdown.terms()[term] / gib:.2f}" for fit in plan.methods))
+    table.add_row(
+        "trainable parameters", *(f"{fit.breakdown.trainable_parameters:,}" for fit in plan.methods)
+    )
+    table.add_row("peak total", *(f"{fit.breakdown.total / gib:.2f}" for fit in plan.methods), style="bold")
+    table.add_row(
+        f"fits in {plan.memory / gib:.1f} GiB",
+        *(Text("yes", style="green") if fit.fits else Text("no", style="red") for fit in plan.methods),
+    )
+    table.add_row("largest micro-batch", *(str(fit.max_micro_batch) for fit in plan.methods))
+    table.add_row("longest sequence", *(f"{fit.max_seq_len:,}" for fit in plan.methods))
+    table.add_row("GPUs needed (FSDP)", *(str(fit.gpus_needed or ">64") for fit in plan.methods))
+    setup = plan.setup
+    shapes = Text(
+        f"sequence {setup.seq_len}, micro-batch {setup.micro_batch}, {setup.precision}, gradient checkpointing "
+        f"{'on' if setup.gradient_checkpointing else 'off'}, optimizer {setup.optimizer}, LoRA r={setup.lora_r} on "
+        f"{', '.join(setup.lora_targets)}, {setup.gpus} device(s), sharding {setup.sharding}",
+        style="dim",
+    )
+    verdict = Text(
+        f"recommended: {plan.recommended}" if plan.recommended else "recommended: nothing fits as planned",
+        style="bold green" if plan.recommended else "bold red",
+    )
+    return Group(table, shapes, verdict, *(Text(f"- {line}") for line in plan.advice))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import PeftModel, prepare_model_for_kbit_training
+from peft import PeftModel
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
@@ -25,10 +25,10 @@ from llamatailor.models.loading import (
     torch_dtype,
 )
 from llamatailor.rundir import RunDir, read_jsonl, sha256_file
-from llamatailor.train.arguments import trainer_arguments, use_gradient_checkpointing
+from llamatailor.train.arguments import trainer_arguments
 from llamatailor.train.checkpoints import checkpoint_key, step_of
 from llamatailor.train.launch import check_launch
-from llamatailor.train.model_setup import quantization_config
+from llamatailor.train.model_setup import quantized_base
 from llamatailor.train.session import (
     run_trainer,
     save_trained,
@@ -111,11 +111,7 @@ def policy_with_reference(config: RunConfig, sft: Path, precision: Precision) ->
     """The base with the SFT adapter, trainable (DPOTrainer adds its frozen "ref" copy)."""
     dtype = torch.float32 if precision == "fp32" else torch_dtype(precision)
     if config.train.method == "qlora":
-        quantization = quantization_config(config.train.quantization, precision)
-        base = load_base_model(config.model, dtype, quantization=quantization)
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=use_gradient_checkpointing(config.dpo)
-        )
+        base = quantized_base(config, precision)
     else:
         base = load_base_model(config.model, dtype)
     return PeftModel.from_pretrained(base, sft, is_trainable=True)

@@ -46,6 +46,22 @@ def quantization_config(quantization: QuantizationSection, precision: Precision)
     )
 
 
+def quantized_base(config: RunConfig, precision: Precision) -> PreTrainedModel:
+    """The 4/8-bit base, prepared for adapter training. PEFT's preparation casts every unquantized weight to
+    fp32; the embeddings and output head go back to the compute dtype, as in the QLoRA reference code: in
+    fp32 they would take 8 GB more on a Llama 3 70B. Norms stay fp32 (tiny, and better for stability)."""
+    dtype = torch_dtype(precision)
+    base = load_base_model(
+        config.model, dtype, quantization=quantization_config(config.train.quantization, precision)
+    )
+    base = prepare_model_for_kbit_training(
+        base, use_gradient_checkpointing=use_gradient_checkpointing(config.train)
+    )
+    for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+        module.to(dtype)
+    return base
+
+
 def trainable_model(
     config: RunConfig, chat: ChatTokenizer, precision: Precision
 ) -> PeftModel | PreTrainedModel:
@@ -56,12 +72,7 @@ def trainable_model(
     if train.method == "full":
         return load_base_model(config.model, dtype).requires_grad_(True)
     if train.method == "qlora":
-        base = load_base_model(
-            config.model, dtype, quantization=quantization_config(train.quantization, precision)
-        )
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=use_gradient_checkpointing(train)
-        )
+        base = quantized_base(config, precision)
     else:
         base = load_base_model(config.model, dtype)
     return get_peft_model(base, lora_config(train.lora, chat.family))

@@ -4,6 +4,7 @@ Samples arrive already rendered with labels (see `data.templating`): TRL keeps p
 are, so the loss covers exactly the assistant answers and their end-of-turn tokens.
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from llamatailor.data.templating import RenderError, render_for_training
 from llamatailor.distributed import world_size
 from llamatailor.errors import StageError
 from llamatailor.models.loading import ChatTokenizer, Precision, load_tokenizer, resolve_precision
+from llamatailor.plan.run_setup import available_memory, fit_warning, planned_peak
 from llamatailor.rundir import RunDir, sha256_file
 from llamatailor.train.arguments import trainer_arguments
 from llamatailor.train.checkpoints import checkpoint_key, step_of
@@ -29,6 +31,8 @@ from llamatailor.train.session import (
     starting_checkpoint,
     with_compact_progress,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class TrainResult:
     total_parameters: int
     precision: Precision
     processes: int
+    planned_peak_bytes: int | None
     resumed_from: str | None
     warnings: list[str]
 
@@ -55,6 +60,10 @@ def train_sft(config: RunConfig, resume: bool = False) -> TrainResult:
         torch.set_num_threads(train.threads)
     set_seed(config.seed)
     precision = resolve_precision(train.precision)
+    peak = planned_peak(config)
+    too_big = fit_warning(peak, available_memory())
+    if too_big:
+        log.warning(too_big)
     chat = load_tokenizer(config.model)
     key = sft_checkpoint_key(config)
     resume_from = starting_checkpoint(run.checkpoints, key, resume)
@@ -84,8 +93,9 @@ def train_sft(config: RunConfig, resume: bool = False) -> TrainResult:
         total_parameters=total,
         precision=precision,
         processes=world_size(),
+        planned_peak_bytes=peak,
         resumed_from=outcome.resumed_from,
-        warnings=outcome.warnings,
+        warnings=[too_big, *outcome.warnings] if too_big else outcome.warnings,
     )
 
 
