@@ -27,8 +27,14 @@ if ! ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
   mv "$wheels.partial" "$wheels"
 fi
 "$python" -m pip install -q --no-deps --force-reinstall "$wheels"/llama_cpp_python-"$version"-*.whl
-if ! "$python" -c "import llama_cpp" 2>/dev/null; then
-  rm -rf "$wheels"
+if ! failure=$("$python" -c "import llama_cpp" 2>&1); then
+  if printf '%s' "$failure" | grep -q "ModuleNotFoundError"; then
+    printf 'llama-cpp-python is installed but a dependency is missing (install requirements.lock):
+%s
+' "$failure" >&2
+    exit 1
+  fi
+  rm -rf "$wheels"  # built for another CPU, or damaged
   echo "The cached llama-cpp-python wheel does not load on this machine; removed it. Run the command again." >&2
   exit 1
 fi

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llamatailor.data.templating import render_prompt
-from llamatailor.evaluate.generation import Generation, _decode, generate_all
+from llamatailor.evaluate.generation import Generation, decode_generation, generate_all
 
 
 def test_batched_answers_equal_one_by_one(tiny_models, chatml):
@@ -18,11 +18,11 @@ def test_batched_answers_equal_one_by_one(tiny_models, chatml):
     assert all(g.tokens == 12 and not g.stopped for g in single)  # random weights never stop
 
 
-def test_decode_cuts_at_the_first_stop_token(chatml):
+def testdecode_generation_cuts_at_the_first_stop_token(chatml):
     hello = chatml.tokenizer.encode("Hello there", add_special_tokens=False)
     end = chatml.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert _decode([*hello, end, *hello], chatml) == Generation("Hello there", len(hello) + 1, True)
-    assert _decode(hello, chatml) == Generation("Hello there", len(hello), False)
+    assert decode_generation([*hello, end, *hello], chatml) == Generation("Hello there", len(hello) + 1, True)
+    assert decode_generation(hello, chatml) == Generation("Hello there", len(hello), False)
 
 
 def test_generation_stops_at_a_stop_token(tiny_models, chatml):

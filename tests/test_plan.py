@@ -210,5 +210,7 @@ def test_train_plans_first_and_warns_when_the_run_will_not_fit(tmp_path, tiny_mo
     assert peak is not None and 0.1 * GIB < peak < 4 * GIB
     assert fit_warning(peak, peak) is None
     message = fit_warning(peak, peak // 2)
-    assert message.startswith(f"the planner puts this run's peak at {peak / GIB:.1f} GiB per device, more than")
+    assert message.startswith(
+        f"the planner puts this run's peak at {peak / GIB:.1f} GiB per device, more than"
+    )
     assert "`llamatailor plan RUN.yaml` shows the terms and what fits" in message

@@ -44,3 +44,15 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
     if train or val:
         axes.legend()
     _save(figure, path)
+
+
+def plot_score_pairs(base: list[float], tuned: list[float], path: Path) -> None:
+    """Per-example scores of the base and the tuned model, each sorted: the gap is the gain."""
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.plot(sorted(base), label="base", color="tab:red")
+    axes.plot(sorted(tuned), label="tuned", color="tab:green")
+    axes.set_xlabel("test examples, sorted by score")
+    axes.set_ylabel("score per example")
+    if base or tuned:
+        axes.legend()
+    _save(figure, path)

@@ -56,8 +56,11 @@ def scan_record(
         sample = _cleaned(sample, data, counts)
         sample = _pii_checked(sample, data, counts)
         stratum = _stratum(raw.value, data.stratify_by)
+        meta = {name: raw.value[name] for name in data.meta_fields if name in raw.value}
         if data.stratify_by is not None:
-            sample = replace(sample, meta={data.stratify_by: stratum})
+            meta[data.stratify_by] = stratum
+        if meta:
+            sample = replace(sample, meta=meta)
         return _rendered(sample, data, chat, counts, stratum)
     except RecordError as exc:
         return Rejected(exc.kind, exc.field, exc.reason, raw.value)

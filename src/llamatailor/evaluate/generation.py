@@ -40,10 +40,10 @@ def generate_batch(
         attention_mask=attention.to(device),
         generation_config=greedy_config(chat, max_new_tokens),
     )
-    return [_decode(row[width:].tolist(), chat) for row in output]
+    return [decode_generation(row[width:].tolist(), chat) for row in output]
 
 
-def _decode(new_ids: list[int], chat: ChatTokenizer) -> Generation:
+def decode_generation(new_ids: list[int], chat: ChatTokenizer) -> Generation:
     stops = set(chat.stop_ids)
     end = next((i for i, token in enumerate(new_ids) if token in stops), None)
     kept = new_ids if end is None else new_ids[:end]

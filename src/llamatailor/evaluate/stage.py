@@ -1,23 +1,32 @@
-"""The `eval` stage: answer the held-out test prompts with the base and the tuned model, score both.
+"""The `eval` stage: the base model and the tuned one (or any merged folder or GGUF file) on the held-out
+test set: generated answers and their task metrics, perplexity on val and test, failure-mode probes, and
+the verdict of the training curves, side by side in `eval/metrics.json` and `eval/report.md`.
 
-Both models run from one load (the tuned one with its adapter disabled is exactly the base), with the
-tokenizer and chat template saved beside the adapter, i.e. those used in training.
+Both models get the same prompts, rendered with the tokenizer and template saved beside the trained model.
 """
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedModel
-
-from llamatailor.config import RunConfig
+from llamatailor.config import ModelSection, RunConfig
 from llamatailor.data.templating import render_prompt
-from llamatailor.evaluate.generation import Generation, generate_all
-from llamatailor.evaluate.metrics import headline_metric, score_answers
-from llamatailor.evaluate.report import render_report
-from llamatailor.models.loading import base_model_of, load_saved_tokenizer, load_tuned_model
+from llamatailor.evaluate.engines import Engine, LlamaCppEngine, TransformersEngine
+from llamatailor.evaluate.generation import Generation
+from llamatailor.evaluate.judge import judge_answers
+from llamatailor.evaluate.metrics import example_score, headline_metric, score_answers
+from llamatailor.evaluate.perplexity import perplexity
+from llamatailor.evaluate.probes import MemorisationProbe, overfitting_verdict, runaway_share
+from llamatailor.evaluate.report import plot_scores, render_report
+from llamatailor.models.loading import (
+    ChatTokenizer,
+    base_model_of,
+    load_base_model,
+    load_saved_tokenizer,
+    load_tuned_model,
+)
 from llamatailor.rundir import RunDir, read_jsonl, write_json, write_jsonl, write_text
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -29,62 +38,183 @@ class EvalResult:
     headline: str
     samples: list[dict[str, Any]]
     folder: Path
+    groups: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    tuned_source: str = ""
 
 
-def evaluate_run(config: RunConfig, progress: ProgressCallback | None = None) -> EvalResult:
-    run = config.run_dir
-    records = run.read_split("test")[: config.eval.max_samples]
-    final = run.final(config.dpo.enabled)
-    chat = load_saved_tokenizer(final, config.model)
-    model = load_tuned_model(config.model, final).eval()
-    prompts = [render_prompt(chat, record["messages"][:-1]) for record in records]
-    references = [record["messages"][-1]["content"] for record in records]
+@dataclass(frozen=True)
+class Answers:
+    generations: list[Generation]
+    perplexities: dict[str, Any]
 
-    def answer(label: str, model: PreTrainedModel) -> list[Generation]:
+
+class Evaluation:
+    """The test set, its prompts and references, and how to run one engine over them."""
+
+    def __init__(self, config: RunConfig, chat: ChatTokenizer, progress: ProgressCallback | None) -> None:
+        run = config.run_dir
+        self.config, self.chat, self.progress = config, chat, progress
+        self.records = run.read_split("test")[: config.eval.max_samples]
+        self.prompts = [render_prompt(chat, record["messages"][:-1]) for record in self.records]
+        self.references = [record["messages"][-1]["content"] for record in self.records]
+        self.splits = {name: [r["messages"] for r in run.read_split(name)] for name in ("val", "test")}
+
+    def answer(self, engine: Engine) -> Answers:
         done = 0
 
         def step(count: int) -> None:
             nonlocal done
             done += count
-            if progress:
-                progress(label, done, len(prompts))
+            if self.progress:
+                self.progress(engine.label, done, len(self.prompts))
 
-        return generate_all(model, chat, prompts, config.eval.max_new_tokens, config.eval.batch_size, step)
+        generations = engine.generate(self.prompts, self.config.eval.max_new_tokens, step)
+        perplexities = {}
+        if self.config.eval.perplexity:
+            for name, conversations in self.splits.items():
+                if conversations:
+                    result = perplexity(engine, self.chat, conversations, self.config.data.max_seq_len)
+                    perplexities[f"answer_perplexity_{name}"] = result.answers
+                    perplexities[f"sequence_perplexity_{name}"] = result.sequences
+        return Answers(generations, perplexities)
 
-    tuned = answer("tuned", model)
-    with base_model_of(model, config.model) as base_model:
-        base = answer("base", base_model)
-    fields = config.eval.json_fields
-    metrics = {
-        name: {
-            **score_answers([g.text for g in generations], references, fields),
-            "stopped": sum(g.stopped for g in generations) / max(len(generations), 1),
+
+def evaluate_run(
+    config: RunConfig, progress: ProgressCallback | None = None, model_path: Path | None = None
+) -> EvalResult:
+    """The eval stage; with `model_path` (a merged folder or a .gguf file) that model stands in for the
+    tuned one and the results go to eval/candidates/<name>/."""
+    run = config.run_dir
+    final = run.final(config.dpo.enabled)
+    chat = load_saved_tokenizer(final, config.model)
+    evaluation = Evaluation(config, chat, progress)
+    batch = config.eval.batch_size
+    if model_path is None:
+        tuned_model = load_tuned_model(config.model, final).eval()
+        tuned = evaluation.answer(TransformersEngine("tuned", tuned_model, chat, batch))
+        with base_model_of(tuned_model, config.model) as base_model:
+            base = evaluation.answer(TransformersEngine("base", base_model, chat, batch))
+        folder, source = run.eval, str(final)
+    else:
+        candidate = candidate_engine(model_path, chat, config)
+        tuned = evaluation.answer(candidate)
+        if isinstance(candidate, LlamaCppEngine):
+            candidate.close()
+        base = evaluation.answer(
+            TransformersEngine("base", load_base_model(config.model).eval(), chat, batch)
+        )
+        folder, source = run.eval / "candidates" / model_path.stem, str(model_path)
+    return write_results(config, chat, evaluation, {"base": base, "tuned": tuned}, folder, source)
+
+
+def candidate_engine(path: Path, chat: ChatTokenizer, config: RunConfig) -> Engine:
+    if path.suffix == ".gguf":
+        return LlamaCppEngine(
+            "candidate", path, chat, context=config.data.max_seq_len + config.eval.max_new_tokens
+        )
+    model = load_base_model(ModelSection(base=str(path), family=config.model.family)).eval()
+    return TransformersEngine("candidate", model, chat, config.eval.batch_size)
+
+
+def write_results(
+    config: RunConfig,
+    chat: ChatTokenizer,
+    evaluation: Evaluation,
+    answers: dict[str, Answers],
+    folder: Path,
+    source: str,
+) -> EvalResult:
+    ev = config.eval
+    probe = MemorisationProbe(training_answers(config.run_dir, chat), ev.memorisation_tokens)
+    metrics = {}
+    for name, result in answers.items():
+        texts = [g.text for g in result.generations]
+        metrics[name] = {
+            **score_answers(texts, evaluation.references, ev.json_fields, semantic=ev.semantic),
+            **result.perplexities,
+            "runaway_share": runaway_share(result.generations),
+            "memorised_share": probe.share(
+                [chat.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+            ),
         }
-        for name, generations in (("base", base), ("tuned", tuned))
-    }
-    samples = [
-        {
-            "id": record["id"],
-            "prompt": record["messages"][-2]["content"],
-            "reference": reference,
-            "base": base_answer.text,
-            "tuned": tuned_answer.text,
-            "base_stopped": base_answer.stopped,
-            "tuned_stopped": tuned_answer.stopped,
-        }
-        for record, reference, base_answer, tuned_answer in zip(records, references, base, tuned, strict=True)
+        if ev.judge is not None:
+            user_prompts = [record["messages"][-2]["content"] for record in evaluation.records]
+            verdict = judge_answers(ev.judge, user_prompts, evaluation.references, texts)
+            metrics[name].update(judge_score=verdict.mean_score, judge_unparsed=verdict.unparsed)
+    samples = sample_rows(evaluation, answers, ev.json_fields)
+    groups = group_metrics(evaluation, answers, ev.group_by, ev.json_fields) if ev.group_by else {}
+    training = overfitting_verdict(config.run_dir.metrics)
+    headline = headline_metric(ev.json_fields)
+    result = EvalResult(metrics, headline, samples, folder, groups, training, source)
+    write_jsonl(folder / "samples.jsonl", samples)
+    write_json(
+        folder / "metrics.json",
+        {"headline": headline, "tuned_source": source, **metrics, "groups": groups, "training": training},
+    )
+    plot_scores(samples, folder / "scores.png")
+    write_text(folder / "report.md", render_report(config.name, result))
+    return result
+
+
+def training_answers(run: RunDir, chat: ChatTokenizer) -> list[list[int]]:
+    return [
+        chat.tokenizer.encode(message["content"], add_special_tokens=False)
+        for record in run.read_split("train")
+        for message in record["messages"]
+        if message["role"] == "assistant"
     ]
-    headline = headline_metric(fields)
-    write_jsonl(run.eval / "samples.jsonl", samples)
-    write_json(run.eval / "metrics.json", {"headline": headline, **metrics})
-    write_text(run.eval / "report.md", render_report(config.name, metrics, headline, samples))
-    return EvalResult(metrics=metrics, headline=headline, samples=samples, folder=run.eval)
+
+
+def sample_rows(
+    evaluation: Evaluation, answers: dict[str, Answers], json_fields: list[str] | None
+) -> list[dict[str, Any]]:
+    rows = []
+    for index, (record, reference) in enumerate(zip(evaluation.records, evaluation.references, strict=True)):
+        base, tuned = answers["base"].generations[index], answers["tuned"].generations[index]
+        rows.append(
+            {
+                "id": record["id"],
+                "prompt": record["messages"][-2]["content"],
+                "reference": reference,
+                "base": base.text,
+                "tuned": tuned.text,
+                "base_stopped": base.stopped,
+                "tuned_stopped": tuned.stopped,
+                "base_score": example_score(base.text, reference, json_fields),
+                "tuned_score": example_score(tuned.text, reference, json_fields),
+                **({"meta": record["meta"]} if "meta" in record else {}),
+            }
+        )
+    return rows
+
+
+def group_metrics(
+    evaluation: Evaluation, answers: dict[str, Answers], group_by: str, json_fields: list[str] | None
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Task metrics per value of a record field (a language, say), for each model."""
+    values = [record.get("meta", {}).get(group_by) for record in evaluation.records]
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for value in sorted({str(v) for v in values if v is not None}):
+        chosen = [i for i, v in enumerate(values) if str(v) == value]
+        references = [evaluation.references[i] for i in chosen]
+        groups[value] = {
+            name: score_answers([result.generations[i].text for i in chosen], references, json_fields)
+            for name, result in answers.items()
+        }
+    return groups
 
 
 def load_eval_result(run: RunDir) -> EvalResult:
     """The results a completed eval stage left in the run directory."""
     saved = json.loads((run.eval / "metrics.json").read_text(encoding="utf-8"))
-    headline = saved.pop("headline")
+    metrics = {name: saved[name] for name in ("base", "tuned")}
     return EvalResult(
-        metrics=saved, headline=headline, samples=read_jsonl(run.eval / "samples.jsonl"), folder=run.eval
+        metrics=metrics,
+        headline=saved["headline"],
+        samples=read_jsonl(run.eval / "samples.jsonl"),
+        folder=run.eval,
+        groups=saved.get("groups", {}),
+        training=saved.get("training", {}),
+        tuned_source=saved.get("tuned_source", ""),
     )

@@ -1,0 +1,39 @@
+"""Perplexity of a split: over the answers (assistant tokens and their end-of-turn token) and over whole
+sequences (every token after the first), exp of the mean negative log-likelihood per token."""
+
+import math
+from dataclasses import dataclass
+
+from llamatailor.data.formats import Message
+from llamatailor.data.templating import IGNORE_INDEX, render_for_training
+from llamatailor.evaluate.engines import Engine
+from llamatailor.models.loading import ChatTokenizer
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    answers: float
+    sequences: float
+    answer_tokens: int
+    tokens: int
+
+
+def perplexity(
+    engine: Engine, chat: ChatTokenizer, conversations: list[list[Message]], max_len: int
+) -> Perplexity:
+    samples = [render_for_training(chat, messages, max_len) for messages in conversations]
+    answer_nll = sequence_nll = 0.0
+    answer_tokens = tokens = 0
+    for sample, logprobs in zip(samples, engine.token_logprobs([s.input_ids for s in samples]), strict=True):
+        sequence_nll -= float(logprobs.sum())
+        tokens += len(logprobs)
+        for position, label in enumerate(sample.labels[1:]):  # logprobs[i] scores token i + 1
+            if label != IGNORE_INDEX:
+                answer_nll -= float(logprobs[position])
+                answer_tokens += 1
+    return Perplexity(
+        answers=math.exp(answer_nll / max(answer_tokens, 1)),
+        sequences=math.exp(sequence_nll / max(tokens, 1)),
+        answer_tokens=answer_tokens,
+        tokens=tokens,
+    )
