@@ -1,10 +1,17 @@
 """Helpers for tests: data files and run files."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import yaml
+from openai import OpenAI
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -48,6 +55,7 @@ def write_run_file(
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         },
         "eval": {"max_new_tokens": 8, "batch_size": 4, "json_fields": ["next"]},
+        "export": {"gguf": []},  # random tiny models never stop, so export's gates would fail them
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
@@ -75,3 +83,49 @@ def prepared_run(folder: Path, model: Path | str, rows: list[dict[str, Any]], **
     run_file = write_run_file(folder, model, [data], **sections)
     prepare(load_config(run_file))
     return run_file
+
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, target: Path, *options: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [
+            sys.executable,
+            "-m",
+            "llamatailor",
+            "serve",
+            str(target),
+            "--port",
+            str(self.port),
+            *options,
+        ]
+        self.log = log
+        self.process = subprocess.Popen(
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not start: {log.read_text()}")
+
+    def client(self, key: str | None = KEY) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)

@@ -1,4 +1,5 @@
-"""A chat session against a run's tuned model (or its base), streaming each answer as it is generated."""
+"""A chat session against a run's tuned model (or its base), or against a running server, streaming each
+answer as it is generated."""
 
 from collections.abc import Callable
 from threading import Thread
@@ -9,6 +10,7 @@ from transformers import TextIteratorStreamer
 from llamatailor.config import RunConfig
 from llamatailor.data.formats import Message
 from llamatailor.data.templating import render_prompt
+from llamatailor.errors import ModelLoadError
 from llamatailor.evaluate.generation import greedy_config
 from llamatailor.models.loading import load_base_model, load_saved_tokenizer, load_tuned_model
 
@@ -56,3 +58,46 @@ class ChatSession:
     @torch.inference_mode()
     def _generate(self, **kwargs: object) -> None:
         self.model.generate(**kwargs)
+
+
+class RemoteChatSession:
+    """The same conversation against an OpenAI-compatible server (`llamatailor serve`), streamed."""
+
+    def __init__(self, url: str, api_key: str | None, model: str | None, max_new_tokens: int) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=url, api_key=api_key or "none")
+        self.model = model or self._first_model()
+        self.max_new_tokens = max_new_tokens
+        self.history: list[Message] = []
+
+    def _first_model(self) -> str:
+        from openai import OpenAIError
+
+        try:
+            return self.client.models.list().data[0].id
+        except (OpenAIError, IndexError) as exc:
+            raise ModelLoadError(f"{self.client.base_url}: cannot list the server's models: {exc}") from None
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        messages = [*self.history, {"role": "user", "content": text}]
+        stream = self.client.chat.completions.create(
+            model=self.model,
+            messages=messages,
+            max_tokens=self.max_new_tokens,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
+        )
+        pieces = []
+        for chunk in stream:
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                pieces.append(piece)
+                if on_text:
+                    on_text(piece)
+        answer = "".join(pieces).strip()
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        return answer

@@ -21,7 +21,7 @@ from llamatailor.errors import ConfigError, LlamatailorError
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    help="Fine-tune a Llama-family model for one job: prepare -> train -> eval (then chat with it).",
+    help="Fine-tune a Llama-family model for one job: prepare -> train -> eval -> merge -> export.",
 )
 console = Console(quiet=not is_main_process())  # under torchrun, one process speaks
 errors = Console(stderr=True)
@@ -72,14 +72,7 @@ def _run_stage(name: str, config: RunConfig, **kwargs: Any) -> None:
     stage = STAGE_BY_NAME[name]
     if name == "eval":
         with _progress() as progress:
-            tasks: dict[str, Any] = {}
-
-            def on_answers(label: str, done: int, total: int) -> None:
-                if label not in tasks:
-                    tasks[label] = progress.add_task(f"answering ({label})", total=total)
-                progress.update(tasks[label], completed=done)
-
-            result = run_stage(stage, config, progress=on_answers)
+            result = run_stage(stage, config, progress=_answer_progress(progress))
         console.print(views.eval_view(result, config.eval.show))
     elif name == "prepare":
         with _progress() as progress:
@@ -92,6 +85,13 @@ def _run_stage(name: str, config: RunConfig, **kwargs: Any) -> None:
         console.print(views.prepare_view(result))
         for line in result.first_rejections:  # unwrapped, so that file:line stays whole
             console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
+    elif name == "export":
+        with console.status("exporting") as status:
+            result = run_stage(stage, config, progress=lambda message: status.update(message))
+        console.print(views.export_view(result))
+    elif name == "merge":
+        with console.status("merging and checking the merged model against the adapter model"):
+            console.print(views.merge_view(run_stage(stage, config)))
     else:
         result = run_stage(stage, config, **kwargs)
         console.print(views.train_view(result) if name == "train" else views.dpo_view(result))
@@ -109,6 +109,17 @@ def _train_stage(name: str, config_path: Path, overrides: list[str] | None, resu
             raise typer.Exit(code)
         return
     _run_stage(name, _load(config_path, overrides), resume=resume)
+
+
+def _answer_progress(progress: Progress) -> Callable[[str, int, int], None]:
+    tasks: dict[str, Any] = {}
+
+    def on_answers(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = progress.add_task(f"answering ({label})", total=total)
+        progress.update(tasks[label], completed=done)
+
+    return on_answers
 
 
 def _progress() -> Progress:
@@ -156,9 +167,48 @@ def dpo(
 
 @app.command(name="eval")
 @user_errors
-def evaluate(config: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Answer the held-out test prompts with the base and the tuned model and score both."""
-    _run_stage("eval", _load(config, overrides))
+def evaluate(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Evaluate this merged folder or .gguf file instead of the tuned model."),
+    ] = None,
+) -> None:
+    """Answer the held-out test prompts with the base and the tuned model; metrics, perplexity, probes."""
+    loaded = _load(config, overrides)
+    if model is None:
+        _run_stage("eval", loaded)
+        return
+    from llamatailor import views
+    from llamatailor.evaluate.stage import evaluate_run
+
+    if not model.exists():
+        raise ConfigError(f"--model {model}: no such file or folder")
+    console.rule(f"[bold]eval[/] · {model.name} against the base")
+    with _progress() as progress:
+        console.print(
+            views.eval_view(
+                evaluate_run(loaded, _answer_progress(progress), model_path=model), loaded.eval.show
+            )
+        )
+
+
+@app.command()
+@user_errors
+def merge(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Fold the adapter into a full-precision base (merged/), proven equal to the adapter model."""
+    _run_stage("merge", _load(config, overrides))
+
+
+@app.command()
+@user_errors
+def export(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """GGUF files of the merged model (export.gguf), each checked by llama.cpp; an Ollama Modelfile."""
+    loaded = _load(config, overrides)
+    if not loaded.export.gguf:
+        raise ConfigError(f"{config}: export.gguf is empty; name the types to write, e.g. export.gguf=[q8_0]")
+    _run_stage("export", loaded)
 
 
 @app.command()
@@ -249,17 +299,78 @@ def plan(
 
 @app.command()
 @user_errors
+def serve(
+    target: Annotated[
+        Path, typer.Argument(help="A run file or run directory, a .gguf file, or a model folder.")
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LLAMATAILOR_API_KEY", help="Bearer key required on /v1 routes.")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="auto, llama.cpp or transformers.")] = "auto",
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="NAME=PATH: serve this adapter too (transformers engine).")
+    ] = None,
+    context: Annotated[int, typer.Option(help="Context length for llama.cpp.")] = 4096,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 16,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
+    max_tokens_limit: Annotated[
+        int | None, typer.Option(help="Largest max_tokens a request may ask.")
+    ] = None,
+    log_requests: Annotated[
+        Path | None, typer.Option(help="Append requests and answers (PII masked) to this JSONL file.")
+    ] = None,
+) -> None:
+    """An OpenAI-compatible API (chat, completions, streaming, /metrics) over a run's model or a GGUF file."""
+    import uvicorn
+
+    from llamatailor.serve.app import ServerSettings, create_app
+    from llamatailor.serve.target import build_engine, is_loopback, parse_adapters
+
+    if engine not in ("auto", "llama.cpp", "transformers"):
+        raise ConfigError(f"--engine {engine!r}: expected auto, llama.cpp or transformers")
+    if not is_loopback(host) and not api_key:
+        raise ConfigError(
+            f"--host {host}: binding beyond this machine needs --api-key (or LLAMATAILOR_API_KEY)"
+        )
+    served = build_engine(target, engine, parse_adapters(adapter or []), context)  # type: ignore[arg-type]
+    settings = ServerSettings(api_key, max_body_bytes, max_queue, max_tokens_limit, request_log=log_requests)
+    console.print(
+        f"serving {', '.join(served.model_ids())} on http://{host}:{port}/v1 ({type(served).__name__})"
+    )
+    uvicorn.run(
+        create_app(served, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30
+    )
+
+
+@app.command()
+@user_errors
 def chat(
-    config: ConfigArg,
+    config: Annotated[Path | None, typer.Argument(help="The run file or run directory.")] = None,
     overrides: OverridesArg = None,
+    url: Annotated[
+        str | None, typer.Option(help="Chat with a running server instead, e.g. http://127.0.0.1:8000/v1.")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LLAMATAILOR_API_KEY", help="The server's key.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="The server's model (default: its first).")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer one prompt and exit.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Talk to the base model, adapter off.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
 ) -> None:
     """Chat with a run's tuned model: one prompt with --prompt, else a REPL (/reset, /exit)."""
-    from llamatailor.chat import ChatSession
+    from llamatailor.chat import ChatSession, RemoteChatSession
 
-    session = ChatSession(_load(config, overrides), use_base=base, max_new_tokens=max_new_tokens)
+    if url is not None:
+        session: ChatSession | RemoteChatSession = RemoteChatSession(url, api_key, model, max_new_tokens)
+    elif config is None:
+        raise ConfigError("chat needs a run file or run directory, or --url of a running server")
+    else:
+        session = ChatSession(_load(config, overrides), use_base=base, max_new_tokens=max_new_tokens)
     if prompt is not None:
         session.reply(prompt, on_text=_stream)
         console.print()

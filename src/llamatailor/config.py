@@ -110,6 +110,9 @@ class DataSection(Section):
     test: list[DataFile] = Field(default_factory=list, description="Test inputs; else drawn from train.")
     val_ratio: float = Field(0.1, ge=0, lt=1)
     test_ratio: float = Field(0.1, ge=0, lt=1)
+    meta_fields: list[str] = Field(
+        default_factory=list, description="Record fields kept beside each sample (e.g. language) for eval."
+    )
     stratify_by: str | None = Field(
         None, description="A record field whose values keep their shares per split."
     )
@@ -234,6 +237,16 @@ class DpoSection(Schedule):
     batch_size: int = Field(4, ge=1, description="Preference pairs per process.")
 
 
+class JudgeSection(Section):
+    """An LLM judge behind any OpenAI-compatible endpoint, scoring answers 1 to 5 against the reference."""
+
+    base_url: str = Field(description="e.g. https://api.openai.com/v1, or a local server's /v1.")
+    model: str = Field(description="The judge model's name at that endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    max_samples: int | None = Field(None, ge=1, description="Judge the first N test answers only.")
+    timeout: float = Field(60.0, gt=0, description="Seconds per request.")
+
+
 class EvalSection(Section):
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -242,6 +255,68 @@ class EvalSection(Section):
     json_fields: list[str] | None = Field(
         None, description="Score answers as JSON on these keys (field precision/recall/F1)."
     )
+    semantic: bool = Field(True, description="Semantic similarity with all-MiniLM-L6-v2 (offline).")
+    perplexity: bool = Field(
+        True, description="Perplexity on val and test, answers only and whole sequences."
+    )
+    memorisation_tokens: int = Field(
+        32, ge=4, description="An answer repeating this many tokens of a training answer counts as memorised."
+    )
+    group_by: str | None = Field(
+        None,
+        description="A record field kept by prepare (data.meta_fields), e.g. language: metrics per value.",
+    )
+    judge: JudgeSection | None = Field(None, description="Optional LLM judge.")
+
+
+GGUF_TYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q6_k",
+    "q5_k_m",
+    "q5_k_s",
+    "q5_0",
+    "q4_k_m",
+    "q4_k_s",
+    "q4_0",
+    "q3_k_m",
+    "q2_k",
+)
+
+
+class ExportSection(Section):
+    """merge (the adapter folded into the base) and export (GGUF files, an Ollama Modelfile), with gates."""
+
+    merge_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype of merged/: auto keeps the base's own (fp32 for the embedded model)."
+    )
+    merge_tolerance: float = Field(
+        1e-3, gt=0, description="Largest |logit| difference allowed between adapter and merged model (fp32)."
+    )
+    check_samples: int = Field(
+        8, ge=1, description="Val conversations used for the merge check, perplexity and top-1 agreement."
+    )
+    gguf: list[str] = Field(
+        default_factory=lambda: ["q8_0"], description=f"GGUF types to write: {', '.join(GGUF_TYPES)}."
+    )
+    gates: dict[str, float] = Field(
+        default_factory=lambda: {"f16": 0.5, "bf16": 0.5, "q8_0": 2.0},
+        description="Largest perplexity increase over the merged model, in percent, per GGUF type.",
+    )
+    modelfile_from: str | None = Field(
+        None, description="The GGUF type the Ollama Modelfile points at; default: the first in gguf."
+    )
+
+    @model_validator(mode="after")
+    def _known_types(self) -> "ExportSection":
+        for name in [*self.gguf, *self.gates, *([self.modelfile_from] if self.modelfile_from else [])]:
+            if name not in GGUF_TYPES:
+                raise ValueError(f"unknown GGUF type {name!r}; expected one of {', '.join(GGUF_TYPES)}")
+        if self.modelfile_from and self.modelfile_from not in self.gguf:
+            raise ValueError(f"modelfile_from {self.modelfile_from!r} is not among gguf {self.gguf}")
+        return self
 
 
 class RunConfig(Section):
@@ -253,6 +328,7 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     dpo: DpoSection = Field(default_factory=DpoSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
     @property
     def run_dir(self) -> RunDir:

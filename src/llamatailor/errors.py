@@ -23,3 +23,7 @@ class StageError(LlamatailorError):
 
 class TrainingDiverged(LlamatailorError):
     """The loss or the weights became NaN/inf; the message says what to change."""
+
+
+class CheckFailed(LlamatailorError):
+    """A hand-off check failed (merge equality, an export gate); the message says which file and by how much."""

@@ -21,11 +21,13 @@ from llamatailor.config import SPLITS, RunConfig
 from llamatailor.data.prepare import prepare
 from llamatailor.distributed import is_main_process
 from llamatailor.evaluate.stage import evaluate_run
+from llamatailor.export.merge import merge_run
+from llamatailor.export.stage import export_run
 from llamatailor.rundir import now_iso, sha256_file
 from llamatailor.train.dpo import train_dpo
 from llamatailor.train.sft import train_sft
 
-BULKY_FIELDS = ("report", "samples")
+BULKY_FIELDS = ("report", "samples", "files")
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "tokenizers", "gguf")
 
 
@@ -97,6 +99,34 @@ STAGES: tuple[Stage, ...] = (
             config.run_dir.eval / name for name in ("metrics.json", "samples.jsonl", "report.md")
         ],
         evaluate_run,
+    ),
+    Stage(
+        "merge",
+        ("model", "dpo.enabled", "export.merge_dtype", "export.merge_tolerance", "export.check_samples"),
+        lambda config: [config.run_dir.split("val"), *_weights(config.run_dir.final(config.dpo.enabled))],
+        lambda config: [
+            config.run_dir.merged / "config.json",
+            config.run_dir.merged / "merge_report.json",
+            *_weights(config.run_dir.merged),
+        ],
+        merge_run,
+        enabled=lambda config: bool(config.export.gguf),
+    ),
+    Stage(
+        "export",
+        ("name", "model", "data.system_prompt", "data.max_seq_len", "eval", "export"),
+        lambda config: [
+            config.run_dir.split("val"),
+            config.run_dir.split("test"),
+            *_weights(config.run_dir.merged),
+        ],
+        lambda config: [
+            *(config.run_dir.gguf_file(config.name, t) for t in config.export.gguf),
+            config.run_dir.gguf / "Modelfile",
+            config.run_dir.gguf / "export_report.json",
+        ],
+        export_run,
+        enabled=lambda config: bool(config.export.gguf),
     ),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}

@@ -173,6 +173,17 @@ class RunDir:
     def eval(self) -> Path:
         return self.root / "eval"
 
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "gguf"
+
+    def gguf_file(self, name: str, gguf_type: str) -> Path:
+        return self.gguf / f"{name}-{gguf_type}.gguf"
+
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest.exists():
             return {"manifest_version": MANIFEST_VERSION, "stages": {}}

@@ -7,6 +7,8 @@ from rich.text import Text
 from llamatailor.data.prepare import PrepareResult
 from llamatailor.evaluate.report import metric_rows
 from llamatailor.evaluate.stage import EvalResult
+from llamatailor.export.merge import MergeResult
+from llamatailor.export.stage import ExportResult
 from llamatailor.plan.verdict import Plan
 from llamatailor.train.dpo import DpoResult
 from llamatailor.train.sft import TrainResult
@@ -80,9 +82,17 @@ def eval_view(result: EvalResult, show: int) -> RenderableType:
     for column in ("metric", "base", "tuned", "delta"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for name, base, tuned in metric_rows(result.metrics):
-        if isinstance(base, float):
+        if isinstance(base, float) and isinstance(tuned, float):
             style = "bold" if name == result.headline else None
             table.add_row(name, f"{base:.3f}", f"{tuned:.3f}", f"{tuned - base:+.3f}", style=style)
+    training = result.training
+    if "verdict" in training:
+        parts.append(
+            Text(
+                f"training curves: {training['verdict']}",
+                style="yellow" if training["verdict"] == "overfitting" else "dim",
+            )
+        )
     headline = result.headline
     base_score, tuned_score = result.metrics["base"][headline], result.metrics["tuned"][headline]
     verdict = Text(
@@ -133,3 +143,46 @@ def plan_view(plan: Plan) -> RenderableType:
         style="bold green" if plan.recommended else "bold red",
     )
     return Group(table, shapes, verdict, *(Text(f"- {line}") for line in plan.advice))
+
+
+def merge_view(result: MergeResult) -> RenderableType:
+    return Text(
+        f"merged into {result.folder} ({result.dtype}): max |logit| difference to the adapter model "
+        f"{result.max_abs_logit_diff:.2e} (saved and reloaded: {result.saved_max_abs_logit_diff:.2e}; "
+        f"tolerance {result.tolerance:.0e}); greedy answers identical on {result.greedy_identical} of "
+        f"{result.greedy_compared} val prompts",
+        style="green",
+    )
+
+
+def export_view(result: ExportResult) -> RenderableType:
+    table = Table(title=f"GGUF files in {result.folder}, checked by llama.cpp against the merged model")
+    for column in ("type", "MiB", "same ids", "top-1", "Δ perplexity (gate)", result.headline, "stops"):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for row in result.files:
+        gate = f" (≤{row['gate_pct']}%)" if row["gate_pct"] is not None else ""
+        retention = f" ({100 * row['retention']:.1f}%)" if row["retention"] is not None else ""
+        table.add_row(
+            row["gguf_type"],
+            f"{row['size_mb']:.0f}",
+            f"{row['tokenizer_texts'] - row['tokenizer_mismatches']}/{row['tokenizer_texts']}",
+            f"{100 * row['top1_agreement']:.1f}%",
+            f"{row['perplexity_increase_pct']:+.2f}%{gate}",
+            f"{_fmt(row['task_metric'])}{retention}",
+            "yes" if row["chat_finish_reason"] == "stop" else "[red]no[/]",
+        )
+    lines: list[RenderableType] = [table]
+    if result.files:
+        first = result.files[0]
+        lines.append(
+            Text(
+                f"merged model: {result.headline} {_fmt(first['task_metric_merged'])} on the test prompts, "
+                f"perplexity {first['perplexity_merged']:.3f} on val; (x%) = retention"
+            )
+        )
+    template = (
+        "equal to the training template" if result.modelfile_template else "none, Ollama reads the GGUF's"
+    )
+    lines.append(Text(f"{result.modelfile}: TEMPLATE {template}"))
+    lines += [Text(f"FAILED {failure}", style="bold red") for failure in result.failures]
+    return Group(*lines)

@@ -1,0 +1,1 @@
+"""merge, export (GGUF, Ollama) and their checks."""

@@ -1,0 +1,242 @@
+"""Our own conversion of a merged Llama-architecture folder to GGUF, with the `gguf` package.
+
+What llama.cpp needs beyond the weights, and what peers lose most often, is written from the tokenizer the
+model was trained with: the vocabulary (byte-level BPE for Llama 3 and SmolLM2, SentencePiece-style for
+Llama 2), its pre-tokenizer, the chat template, and the special tokens (bos, eos, end-of-turn, pad).
+F32, F16 and BF16 are written here; every other type is quantized from that file by llama.cpp itself.
+"""
+
+import ctypes
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig
+
+from llamatailor.errors import CheckFailed
+from llamatailor.models.loading import ChatTokenizer
+from llamatailor.rundir import atomic_path
+
+LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+WRITTEN_HERE = {
+    "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
+}
+
+
+def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's name for the pre-tokenizer this tokenizer.json describes (byte-level BPE only)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [part.get("type") for part in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex"):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise CheckFailed(
+        f"the tokenizer's pre-tokenizer {json.dumps(pre)[:300]} matches none llama.cpp knows here "
+        "(GPT-2 byte-level, SmolLM digits + byte-level, Llama 3 split); a GGUF would tokenize differently"
+    )
+
+
+def vocabulary(folder: Path, chat: ChatTokenizer, vocab_size: int) -> dict[str, Any]:
+    """Tokens, types, scores, merges and the tokenizer kind for GGUF, from the saved tokenizer.json."""
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tokenizer_json["model"]
+    if model["type"] != "BPE":
+        raise CheckFailed(f"{folder}/tokenizer.json: model type {model['type']!r}; expected BPE")
+    by_id = {index: token for token, index in chat.tokenizer.get_vocab().items()}
+    added = {item["id"]: item for item in tokenizer_json.get("added_tokens", [])}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    spm = bool(model.get("byte_fallback"))
+    rank = {merge.replace(" ", ""): position for position, merge in enumerate(merges)} if spm else {}
+    tokens, types, scores = [], [], []
+    for index in range(vocab_size):
+        token = by_id.get(index, f"[PAD{index}]")
+        tokens.append(token)
+        if index not in by_id:
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif index in added and added[index].get("special"):
+            types.append(gguf.TokenType.CONTROL)
+        elif index in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        # SentencePiece merges by score; a merged piece's score is minus its merge rank, as in BPE.
+        scores.append(-float(rank.get(token, 0)) if spm else 0.0)
+    return {
+        "model": "llama" if spm else "gpt2",
+        "pre": None if spm else pre_tokenizer_name(tokenizer_json),
+        "tokens": tokens,
+        "types": types,
+        "scores": scores,
+        "merges": [] if spm else merges,
+        "add_space_prefix": spm and space_prefix_everywhere(tokenizer_json),
+    }
+
+
+def space_prefix_everywhere(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text after every special token, as
+    llama.cpp's add_space_prefix does (legacy Llama 2: a Prepend normalizer; Metaspace "always"). With
+    Metaspace "first" only the start of the whole text gets it, which llama.cpp matches on chat texts (they
+    start with a special token) when add_space_prefix is off."""
+    normalizer = json.dumps(tokenizer_json.get("normalizer") or {})
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    return '"Prepend"' in normalizer or pre.get("prepend_scheme") == "always"
+
+
+def write_metadata(writer: gguf.GGUFWriter, config: LlamaConfig, name: str, file_type: int) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+
+
+def write_tokenizer(writer: gguf.GGUFWriter, vocab: dict[str, Any], chat: ChatTokenizer) -> None:
+    tokenizer = chat.tokenizer
+    writer.add_tokenizer_model(vocab["model"])
+    if vocab["pre"]:
+        writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    writer.add_token_scores(vocab["scores"])
+    if vocab["merges"]:
+        writer.add_token_merges(vocab["merges"])
+    if vocab["model"] == "llama":
+        writer.add_add_space_prefix(vocab["add_space_prefix"])
+    for kind in ("bos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    # eos is the end-of-turn token, so llama.cpp, Ollama and LM Studio stop where training taught it to.
+    end_of_turn = chat.stop_ids[0]
+    writer.add_eos_token_id(end_of_turn)
+    writer.add_eot_token_id(end_of_turn)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)) or adds_bos(chat))
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+
+
+def adds_bos(chat: ChatTokenizer) -> bool:
+    """Whether encoding plain text starts with bos (the fast tokenizer's post-processor decides)."""
+    tokenizer = chat.tokenizer
+    return tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+
+
+def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """HF stores q/k rows for rotary embedding as two halves per head; llama.cpp expects them interleaved."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def llama3_rope_factors(config: LlamaConfig, head_dim: int) -> np.ndarray | None:
+    """Llama 3.1+ scale rotary frequencies by wavelength; llama.cpp reads the factors from `rope_freqs`."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    factors = []
+    for index in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * rope["rope_theta"] ** (index / head_dim)
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def tensors(folder: Path, config: LlamaConfig) -> Any:
+    """(GGUF name, fp32 array) for every weight of the merged folder."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope_factors = llama3_rope_factors(config, head_dim)
+    if rope_factors is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if "rotary_emb" in key:
+                    continue
+                array = handle.get_tensor(key).to(torch.float32).numpy()
+                if key.endswith("q_proj.weight"):
+                    array = permute_rotary(array, config.num_attention_heads)
+                elif key.endswith("k_proj.weight"):
+                    array = permute_rotary(array, config.num_key_value_heads)
+                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise CheckFailed(f"{shard}: tensor {key} has no GGUF name for the llama architecture")
+                yield name, array
+
+
+def write_gguf(folder: Path, target: Path, gguf_type: str, chat: ChatTokenizer, name: str) -> Path:
+    """Write `folder` (a merged Llama model) as a GGUF file of type f32, f16 or bf16."""
+    config = LlamaConfig.from_pretrained(folder)
+    if config.model_type != "llama":
+        raise CheckFailed(f"{folder}: model_type {config.model_type!r}; GGUF export handles llama only")
+    file_type, tensor_type = WRITTEN_HERE[gguf_type]
+    vocab = vocabulary(folder, chat, config.vocab_size)
+    with atomic_path(target) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        write_metadata(writer, config, name, file_type)
+        write_tokenizer(writer, vocab, chat)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for tensor_name, array in tensors(folder, config):
+            if array.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(tensor_name, array)
+            else:
+                writer.add_tensor(
+                    tensor_name, gguf.quants.quantize(array, tensor_type), raw_dtype=tensor_type
+                )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return target
+
+
+def quantize_gguf(source: Path, target: Path, gguf_type: str, threads: int) -> Path:
+    """Any llama.cpp type (q8_0, q4_k_m, ...) from an f32/f16/bf16 GGUF, through llama.cpp's quantizer."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
+    params.nthread = threads
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with atomic_path(target) as tmp, suppress_stdout_stderr(disable=False):  # llama.cpp logs per tensor
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if code != 0 or not tmp.is_file():
+            raise CheckFailed(f"llama.cpp could not quantize {source} to {gguf_type} (code {code})")
+    return target

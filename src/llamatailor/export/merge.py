@@ -1,0 +1,149 @@
+"""The `merge` stage: fold the adapter into a full-precision base and prove the result equals the adapter model.
+
+The base is always loaded unquantized in fp32 (for a QLoRA run too: merging into 4-bit weights would round
+the update away). The check compares logits on val conversations and greedy answers on val prompts, before
+and after the merge, then reloads the saved folder with plain transformers and compares again.
+"""
+
+import gc
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from llamatailor.config import RunConfig
+from llamatailor.data.templating import render_for_training, render_prompt
+from llamatailor.errors import CheckFailed
+from llamatailor.evaluate.generation import generate_all
+from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tuned_model
+from llamatailor.rundir import atomic_path, write_json
+
+ANSWER_TOKENS = 48  # greedy tokens compared per val prompt
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    folder: Path
+    source: str
+    dtype: str
+    max_abs_logit_diff: float  # adapter model vs merged model, fp32, in memory
+    saved_max_abs_logit_diff: float  # adapter model vs merged/ reloaded by plain transformers
+    greedy_identical: int
+    greedy_compared: int
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class Probe:
+    sequences: list[list[int]]
+    prompts: list[list[int]]
+
+
+@torch.inference_mode()
+def logits_of(model: PreTrainedModel, sequences: list[list[int]]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in sequences]
+
+
+def max_abs_diff(left: list[torch.Tensor], right: list[torch.Tensor]) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(left, right, strict=True))
+
+
+def merge_run(config: RunConfig) -> MergeResult:
+    run, settings = config.run_dir, config.export
+    final = run.final(config.dpo.enabled)
+    chat = load_saved_tokenizer(final, config.model)
+    probe = build_probe(config, chat)
+    model = load_tuned_model(config.model, final).eval()
+    before = logits_of(model, probe.sequences)
+    answers_before = greedy_answers(model, chat, probe.prompts, config.eval.batch_size)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    after = logits_of(model, probe.sequences)
+    answers_after = greedy_answers(model, chat, probe.prompts, config.eval.batch_size)
+    dtype = merged_dtype(settings.merge_dtype, model)
+    save_merged(model.to(dtype), chat, run.merged, final)
+    del model
+    gc.collect()
+    reloaded = AutoModelForCausalLM.from_pretrained(run.merged, dtype=torch.float32).eval()
+    saved = logits_of(reloaded, probe.sequences)
+    identical = sum(a == b for a, b in zip(answers_before, answers_after, strict=True))
+    result = MergeResult(
+        folder=run.merged,
+        source=str(final),
+        dtype=str(dtype).removeprefix("torch."),
+        max_abs_logit_diff=max_abs_diff(before, after),
+        saved_max_abs_logit_diff=max_abs_diff(before, saved),
+        greedy_identical=identical,
+        greedy_compared=len(probe.prompts),
+        tolerance=settings.merge_tolerance,
+    )
+    write_merge_report(result)
+    check_merge(result)
+    return result
+
+
+def build_probe(config: RunConfig, chat: ChatTokenizer) -> Probe:
+    records = config.run_dir.read_split("val")[: config.export.check_samples]
+    if not records:
+        records = config.run_dir.read_split("test")[: config.export.check_samples]
+    conversations = [record["messages"] for record in records]
+    return Probe(
+        sequences=[render_for_training(chat, c, config.data.max_seq_len).input_ids for c in conversations],
+        prompts=[render_prompt(chat, c[:-1]) for c in conversations],
+    )
+
+
+def greedy_answers(
+    model: PreTrainedModel, chat: ChatTokenizer, prompts: list[list[int]], batch: int
+) -> list[str]:
+    return [g.text for g in generate_all(model, chat, prompts, ANSWER_TOKENS, batch)]
+
+
+def merged_dtype(requested: str, model: PreTrainedModel) -> torch.dtype:
+    if requested == "auto":
+        stored = getattr(model.config, "dtype", None) or torch.float32
+        return stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored))
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+
+
+def save_merged(model: PreTrainedModel, chat: ChatTokenizer, folder: Path, source: Path) -> None:
+    """safetensors, the training tokenizer and template, and a generation config that stops at every
+    end-of-turn token (so plain transformers and vLLM stop where training taught the model to)."""
+    model.generation_config = GenerationConfig(
+        bos_token_id=chat.tokenizer.bos_token_id,
+        eos_token_id=chat.stop_ids,
+        pad_token_id=chat.tokenizer.pad_token_id,
+    )
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        chat.tokenizer.save_pretrained(tmp)
+        facts = {"merged_from": str(source), "family": chat.family.name, "stop_token_ids": chat.stop_ids}
+        (tmp / "llamatailor.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+
+
+def write_merge_report(result: MergeResult) -> None:
+    write_json(result.folder / "merge_report.json", {**asdict(result), "folder": str(result.folder)})
+
+
+def check_merge(result: MergeResult) -> None:
+    problems = []
+    if result.max_abs_logit_diff > result.tolerance:
+        problems.append(
+            f"max |logit| difference {result.max_abs_logit_diff:.2e} exceeds export.merge_tolerance "
+            f"{result.tolerance:.0e}"
+        )
+    if result.dtype == "float32" and result.saved_max_abs_logit_diff > result.tolerance:
+        problems.append(f"the saved folder differs by {result.saved_max_abs_logit_diff:.2e} after reloading")
+    if result.greedy_identical != result.greedy_compared:
+        problems.append(
+            f"greedy answers differ on {result.greedy_compared - result.greedy_identical} of "
+            f"{result.greedy_compared} val prompts"
+        )
+    if problems:
+        raise CheckFailed(
+            f"{result.folder}: the merged model is not the adapter model: {'; '.join(problems)}"
+        )

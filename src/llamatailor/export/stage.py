@@ -1,0 +1,153 @@
+"""The `export` stage: GGUF files of the merged model, each checked by llama.cpp, an Ollama Modelfile, and
+`gguf/export_report.json` with the quality-retention table. A file that fails a gate fails the stage,
+after the report is written, naming the file and by how much."""
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+
+from llamatailor.config import RunConfig
+from llamatailor.errors import CheckFailed, StageError
+from llamatailor.evaluate.engines import LlamaCppEngine, TransformersEngine
+from llamatailor.evaluate.metrics import headline_metric, score_answers
+from llamatailor.evaluate.stage import Evaluation
+from llamatailor.export.gguf_check import (
+    FileCheck,
+    apply_gates,
+    check_chat_stops,
+    check_logits,
+    check_metadata,
+    check_tokenizer,
+    logit_reference,
+)
+from llamatailor.export.gguf_file import WRITTEN_HERE, quantize_gguf, write_gguf
+from llamatailor.export.merge import build_probe
+from llamatailor.export.ollama import build_modelfile, write_modelfile
+from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
+from llamatailor.rundir import remove_path, write_json
+
+ProgressCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    files: list[dict[str, Any]]
+    headline: str
+    modelfile: str
+    modelfile_template: bool
+    failures: list[str]
+
+
+def export_run(config: RunConfig, progress: ProgressCallback | None = None) -> ExportResult:
+    run, settings = config.run_dir, config.export
+    if not (run.merged / "config.json").is_file():
+        raise StageError(f"{run.merged} has no merged model: run `llamatailor merge` first")
+    say = progress or (lambda message: None)
+    chat = load_saved_tokenizer(run.merged, config.model)
+    checker = Checker(config, chat)
+    say("merged model: reference logits and task metric")
+    checker.reference()
+    checks = []
+    for gguf_type, path in write_files(config, chat, say):
+        say(f"checking {path.name} with llama.cpp")
+        checks.append(checker.check(gguf_type, path))
+    chosen = settings.modelfile_from or settings.gguf[0]
+    modelfile = build_modelfile(chat, run.gguf_file(config.name, chosen).name, config.data.system_prompt)
+    write_modelfile(run.gguf / "Modelfile", modelfile)
+    failures = [f"{Path(c.path).name}: {failure}" for c in checks for failure in c.failures]
+    result = ExportResult(
+        folder=run.gguf,
+        files=[asdict(c) for c in checks],
+        headline=checker.headline,
+        modelfile=str(run.gguf / "Modelfile"),
+        modelfile_template=modelfile.template is not None,
+        failures=failures,
+    )
+    write_json(run.gguf / "export_report.json", {**asdict(result), "folder": str(result.folder)})
+    if failures:
+        raise CheckFailed(
+            "export gates failed (report in gguf/export_report.json):\n  " + "\n  ".join(failures)
+        )
+    return result
+
+
+def write_files(config: RunConfig, chat: ChatTokenizer, say: ProgressCallback) -> list[tuple[str, Path]]:
+    """Every requested type; quantized types come from one full-precision file written first."""
+    run, wanted = config.run_dir, config.export.gguf
+    written = {t: run.gguf_file(config.name, t) for t in wanted if t in WRITTEN_HERE}
+    for gguf_type, path in written.items():
+        say(f"writing {path.name}")
+        write_gguf(run.merged, path, gguf_type, chat, config.name)
+    quantized = [t for t in wanted if t not in WRITTEN_HERE]
+    if quantized:
+        source = next(iter(written.values()), None)
+        temporary = source is None
+        if source is None:
+            source = run.gguf / f".{config.name}-f32.source.gguf"
+            say("writing a full-precision source for llama.cpp's quantizer")
+            write_gguf(run.merged, source, "f32", chat, config.name)
+        for gguf_type in quantized:
+            say(f"quantizing to {gguf_type}")
+            quantize_gguf(source, run.gguf_file(config.name, gguf_type), gguf_type, os.cpu_count() or 1)
+        if temporary:
+            remove_path(source)
+    return [(t, run.gguf_file(config.name, t)) for t in wanted]
+
+
+class Checker:
+    """The merged model's numbers, computed once, and the checks of each file against them."""
+
+    def __init__(self, config: RunConfig, chat: ChatTokenizer) -> None:
+        self.config, self.chat = config, chat
+        self.headline = headline_metric(config.eval.json_fields)
+        no_perplexity = config.eval.model_copy(update={"perplexity": False})
+        self.evaluation = Evaluation(config.model_copy(update={"eval": no_perplexity}), chat, None)
+        self.probe = build_probe(config, chat)
+        run = config.run_dir
+        conversations = [r["messages"] for name in ("val", "test") for r in run.read_split(name)]
+        self.texts = [chat.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+
+    def reference(self) -> None:
+        model = AutoModelForCausalLM.from_pretrained(self.config.run_dir.merged, dtype="float32").eval()
+        self.logits = logit_reference(model, self.probe.sequences)
+        engine = TransformersEngine("merged", model, self.chat, self.config.eval.batch_size)
+        self.task_merged = self.task_metric(engine)
+
+    def task_metric(self, engine: TransformersEngine | LlamaCppEngine) -> float | None:
+        if not self.evaluation.prompts:
+            return None
+        answers = self.evaluation.answer(engine)
+        texts = [generation.text for generation in answers.generations]
+        scores = score_answers(
+            texts, self.evaluation.references, self.config.eval.json_fields, semantic=False
+        )
+        return scores[self.headline]
+
+    def check(self, gguf_type: str, path: Path) -> FileCheck:
+        result = FileCheck(gguf_type, str(path), round(path.stat().st_size / 2**20, 1))
+        result.metadata_problems = check_metadata(path, self.chat)
+        context = self.config.data.max_seq_len + self.config.eval.max_new_tokens
+        engine = LlamaCppEngine(gguf_type, path, self.chat, context)
+        try:
+            check_tokenizer(engine, self.chat, self.texts, result)
+            check_logits(engine, self.logits, result)
+            result.task_metric = self.task_metric(engine)
+            result.task_metric_merged = self.task_merged
+            if result.task_metric is not None and self.task_merged:
+                result.retention = result.task_metric / self.task_merged
+            first = self.evaluation.records[0]["messages"][:-1] if self.evaluation.records else []
+            check_chat_stops(
+                engine,
+                first or [{"role": "user", "content": "Hello"}],
+                self.config.eval.max_new_tokens,
+                result,
+            )
+        finally:
+            engine.close()
+        apply_gates(result, self.config.export.gates.get(gguf_type))
+        return result

@@ -1,0 +1,384 @@
+"""The HTTP API: OpenAI's routes over one engine, with limits that keep it up under load and bad requests.
+
+* API key: with one set, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise).
+* Body size cap (413), prompt + max_tokens checked against the context (400), a bounded queue (429 with
+  Retry-After when full), unknown models (404); every error is OpenAI-shaped JSON.
+* A client that disconnects cancels its generation.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llamatailor.serve.decoding import Delta
+from llamatailor.serve.engines import Sampling, ServeEngine
+from llamatailor.serve.metrics import ServerMetrics
+from llamatailor.serve.protocol import (
+    ERROR_TYPES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+)
+from llamatailor.serve.request_log import RequestLog
+from llamatailor.serve.scheduler import Job, QueueFull, Scheduler
+
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 16
+    max_tokens_limit: int | None = None  # cap on one request's max_tokens; default: the context
+    retry_after_s: int = 1
+    request_log: Path | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 429 else None
+    body = error_body(message, ERROR_TYPES.get(status, "server_error"), param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware: body size cap, API key, and request metrics, before FastAPI parses anything."""
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_recording(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_recording)
+                return
+            await self.app(scope, self._capped(receive), send_recording)
+        finally:
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = self.settings.api_key
+        if key and scope["path"].startswith("/v1") and headers.get("authorization", "") != f"Bearer {key}":
+            return error_response(
+                401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key"
+            )
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.settings.max_body_bytes:
+            return error_response(413, f"request body over {self.settings.max_body_bytes} bytes")
+        return None
+
+    def _capped(self, receive: Receive) -> Receive:
+        """Chunked bodies carry no length: count as they arrive."""
+        seen = 0
+        limit = self.settings.max_body_bytes
+
+        async def capped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, f"request body over {limit} bytes")
+            return message
+
+        return capped
+
+
+def create_app(engine: ServeEngine, settings: ServerSettings) -> FastAPI:
+    scheduler = Scheduler(engine, settings.max_queue)
+    metrics = ServerMetrics(lambda: scheduler.depth)
+    log = RequestLog(settings.request_log) if settings.request_log else None
+    app = FastAPI(title="llamatailor", version="1", docs_url=None, redoc_url=None)
+    register_errors(app)
+    service = Service(engine, scheduler, metrics, settings, log)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": engine.model_ids(), "queue_depth": scheduler.depth}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": "llamatailor"}
+            for m in engine.model_ids()
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        service.check_model(body.model)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        prompt = engine.chat_prompt(body.model, messages)
+        return await service.respond(request, body, prompt, chat=True, logged_input=messages)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        service.check_model(body.model)
+        prompt = engine.text_prompt(body.model, body.prompt)
+        return await service.respond(request, body, prompt, chat=False, logged_input=body.prompt)
+
+    return Guard(app, settings, metrics)  # type: ignore[return-value]
+
+
+def register_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first["loc"] if part != "body")
+        message = "invalid JSON body" if first["type"] == "json_invalid" else first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = f"unsupported field {location!r}"
+        return error_response(400, f"{location}: {message}" if location else message, location or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class Service:
+    """Turns one validated request into a job, and its deltas into OpenAI's response or SSE chunks."""
+
+    def __init__(
+        self,
+        engine: ServeEngine,
+        scheduler: Scheduler,
+        metrics: ServerMetrics,
+        settings: ServerSettings,
+        log: RequestLog | None,
+    ) -> None:
+        self.engine, self.scheduler, self.metrics, self.settings, self.log = (
+            engine,
+            scheduler,
+            metrics,
+            settings,
+            log,
+        )
+
+    def check_model(self, model: str) -> None:
+        if model not in self.engine.model_ids():
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; models: {', '.join(self.engine.model_ids())}",
+                "model",
+                "model_not_found",
+            )
+
+    def job(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Job:
+        context = self.engine.context_length
+        requested = body.token_budget()
+        if len(prompt) >= context:
+            raise ApiError(
+                400,
+                f"the prompt has {len(prompt)} tokens; this model's context is {context}",
+                "messages",
+                "context_length_exceeded",
+            )
+        limit = self.settings.max_tokens_limit
+        if requested is not None and limit is not None and requested > limit:
+            raise ApiError(
+                400, f"max_tokens {requested} is over this server's limit of {limit}", "max_tokens"
+            )
+        if requested is not None and len(prompt) + requested > context:
+            raise ApiError(
+                400,
+                f"this model's context is {context} tokens; the prompt has {len(prompt)} and max_tokens asks "
+                f"for {requested} more",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        budget = requested or min(context - len(prompt), limit or context)
+        sampling = Sampling(body.temperature, body.top_p, body.seed)
+        return Job(body.model, prompt, sampling, budget, body.stop_sequences())
+
+    async def respond(
+        self,
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt: list[int],
+        chat: bool,
+        logged_input: Any,
+    ) -> Any:
+        job = self.job(body, prompt)
+        if self.scheduler.waiting >= self.scheduler.max_queue:
+            return error_response(429, f"the queue is full ({self.scheduler.max_queue} waiting); retry later")
+        shape = ResponseShape(chat, body.model, len(prompt))
+        deltas = self.timed(self.scheduler.run(job))
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self.sse(shape, deltas, usage, logged_input), media_type="text/event-stream"
+            )
+        try:
+            text, finish, tokens = await self.collect(request, deltas)
+        except QueueFull:
+            return error_response(429, f"the queue is full ({self.scheduler.max_queue} waiting); retry later")
+        self.record(shape, logged_input, text, finish, tokens)
+        return shape.full(text, finish, tokens)
+
+    async def timed(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        started = time.perf_counter()
+        first: float | None = None
+        try:
+            async for delta in deltas:
+                if first is None and (delta.text or delta.finish_reason):
+                    first = time.perf_counter()
+                    self.metrics.first_token.observe(first - started)
+                if delta.finish_reason:
+                    self.metrics.tokens.inc(delta.completion_tokens)
+                    elapsed = time.perf_counter() - (first or started)
+                    if delta.completion_tokens > 1 and elapsed > 0:
+                        self.metrics.speed.observe((delta.completion_tokens - 1) / elapsed)
+                yield delta
+        finally:
+            await deltas.aclose()  # type: ignore[attr-defined]
+
+    async def collect(self, request: Request, deltas: AsyncIterator[Delta]) -> tuple[str, str, int]:
+        pieces: list[str] = []
+        finish, tokens = "length", 0
+
+        async def consume() -> None:
+            nonlocal finish, tokens
+            async for delta in deltas:
+                pieces.append(delta.text)
+                if delta.finish_reason:
+                    finish, tokens = delta.finish_reason, delta.completion_tokens
+
+        task = asyncio.create_task(consume())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise ApiError(499, "client closed the request")
+        task.result()
+        return "".join(pieces), finish, tokens
+
+    async def sse(
+        self, shape: "ResponseShape", deltas: AsyncIterator[Delta], usage: bool, logged_input: Any
+    ) -> AsyncIterator[str]:
+        pieces: list[str] = []
+        try:
+            yield event(shape.chunk(None, None, first=True))
+            async for delta in deltas:
+                pieces.append(delta.text)
+                if delta.text:
+                    yield event(shape.chunk(delta.text, None))
+                if delta.finish_reason:
+                    yield event(shape.chunk(None, delta.finish_reason))
+                    if usage:
+                        yield event(shape.usage_chunk(delta.completion_tokens))
+                    self.record(
+                        shape, logged_input, "".join(pieces), delta.finish_reason, delta.completion_tokens
+                    )
+        except QueueFull:
+            yield event(error_body("the queue is full; retry later", "rate_limit_error"))
+        except Exception as exc:  # the status is sent already: report in the stream, as OpenAI does
+            yield event(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+        yield "data: [DONE]\n\n"
+
+    def record(self, shape: "ResponseShape", logged_input: Any, text: str, finish: str, tokens: int) -> None:
+        if self.log:
+            self.log.write(shape.kind, shape.model, logged_input, text, finish, shape.prompt_tokens, tokens)
+
+
+def event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class ResponseShape:
+    """OpenAI's JSON for one request: full responses, stream chunks, usage."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int) -> None:
+        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+        self.kind = "chat.completion" if chat else "text_completion"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish: str, tokens: int) -> dict[str, Any]:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {**self.head(self.kind), "choices": [choice], "usage": self.usage(tokens)}
+
+    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            )
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {**self.head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {**self.head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, tokens: int) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self.head(kind), "choices": [], "usage": self.usage(tokens)}

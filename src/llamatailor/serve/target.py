@@ -1,0 +1,70 @@
+"""What `llamatailor serve TARGET` serves: a run's best artifact, a GGUF file, or a model folder.
+
+For a run: its GGUF export when the export passed its gates (llama.cpp; the Modelfile's type), else its
+merged folder, else the base with the run's adapter (transformers). `--engine transformers` serves the
+base with the adapter even when a GGUF exists; `--adapter NAME=PATH` adds adapters to that engine.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from llamatailor.config import ModelSection, RunConfig, load_config
+from llamatailor.errors import ConfigError
+from llamatailor.models.loading import load_saved_tokenizer
+from llamatailor.serve.engines import LlamaCppServeEngine, ServeEngine, TransformersServeEngine
+
+EngineChoice = Literal["auto", "llama.cpp", "transformers"]
+
+
+def parse_adapters(items: list[str]) -> dict[str, Path]:
+    adapters = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {item!r}: expected NAME=PATH")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def build_engine(target: Path, engine: EngineChoice, adapters: dict[str, Path], context: int) -> ServeEngine:
+    threads = os.cpu_count() or 1
+    if target.suffix == ".gguf":
+        if engine == "transformers":
+            raise ConfigError(f"{target}: a GGUF file is served by llama.cpp, not transformers")
+        return LlamaCppServeEngine(target.stem, target, None, context, threads)
+    if (target / "config.json").is_file():
+        base = ModelSection(base=str(target))
+        return TransformersServeEngine(base, target.name, adapters, target)
+    return run_engine(load_config(target), engine, adapters, context, threads)
+
+
+def run_engine(
+    config: RunConfig, engine: EngineChoice, adapters: dict[str, Path], context: int, threads: int
+) -> ServeEngine:
+    run = config.run_dir
+    gguf = exported_gguf(config)
+    if engine != "transformers" and gguf is not None:
+        chat = load_saved_tokenizer(run.merged, config.model)
+        return LlamaCppServeEngine(config.name, gguf, chat, context, threads)
+    if engine == "llama.cpp":
+        raise ConfigError(f"{run.root}: no GGUF export that passed its gates; run `llamatailor export` first")
+    if not adapters and (run.merged / "config.json").is_file():
+        return TransformersServeEngine(ModelSection(base=str(run.merged)), config.name, {}, run.merged)
+    final = run.final(config.dpo.enabled)
+    return TransformersServeEngine(config.model, "base", {config.name: final, **adapters}, final)
+
+
+def exported_gguf(config: RunConfig) -> Path | None:
+    run = config.run_dir
+    report = run.gguf / "export_report.json"
+    if not report.is_file() or json.loads(report.read_text(encoding="utf-8"))["failures"]:
+        return None
+    chosen = config.export.modelfile_from or (config.export.gguf[0] if config.export.gguf else None)
+    path = run.gguf_file(config.name, chosen) if chosen else None
+    return path if path is not None and path.is_file() else None
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
