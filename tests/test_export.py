@@ -167,7 +167,7 @@ def test_llama_cpp_tokenizes_and_scores_like_hf(kind, tmp_path_factory):
         assert result.tokenizer_mismatches == 0, result.first_mismatch
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         sequences = [chat.tokenizer.encode(text, add_special_tokens=False) for text in texts]
-        check_logits(engine, logit_reference(model, sequences), result)
+        check_logits(engine, logit_reference(model, sequences, labels=sequences), result)  # every position
     finally:
         engine.close()
     assert result.top1_agreement == 1.0

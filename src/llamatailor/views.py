@@ -177,7 +177,7 @@ def export_view(result: ExportResult) -> RenderableType:
         lines.append(
             Text(
                 f"merged model: {result.headline} {_fmt(first['task_metric_merged'])} on the test prompts, "
-                f"perplexity {first['perplexity_merged']:.3f} on val; (x%) = retention"
+                f"answer perplexity {first['perplexity_merged']:.3f} on val; (x%) = retention"
             )
         )
     template = (

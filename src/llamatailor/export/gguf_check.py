@@ -2,7 +2,8 @@
 
 * metadata: the chat template, end-of-turn and bos ids read back with `gguf.GGUFReader`;
 * tokenizer: llama.cpp's token ids equal the HF tokenizer's on every rendered val/test conversation;
-* logits: top-1 agreement and perplexity on val conversations against the merged model;
+* logits: top-1 agreement and perplexity on the answer tokens of val conversations (the tokens training
+  optimised) against the merged model;
 * task: the eval metric on the test prompts, greedy, against the merged model's (retention);
 * stopping: a chat answer through llama.cpp's own chat path (the template inside the file) that ends at the
   end-of-turn token.
@@ -19,15 +20,18 @@ import torch
 from transformers import PreTrainedModel
 
 from llamatailor.data.formats import Message
+from llamatailor.data.templating import IGNORE_INDEX
 from llamatailor.evaluate.engines import LlamaCppEngine
 from llamatailor.models.loading import ChatTokenizer
 
 
 @dataclass(frozen=True)
 class LogitReference:
-    """What the merged model gives on the check sequences: per-token log-probabilities and top-1 ids."""
+    """What the merged model gives on the check sequences, at their answer positions: the log-probability
+    of each answer token and the model's top-1 prediction there."""
 
     sequences: list[list[int]]
+    answers: list[np.ndarray]  # per sequence, the positions i whose token i + 1 is an answer token
     logprobs: list[np.ndarray]
     top1: list[np.ndarray]
 
@@ -63,29 +67,42 @@ def perplexity_of(logprobs: list[np.ndarray]) -> float:
     return math.exp(-total / max(sum(len(row) for row in logprobs), 1))
 
 
+def answer_positions(labels: list[list[int]]) -> list[np.ndarray]:
+    return [np.flatnonzero(np.asarray(row[1:]) != IGNORE_INDEX) for row in labels]
+
+
+def scored(logits: np.ndarray, ids: list[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log p(next token) and the top-1 token at `positions`, from [positions x vocabulary] logits."""
+    rows = logits[positions].astype(np.float64)
+    shifted = rows - rows.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return log_softmax[np.arange(len(positions)), np.asarray(ids)[positions + 1]], rows.argmax(-1)
+
+
 @torch.inference_mode()
-def logit_reference(model: PreTrainedModel, sequences: list[list[int]]) -> LogitReference:
+def logit_reference(
+    model: PreTrainedModel, sequences: list[list[int]], labels: list[list[int]]
+) -> LogitReference:
+    answers = answer_positions(labels)
     logprobs, top1 = [], []
-    for ids in sequences:
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-        log_softmax = torch.log_softmax(logits, dim=-1)
-        logprobs.append(log_softmax.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy())
-        top1.append(logits.argmax(-1).numpy())
-    return LogitReference(sequences, logprobs, top1)
+    for ids, positions in zip(sequences, answers, strict=True):
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        row_logprobs, row_top1 = scored(logits, ids, positions)
+        logprobs.append(row_logprobs)
+        top1.append(row_top1)
+    return LogitReference(sequences, answers, logprobs, top1)
 
 
 def gguf_logits(
-    engine: LlamaCppEngine, sequences: list[list[int]]
+    engine: LlamaCppEngine, reference: LogitReference
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     logprobs, top1 = [], []
-    for ids in sequences:
+    for ids, positions in zip(reference.sequences, reference.answers, strict=True):
         engine.llm.reset()
         engine.llm.eval(ids)
-        logits = np.asarray(engine.llm.scores[: len(ids) - 1], dtype=np.float64)
-        shifted = logits - logits.max(-1, keepdims=True)
-        log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        logprobs.append(log_softmax[np.arange(len(ids) - 1), ids[1:]])
-        top1.append(logits.argmax(-1))
+        row_logprobs, row_top1 = scored(np.asarray(engine.llm.scores[: len(ids)]), ids, positions)
+        logprobs.append(row_logprobs)
+        top1.append(row_top1)
     return logprobs, top1
 
 
@@ -129,7 +146,7 @@ def check_tokenizer(engine: LlamaCppEngine, chat: ChatTokenizer, texts: list[str
 
 
 def check_logits(engine: LlamaCppEngine, reference: LogitReference, result: FileCheck) -> None:
-    logprobs, top1 = gguf_logits(engine, reference.sequences)
+    logprobs, top1 = gguf_logits(engine, reference)
     agree = sum(int((a == b).sum()) for a, b in zip(top1, reference.top1, strict=True))
     result.top1_agreement = agree / max(sum(len(row) for row in top1), 1)
     result.perplexity = perplexity_of(logprobs)

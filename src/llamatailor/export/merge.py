@@ -39,6 +39,7 @@ class MergeResult:
 @dataclass(frozen=True)
 class Probe:
     sequences: list[list[int]]
+    labels: list[list[int]]  # -100 outside the answers
     prompts: list[list[int]]
 
 
@@ -91,8 +92,10 @@ def build_probe(config: RunConfig, chat: ChatTokenizer) -> Probe:
     if not records:
         records = config.run_dir.read_split("test")[: config.export.check_samples]
     conversations = [record["messages"] for record in records]
+    samples = [render_for_training(chat, c, config.data.max_seq_len) for c in conversations]
     return Probe(
-        sequences=[render_for_training(chat, c, config.data.max_seq_len).input_ids for c in conversations],
+        sequences=[sample.input_ids for sample in samples],
+        labels=[sample.labels for sample in samples],
         prompts=[render_prompt(chat, c[:-1]) for c in conversations],
     )
 

@@ -114,7 +114,7 @@ class Checker:
 
     def reference(self) -> None:
         model = AutoModelForCausalLM.from_pretrained(self.config.run_dir.merged, dtype="float32").eval()
-        self.logits = logit_reference(model, self.probe.sequences)
+        self.logits = logit_reference(model, self.probe.sequences, self.probe.labels)
         engine = TransformersEngine("merged", model, self.chat, self.config.eval.batch_size)
         self.task_merged = self.task_metric(engine)
 

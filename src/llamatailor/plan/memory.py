@@ -19,7 +19,11 @@ Every term is bytes = count x bytes per element, for one device (GPU, or the CPU
   scores) [Korthikanti et al. 2022 derive the same kind of count for GPT]; see `layer_activation_elements`.
   Each count was checked exactly against `torch.autograd.graph.saved_tensors_hooks` (tests/test_plan.py).
   With gradient checkpointing only each layer's input is kept, and one layer is recomputed at a time.
-* logits and loss: TRL's fused LM head never builds the [tokens x vocab] logits: it projects tiles of
+* logits and loss: llamatailor's own loss (`train/answer_loss.py`, the default `answer`) keeps only the
+  answer positions' hidden states and runs the head in chunks of 16M logits whose gradients are computed in
+  the forward pass: about four chunk-sized fp32 temporaries, the answer hidden states and their gradient
+  (and, for full fine-tuning, the head's fp32 gradient). For other trainers:
+  TRL's fused LM head never builds the [tokens x vocab] logits: it projects tiles of
   4,096 tokens x 32,768 vocabulary entries with an online log-sum-exp and recomputes them in backward. On
   GPUs (Triton) it scores answer tokens only and folds tiles in place; its CPU fallback scores every token
   and keeps about 8.5 tile-sized temporaries alive in backward (measured, bench/plan_memory.py).
@@ -38,15 +42,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llamatailor.plan.architectures import Architecture
+from llamatailor.train.answer_loss import CHUNK_ELEMENTS
 
 Method = Literal["full", "lora", "qlora"]
 Device = Literal["cuda", "cpu"]
 Sharding = Literal["none", "zero2", "zero3", "fsdp"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
-LossImplementation = Literal["fused", "chunked", "logits"]
+LossImplementation = Literal["answer", "fused", "chunked", "logits"]
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TOKEN_TILE, VOCAB_TILE = 4096, 32768
+ANSWER_LOSS_CHUNKS = 4  # chunk-sized temporaries: logits, softmax, the gradient of the logits and slack
 CPU_LOSS_TILES = 8.5  # tile-sized temporaries alive at once in the CPU fallback's backward (measured)
 GPU_LOSS_TILES = 2  # the tile buffer, forward and backward (Triton folds it in place)
 OVERHEAD_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
@@ -78,7 +84,7 @@ class Setup:
     gpus: int = 1
     sharding: Sharding = "none"
     device: Device = "cuda"
-    loss: LossImplementation = "fused"
+    loss: LossImplementation = "answer"
     answer_share: float = 1.0  # share of tokens that are scored (GPU fused head: answer tokens only)
 
     @property
@@ -200,6 +206,13 @@ def _dropout_per_layer(arch: Architecture, setup: Setup) -> int:
 
 def loss_bytes(arch: Architecture, setup: Setup) -> int:
     """The loss computation's working memory at its peak (its backward)."""
+    head_weight_gradient = arch.vocab * arch.hidden * 4 if setup.method == "full" else 0
+    if setup.loss == "answer":  # llamatailor's: answer positions only, in chunks
+        scored = max(1, round(setup.tokens * setup.answer_share))
+        chunk = min(scored, max(16, CHUNK_ELEMENTS // arch.vocab)) * arch.vocab * 4
+        return (
+            ANSWER_LOSS_CHUNKS * chunk + 2 * scored * arch.hidden * setup.compute_bytes + head_weight_gradient
+        )
     if setup.loss == "logits":  # the plain head: fp32 logits of every token, and their gradient
         return 2 * setup.tokens * arch.vocab * 4
     if setup.loss == "chunked":  # torchtune's chunked cross-entropy: bf16 logits kept, one fp32 chunk
@@ -210,7 +223,6 @@ def loss_bytes(arch: Architecture, setup: Setup) -> int:
         return round(CPU_LOSS_TILES * tile) + setup.tokens * arch.hidden * 4
     scored = max(1, round(setup.tokens * setup.answer_share))
     tile = min(scored, TOKEN_TILE) * vocab_tile * setup.compute_bytes
-    head_weight_gradient = arch.vocab * arch.hidden * 4 if setup.method == "full" else 0
     return GPU_LOSS_TILES * tile + scored * arch.hidden * 4 + head_weight_gradient
 
 
