@@ -61,3 +61,57 @@ def test_answer_loss_equals_the_models_own_loss_on_a_lora_model(tiny_models):
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(our_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_keep_similar_lengths_together_and_repeat_per_epoch():
+    from llamatailor.train.batching import LengthBuckets
+
+    lengths = [(i * 37) % 500 + 1 for i in range(200)]
+    sampler = LengthBuckets(lengths, batch_size=8, seed=3, pool_batches=64)
+    order = list(sampler)
+    assert sorted(order) == list(range(200))
+    batches = [order[i : i + 8] for i in range(0, 200, 8)]
+    padded = sum(8 * max(lengths[i] for i in b) for b in batches[:-1])
+    real = sum(lengths[i] for b in batches[:-1] for i in b)
+    assert real / padded > 0.95  # random batches of 8 would be near 0.5
+    assert list(sampler) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_micro_batches_give_the_batch_gradient(tiny_models):
+    """Splitting a batch under a token budget: the same summed loss and the same LoRA gradients."""
+    from llamatailor.train.batching import micro_batches
+
+    torch.manual_seed(0)
+    lengths = [20, 17, 9, 5]
+    ids = torch.zeros(4, 20, dtype=torch.long)
+    mask = torch.zeros(4, 20, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, 1000, (n,))
+        mask[row, :n] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    count = (labels[:, 1:] != -100).sum()
+    parts = micro_batches(batch, budget=40)
+    assert [p["input_ids"].shape for p in parts] == [(2, 20), (2, 9)]
+    results = []
+    for pieces in ([batch], parts):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["chatml"])
+        add_answer_loss(model)
+        torch.manual_seed(1)
+        peft_model = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+        )
+        total = sum(float(_backward(peft_model, p, count)) for p in pieces)
+        results.append((total, [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def _backward(model, inputs, count):
+    loss = model(**inputs, answer_loss=True, num_items_in_batch=count).loss
+    loss.backward()
+    return loss.detach()

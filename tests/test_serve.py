@@ -230,7 +230,13 @@ def test_fuzzed_requests_never_crash_the_server(server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case) -> None:
             response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
             seen.append(response.status_code)
@@ -239,7 +245,7 @@ def test_fuzzed_requests_never_crash_the_server(server):
                 assert {"message", "type"} <= set(response.json()["error"])
 
         check()
-    assert 200 in seen and 400 in seen
+    assert 200 in seen and any(code >= 400 for code in seen)
 
 
 def test_disconnecting_client_cancels_its_generation(gguf_file, tmp_path):

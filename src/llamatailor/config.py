@@ -204,6 +204,11 @@ class Schedule(Section):
         default_factory=list, description="Besides TensorBoard (always on), when installed."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's own choice.")
+    micro_batch_tokens: Literal["auto"] | int | None = Field(
+        "auto",
+        description="Split a batch into passes of at most this many padded tokens (the same gradient, less "
+        "activation memory); auto: 2048 on CPU, no split on GPUs; null: never split.",
+    )
 
     @model_validator(mode="after")
     def _saves_fall_on_evaluations(self) -> "Schedule":

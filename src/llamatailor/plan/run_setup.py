@@ -11,17 +11,20 @@ from llamatailor.models.loading import resolve_precision
 from llamatailor.models.source import resolve_source
 from llamatailor.plan.architectures import Architecture, load_architecture
 from llamatailor.plan.memory import GIB, TARGET_PRESETS, Setup, estimate
-from llamatailor.train.arguments import use_gradient_checkpointing
+from llamatailor.train.arguments import micro_batch_tokens, use_gradient_checkpointing
 
 
 def setup_from_config(config: RunConfig, arch: Architecture, seq_len: int | None = None) -> Setup:
     train = config.train
     targets = train.lora.targets
     precision = resolve_precision(train.precision)
+    seq_len = seq_len or config.data.max_seq_len
+    budget = micro_batch_tokens(train)  # a batch over the budget runs as passes of fewer rows
+    rows = train.batch_size if budget is None else max(1, min(train.batch_size, budget // seq_len))
     return Setup(
         method=train.method,
-        seq_len=seq_len or config.data.max_seq_len,
-        micro_batch=train.batch_size,
+        seq_len=seq_len,
+        micro_batch=rows,
         gradient_checkpointing=use_gradient_checkpointing(train),
         precision=precision,
         optimizer=train.optimizer,

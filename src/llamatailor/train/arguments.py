@@ -10,6 +10,7 @@ from llamatailor.config import Schedule
 from llamatailor.errors import StageError
 from llamatailor.models.loading import Precision
 
+CPU_MICRO_BATCH_TOKENS = 2048
 OPTIMIZERS = {
     "adamw": "adamw_torch",
     "adamw_8bit": "adamw_bnb_8bit",
@@ -22,6 +23,14 @@ def use_gradient_checkpointing(schedule: Schedule) -> bool:
     if schedule.gradient_checkpointing == "auto":
         return torch.cuda.is_available()
     return bool(schedule.gradient_checkpointing)
+
+
+def micro_batch_tokens(schedule: Schedule) -> int | None:
+    """Padded tokens per forward pass; auto: 2,048 on CPU (activation memory, not speed, grows with it
+    there), no split on GPUs."""
+    if schedule.micro_batch_tokens == "auto":
+        return None if torch.cuda.is_available() else CPU_MICRO_BATCH_TOKENS
+    return schedule.micro_batch_tokens
 
 
 def optimizer_name(schedule: Schedule, section: str) -> str:

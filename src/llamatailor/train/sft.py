@@ -16,14 +16,15 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from llamatailor.config import RunConfig
-from llamatailor.data.templating import RenderError, render_for_training
+from llamatailor.data.templating import IGNORE_INDEX, RenderError, render_for_training
 from llamatailor.distributed import world_size
 from llamatailor.errors import StageError
 from llamatailor.models.loading import ChatTokenizer, Precision, load_tokenizer, resolve_precision
 from llamatailor.plan.run_setup import available_memory, fit_warning, planned_peak
 from llamatailor.rundir import RunDir, sha256_file
 from llamatailor.train.answer_loss import add_answer_loss
-from llamatailor.train.arguments import trainer_arguments
+from llamatailor.train.arguments import micro_batch_tokens, trainer_arguments
+from llamatailor.train.batching import LengthBuckets, micro_batches
 from llamatailor.train.checkpoints import checkpoint_key, step_of
 from llamatailor.train.launch import check_launch
 from llamatailor.train.model_setup import trainable_model
@@ -124,9 +125,8 @@ def build_trainer(
         )
     val_set = tokenized_split(run, "val", chat, config.data.max_seq_len)
     arguments = trainer_arguments(train, "train", run.checkpoints, precision, len(val_set) > 0, config.seed)
-    # Samples are rendered and truncated by llamatailor, which reports every truncation. Batches of similar
-    # lengths waste less compute on padding (bench/train_throughput.py measures it).
-    args = SFTConfig(**arguments, max_length=None, train_sampling_strategy="group_by_length")
+    # Samples are rendered and truncated by llamatailor, which reports every truncation.
+    args = SFTConfig(**arguments, max_length=None)
     callbacks = stage_callbacks(train, run.metrics, run.tensorboard, resumed_at)
     add_answer_loss(model.get_base_model() if isinstance(model, PeftModel) else model)
     trainer = AnswerLossTrainer(
@@ -136,13 +136,37 @@ def build_trainer(
         eval_dataset=val_set if len(val_set) else None,
         processing_class=chat.tokenizer,
         callbacks=callbacks,
+        micro_batch_tokens=micro_batch_tokens(train),
     )
     return with_compact_progress(trainer)
 
 
 class AnswerLossTrainer(SFTTrainer):
-    """SFTTrainer whose loss covers the answer tokens only, in chunks (see `answer_loss`): on CPU, TRL's own
-    fused head scores every position, prompts and padding included, and its entropy besides."""
+    """SFTTrainer whose loss covers the answer tokens only, in chunks (see `answer_loss`), over batches of
+    similar lengths, run as micro-batches under a token budget (see `batching`). On CPU, TRL's own fused
+    head scores every position, prompts and padding included, and its entropy besides."""
+
+    def __init__(self, *args: Any, micro_batch_tokens: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro_batch_tokens = micro_batch_tokens
+        self.model_accepts_loss_kwargs = True  # compute_loss below normalises by num_items_in_batch
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> LengthBuckets:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        # Buckets of whole global batches, so that N processes see the same samples per step as one process.
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        return LengthBuckets(lengths, global_batch, self.args.seed)
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        parts = micro_batches(inputs, self.micro_batch_tokens) if self.micro_batch_tokens else [inputs]
+        if len(parts) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:
+            num_items_in_batch = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return sum(super(AnswerLossTrainer, self).training_step(model, p, num_items_in_batch) for p in parts)  # type: ignore[return-value]
 
     def compute_loss(
         self,

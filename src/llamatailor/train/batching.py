@@ -1,0 +1,70 @@
+"""How training batches are formed: shuffled batches of similar lengths, and micro-batches under a token
+budget.
+
+* `LengthBuckets`: the data is shuffled, cut into pools of `pool_batches` batches, each pool sorted by length
+  and cut into batches, and the batches shuffled again: little padding, and still a random order of batches.
+  Seeded per epoch, so a resumed run sees the same batches.
+* `micro_batches`: a batch whose padded size exceeds the token budget is run as several forward/backward
+  passes over groups of rows, each trimmed to its own longest row. The loss of each is normalised by the
+  whole batch's answer-token count, so the summed gradient is the batch's gradient; only the activation
+  memory of one group is alive at a time.
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+
+class LengthBuckets(Sampler[int]):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, pool_batches: int = 64) -> None:
+        self.lengths, self.batch_size, self.seed, self.pool_batches = lengths, batch_size, seed, pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for start in range(0, len(order), pool):
+            ranked = sorted(order[start : start + pool], key=lambda i: self.lengths[i], reverse=True)
+            batches += [ranked[i : i + self.batch_size] for i in range(0, len(ranked), self.batch_size)]
+        for position in torch.randperm(len(batches), generator=generator).tolist():
+            yield from batches[position]
+
+
+def micro_batches(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    """Groups of rows with at most `budget` padded tokens each (at least one row), each trimmed to its
+    longest row; the batch itself when it fits. Assumes right padding (the collator's)."""
+    ids = inputs["input_ids"]
+    if ids.numel() <= budget or "attention_mask" not in inputs:
+        return [inputs]
+    lengths = inputs["attention_mask"].sum(dim=1)
+    rows = sorted(range(ids.size(0)), key=lambda r: int(lengths[r]), reverse=True)
+    groups: list[list[int]] = []
+    for row in rows:
+        if groups and (len(groups[-1]) + 1) * int(lengths[groups[-1][0]]) <= budget:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return [_rows(inputs, group, int(lengths[group[0]])) for group in groups]
+
+
+def _rows(inputs: dict[str, Any], rows: list[int], width: int) -> dict[str, Any]:
+    index = torch.tensor(rows)
+    batch, seq = inputs["input_ids"].shape
+    part = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.size(0) == batch:
+            value = value.index_select(0, index.to(value.device))
+            if value.dim() >= 2 and value.size(1) == seq:
+                value = value[:, :width]
+        part[key] = value
+    return part
