@@ -182,7 +182,7 @@ def test_modelfile_template_renders_the_training_template(chatml, llama3, llama2
             {"role": "assistant", "content": "A"},
         ]
     ]
-    for chat in (chatml, llama3):
+    for chat in (chatml, llama3, llama2):
         modelfile = build_modelfile(chat, "m-q8_0.gguf", "Be kind.")
         assert modelfile.template is not None and modelfile.template_matches == len(SAMPLE_CONVERSATIONS)
         for messages in [*SAMPLE_CONVERSATIONS, *extra]:
@@ -197,10 +197,14 @@ def test_modelfile_template_renders_the_training_template(chatml, llama3, llama2
     chatml_template = build_modelfile(chatml, "m.gguf", None).template
     assert default in render(chatml_template, go_variables([{"role": "user", "content": "U"}]))
     assert default not in render(chatml_template, go_variables(extra[0]))
-    # Llama 2 folds the system prompt into the first user turn: no TEMPLATE, Ollama reads the GGUF's.
-    llama2_file = build_modelfile(llama2, "m.gguf", None)
-    assert llama2_file.template is None and "TEMPLATE" not in llama2_file.text
-    assert 'PARAMETER stop "</s>"' in llama2_file.text
+    # Llama 2 folds the system prompt into the first user turn, and opens later turns with bos
+    llama2_template = build_modelfile(llama2, "m.gguf", None).template
+    two_turns = [*extra[0], {"role": "user", "content": "V"}]
+    assert (
+        render(llama2_template, go_variables(two_turns))
+        == "[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST] A </s><s>[INST] V [/INST]"
+    )
+    assert 'PARAMETER stop "</s>"' in build_modelfile(llama2, "m.gguf", None).text
 
 
 def test_go_template_renderer_follows_go_semantics():
@@ -208,7 +212,19 @@ def test_go_template_renderer_follows_go_semantics():
     messages = [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}]
     assert render(template, {"Messages": messages, "System": ""}) == "[default]U:a;X;."
     assert render(template, {"Messages": messages, "System": "s"}) == "U:a;X;."
-    for bad in ("{{- .Content }}", "{{ .Prompt | upper }}", "{{ range .Messages }}", "{{ if .x }}{{ end }}"):
+    # a variable set inside range is seen by later iterations (Go >= 1.11)
+    first = "{{ $first := true }}{{ range .Messages }}{{ if $first }}F{{ else }}N{{ end }}{{ $first = false }}{{ end }}"
+    assert render(first, {"Messages": messages * 2, "System": ""}) == "FNNN"
+    assert (
+        render("{{ range .Messages }}{{ $.System }}{{ end }}", {"Messages": messages, "System": "s"}) == "ss"
+    )
+    for bad in (
+        "{{- .Content }}",
+        "{{ .Prompt | upper }}",
+        "{{ range .Messages }}",
+        "{{ if gt .x 1 }}{{ end }}",
+        "{{ $y }}",
+    ):
         with pytest.raises(TemplateError):
             render(bad, {"Messages": [], "System": "", "Prompt": "p", "x": 1})
 

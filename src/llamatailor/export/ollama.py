@@ -4,8 +4,9 @@ The Go template is derived from the tokenizer's own Jinja template by rendering 
 marker contents and cutting the text at the family's turn headers: what each role's turn looks like, the
 generation prompt, and any text the template puts first when there is no system message (SmolLM2's default
 system prompt, Llama 3.1's date block). The result is checked by rendering it (`gotemplate.render`) on
-sample conversations and comparing with `apply_chat_template`; families without turn headers (Llama 2) get
-no TEMPLATE, so Ollama takes the template stored in the GGUF file.
+sample conversations and comparing with `apply_chat_template`. Llama 2, which has no turn headers, gets a
+written template checked the same way. A template that does not match gets no TEMPLATE line, so Ollama
+takes the template stored in the GGUF file.
 """
 
 import itertools
@@ -67,7 +68,22 @@ def split_turns(text: str, header: str) -> tuple[str, list[str]]:
     return text[: starts[0]], [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
+def llama2_go_template(chat: ChatTokenizer) -> str:
+    """Llama 2 folds the system prompt into the first user turn and opens every later turn with bos (the
+    first bos is llama.cpp's own)."""
+    bos, eos = chat.tokenizer.bos_token, chat.tokenizer.eos_token
+    system = "{{ if $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}"
+    user = f"{{{{ if not $first }}}}{bos}{{{{ end }}}}[INST] {{{{ if $first }}}}{system}{{{{ end }}}}{{{{ .Content }}}} [/INST]"
+    assistant = f" {{{{ .Content }}}} {eos}"
+    return (
+        '{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}' + user + "{{ $first = false }}"
+        '{{ else if eq .Role "assistant" }}' + assistant + "{{ $first = false }}{{ end }}{{ end }}"
+    )
+
+
 def derive_go_template(chat: ChatTokenizer) -> str | None:
+    if chat.family.name == "llama2":
+        return llama2_go_template(chat)
     header = TURN_HEADERS.get(chat.family.name)
     if header is None:
         return None
