@@ -21,7 +21,7 @@ Every term is bytes = count x bytes per element, for one device (GPU, or the CPU
   With gradient checkpointing only each layer's input is kept, and one layer is recomputed at a time.
 * logits and loss: llamatailor's own loss (`train/answer_loss.py`, the default `answer`) keeps only the
   answer positions' hidden states and runs the head in chunks of 16M logits whose gradients are computed in
-  the forward pass: about four chunk-sized fp32 temporaries, the answer hidden states and their gradient
+  the forward pass: about 2.5 chunk-sized fp32 temporaries at once (measured), the answer hidden states and their gradient
   (and, for full fine-tuning, the head's fp32 gradient). For other trainers:
   TRL's fused LM head never builds the [tokens x vocab] logits: it projects tiles of
   4,096 tokens x 32,768 vocabulary entries with an online log-sum-exp and recomputes them in backward. On
@@ -52,7 +52,7 @@ LossImplementation = Literal["answer", "fused", "chunked", "logits"]
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TOKEN_TILE, VOCAB_TILE = 4096, 32768
-ANSWER_LOSS_CHUNKS = 4  # chunk-sized temporaries: logits, softmax, the gradient of the logits and slack
+ANSWER_LOSS_CHUNKS = 2.5  # chunk-sized temporaries alive at once, measured (bench/plan_memory.py)
 CPU_LOSS_TILES = 8.5  # tile-sized temporaries alive at once in the CPU fallback's backward (measured)
 GPU_LOSS_TILES = 2  # the tile buffer, forward and backward (Triton folds it in place)
 OVERHEAD_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
@@ -211,7 +211,9 @@ def loss_bytes(arch: Architecture, setup: Setup) -> int:
         scored = max(1, round(setup.tokens * setup.answer_share))
         chunk = min(scored, max(16, CHUNK_ELEMENTS // arch.vocab)) * arch.vocab * 4
         return (
-            ANSWER_LOSS_CHUNKS * chunk + 2 * scored * arch.hidden * setup.compute_bytes + head_weight_gradient
+            round(ANSWER_LOSS_CHUNKS * chunk)
+            + 2 * scored * arch.hidden * setup.compute_bytes
+            + head_weight_gradient
         )
     if setup.loss == "logits":  # the plain head: fp32 logits of every token, and their gradient
         return 2 * setup.tokens * arch.vocab * 4
