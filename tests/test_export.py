@@ -67,7 +67,10 @@ def test_merged_model_equals_the_adapter_model(exported, tiny_models):
     ids = torch.tensor([[1, 9, 25, 301, 4000, 17, 2]])
     with torch.inference_mode():
         assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-4)
-        assert not torch.allclose(merged(ids).logits, adapter.get_base_model()(ids).logits * 0 + 1)
+        with adapter.disable_adapter():
+            base_logits = adapter(ids).logits
+        # the adapter really changed the model, so the equality above says something
+        assert (merged(ids).logits - base_logits).abs().max() > 1e-2
     chat = load_saved_tokenizer(run.merged, config.model)
     assert (
         merged.generation_config.eos_token_id

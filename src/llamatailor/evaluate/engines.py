@@ -101,8 +101,16 @@ class LlamaCppEngine:
         for sequence in sequences:
             self.llm.reset()
             self.llm.eval(sequence)
-            logits = np.asarray(self.llm.scores[: len(sequence) - 1], dtype=np.float64)
-            shifted = logits - logits.max(-1, keepdims=True)
-            logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-            results.append(logprobs[np.arange(len(sequence) - 1), sequence[1:]])
+            logprobs, _ = scored(
+                np.asarray(self.llm.scores[: len(sequence)]), sequence, np.arange(len(sequence) - 1)
+            )
+            results.append(logprobs)
         return results
+
+
+def scored(logits: np.ndarray, ids: list[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log p(next token) and the top-1 token at `positions`, from [positions x vocabulary] logits."""
+    rows = logits[positions].astype(np.float64)
+    shifted = rows - rows.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return log_softmax[np.arange(len(positions)), np.asarray(ids)[positions + 1]], rows.argmax(-1)

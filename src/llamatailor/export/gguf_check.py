@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from llamatailor.data.formats import Message
 from llamatailor.data.templating import IGNORE_INDEX
-from llamatailor.evaluate.engines import LlamaCppEngine
+from llamatailor.evaluate.engines import LlamaCppEngine, scored
 from llamatailor.models.loading import ChatTokenizer
 
 
@@ -69,14 +69,6 @@ def perplexity_of(logprobs: list[np.ndarray]) -> float:
 
 def answer_positions(labels: list[list[int]]) -> list[np.ndarray]:
     return [np.flatnonzero(np.asarray(row[1:]) != IGNORE_INDEX) for row in labels]
-
-
-def scored(logits: np.ndarray, ids: list[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log p(next token) and the top-1 token at `positions`, from [positions x vocabulary] logits."""
-    rows = logits[positions].astype(np.float64)
-    shifted = rows - rows.max(-1, keepdims=True)
-    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return log_softmax[np.arange(len(positions)), np.asarray(ids)[positions + 1]], rows.argmax(-1)
 
 
 @torch.inference_mode()
