@@ -213,6 +213,12 @@ def test_non_loopback_bind_needs_a_key(gguf_file):
         env={k: v for k, v in os.environ.items() if k != "LLAMATAILOR_API_KEY"},
     )
     assert result.returncode == 2 and "needs --api-key" in result.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "llamatailor", "serve", str(gguf_file.with_name("absent.gguf"))],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "absent.gguf: no such file or folder" in missing.stderr
 
 
 def test_fuzzed_requests_never_crash_the_server(server):

@@ -30,6 +30,10 @@ def parse_adapters(items: list[str]) -> dict[str, Path]:
 
 def build_engine(target: Path, engine: EngineChoice, adapters: dict[str, Path], context: int) -> ServeEngine:
     threads = os.cpu_count() or 1
+    if not target.exists():
+        raise ConfigError(
+            f"{target}: no such file or folder; expected a run file or run directory, a .gguf file or a model folder"
+        )
     if target.suffix == ".gguf":
         if engine == "transformers":
             raise ConfigError(f"{target}: a GGUF file is served by llama.cpp, not transformers")
