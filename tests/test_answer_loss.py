@@ -115,3 +115,44 @@ def _backward(model, inputs, count):
     loss = model(**inputs, answer_loss=True, num_items_in_batch=count).loss
     loss.backward()
     return loss.detach()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_free_rows_give_the_padded_loss_and_gradient(tiny_models, attention):
+    """Rows joined without padding (position ids restarting): the same loss and LoRA gradients as the
+    padded batch, so attention never crosses from one sample into the next."""
+    from llamatailor.train.batching import micro_batches, padding_free
+
+    torch.manual_seed(0)
+    lengths = [20, 13, 6]
+    ids = torch.zeros(3, 20, dtype=torch.long)
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, 1000, (n,))
+        mask[row, :n] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    labels[1, 0] = ids[1, 0]  # a labelled first token is never predicted, padded or packed
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    packed = padding_free(batch)
+    assert packed.keys() == {"input_ids", "labels", "position_ids"}
+    assert packed["input_ids"].tolist() == [ids[0, :20].tolist() + ids[1, :13].tolist() + ids[2, :6].tolist()]
+    assert packed["position_ids"].tolist() == [list(range(20)) + list(range(13)) + list(range(6))]
+    assert packed["labels"][0, [0, 20, 33]].tolist() == [-100, -100, -100]
+    count = (labels[:, 1:] != -100).sum()
+    assert int((packed["labels"][:, 1:] != -100).sum()) == int(count)
+    results = []
+    for pieces in ([batch], [packed], [padding_free(p) for p in micro_batches(batch, budget=26)]):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["chatml"], attn_implementation=attention)
+        add_answer_loss(model)
+        torch.manual_seed(1)
+        peft_model = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+        total = sum(float(_backward(peft_model, p, count)) for p in pieces)
+        results.append((total, [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]))
+    (padded, padded_grads), *others = results
+    for total, grads in others:
+        assert total == pytest.approx(padded, rel=1e-5)
+        for a, b in zip(grads, padded_grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

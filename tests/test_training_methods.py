@@ -124,22 +124,24 @@ def test_gpu_only_options_are_refused_on_cpu(tmp_path, tiny_models, monkeypatch)
         check_launch()
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_models):
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "packing"])
+def test_memory_and_padding_options_give_the_same_losses(tmp_path, tiny_models, option):
+    """Recomputed activations, and rows joined without padding, train the same model."""
     losses = []
-    for checkpointing in (False, True):
-        folder = tmp_path / str(checkpointing)
+    for on in (False, True):
+        folder = tmp_path / str(on)
         run_file = prepared_run(
-            folder,
-            tiny_models["chatml"],
-            alpaca_rows(16),
-            train={"max_steps": 3, "gradient_checkpointing": checkpointing},
+            folder, tiny_models["chatml"], alpaca_rows(16), train={"max_steps": 3, option: on}
         )
         config = load_config(run_file)
         chat = load_tokenizer(config.model)
         trainer = build_trainer(config, chat, trainable_model(config, chat, "fp32"), "fp32")
-        assert trainer.args.activation_checkpointing is checkpointing
+        assert (trainer.args.activation_checkpointing, trainer.packing) == (
+            on and option == "gradient_checkpointing",
+            on and option == "packing",
+        )
         trainer.train()
         losses.append([row["loss"] for row in trainer.state.log_history if "loss" in row])
-    # Recomputed activations reorder float sums; Adam then amplifies tiny gradient differences a little.
+    # Both reorder float sums; Adam then amplifies tiny gradient differences a little.
     assert losses[0][:2] == pytest.approx(losses[1][:2], abs=1e-5)
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)

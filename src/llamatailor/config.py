@@ -228,6 +228,11 @@ class TrainSection(Schedule):
     )
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    packing: bool = Field(
+        False,
+        description="Padding-free rows: each micro-batch joined into one sequence, samples kept apart by "
+        "position ids. For flash attention on GPUs; slower on CPU, where a block mask spans the whole row.",
+    )
 
 
 class DpoSection(Schedule):

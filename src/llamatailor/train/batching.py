@@ -1,5 +1,5 @@
-"""How training batches are formed: shuffled batches of similar lengths, and micro-batches under a token
-budget.
+"""How training batches are formed: shuffled batches of similar lengths, micro-batches under a token
+budget, and optionally padding-free rows.
 
 * `LengthBuckets`: the data is shuffled, cut into pools of `pool_batches` batches, each pool sorted by length
   and cut into batches, and the batches shuffled again: little padding, and still a random order of batches.
@@ -8,6 +8,10 @@ budget.
   passes over groups of rows, each trimmed to its own longest row. The loss of each is normalised by the
   whole batch's answer-token count, so the summed gradient is the batch's gradient; only the activation
   memory of one group is alive at a time.
+* `padding_free`: the rows of a (micro-)batch joined into one row, position ids restarting at every sample.
+  transformers keeps the samples apart from those position ids: a block-diagonal mask for sdpa and eager
+  attention, variable-length kernels for flash attention. No padding is computed, but with a mask the
+  attention spans the joined row, which on CPU costs more than the padding it saves (bench/README.md).
 """
 
 from collections.abc import Iterator
@@ -15,6 +19,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import Sampler
+
+from llamatailor.train.answer_loss import IGNORE_INDEX
 
 
 class LengthBuckets(Sampler[int]):
@@ -68,3 +74,13 @@ def _rows(inputs: dict[str, Any], rows: list[int], width: int) -> dict[str, Any]
                 value = value[:, :width]
         part[key] = value
     return part
+
+
+def padding_free(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A right-padded batch as one row of its real tokens, with position ids and no attention mask. The
+    first token of every sample is unlabelled, so no sample learns to predict the next one; that label is
+    never scored in the padded batch either, so the loss is the same."""
+    real = inputs["attention_mask"].bool()
+    positions = (real.cumsum(dim=1) - 1)[real][None]
+    labels = inputs["labels"][real][None].masked_fill(positions == 0, IGNORE_INDEX)
+    return {"input_ids": inputs["input_ids"][real][None], "labels": labels, "position_ids": positions}

@@ -24,7 +24,7 @@ from llamatailor.plan.run_setup import available_memory, fit_warning, planned_pe
 from llamatailor.rundir import RunDir, sha256_file
 from llamatailor.train.answer_loss import add_answer_loss
 from llamatailor.train.arguments import micro_batch_tokens, trainer_arguments
-from llamatailor.train.batching import LengthBuckets, micro_batches
+from llamatailor.train.batching import LengthBuckets, micro_batches, padding_free
 from llamatailor.train.checkpoints import checkpoint_key, step_of
 from llamatailor.train.launch import check_launch
 from llamatailor.train.model_setup import trainable_model
@@ -137,18 +137,22 @@ def build_trainer(
         processing_class=chat.tokenizer,
         callbacks=callbacks,
         micro_batch_tokens=micro_batch_tokens(train),
+        packing=train.packing,
     )
     return with_compact_progress(trainer)
 
 
 class AnswerLossTrainer(SFTTrainer):
     """SFTTrainer whose loss covers the answer tokens only, in chunks (see `answer_loss`), over batches of
-    similar lengths, run as micro-batches under a token budget (see `batching`). On CPU, TRL's own fused
-    head scores every position, prompts and padding included, and its entropy besides."""
+    similar lengths, run as micro-batches under a token budget and optionally padding-free (see `batching`).
+    On CPU, TRL's own fused head scores every position, prompts and padding included, and its entropy
+    besides."""
 
-    def __init__(self, *args: Any, micro_batch_tokens: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, micro_batch_tokens: int | None = None, packing: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.micro_batch_tokens = micro_batch_tokens
+        self.micro_batch_tokens, self.packing = micro_batch_tokens, packing
         self.model_accepts_loss_kwargs = True  # compute_loss below normalises by num_items_in_batch
 
     def _get_train_sampler(self, train_dataset: Any = None) -> LengthBuckets:
@@ -162,8 +166,10 @@ class AnswerLossTrainer(SFTTrainer):
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         parts = micro_batches(inputs, self.micro_batch_tokens) if self.micro_batch_tokens else [inputs]
+        if self.packing:
+            parts = [padding_free(part) for part in parts]
         if len(parts) == 1:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, parts[0], num_items_in_batch)
         if num_items_in_batch is None:
             num_items_in_batch = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
         return sum(super(AnswerLossTrainer, self).training_step(model, p, num_items_in_batch) for p in parts)  # type: ignore[return-value]
