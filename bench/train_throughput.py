@@ -91,30 +91,25 @@ def model_folder(model: str) -> str:
     """The embedded model, or a Llama-3.2-1B-shaped one with random weights (built once, seeded)."""
     if model != SHAPED:
         return embedded_folder()
-    folder = ROOT / SHAPED
-    if not (folder / "config.json").is_file():
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(embedded_folder())
-        config = LlamaConfig(
-            vocab_size=128_256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            max_position_embeddings=131_072,
-            rope_theta=500_000.0,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+    from llamatailor.models.tiny import save_random_llama
+
+    folder = save_random_llama(
+        AutoTokenizer.from_pretrained(embedded_folder()),
+        ROOT / SHAPED,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        head_dim=64,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128_256,
+        max_position_embeddings=131_072,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
     return str(folder)
 
 

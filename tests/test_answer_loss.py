@@ -83,13 +83,7 @@ def test_micro_batches_give_the_batch_gradient(tiny_models):
     """Splitting a batch under a token budget: the same summed loss and the same LoRA gradients."""
     from llamatailor.train.batching import micro_batches
 
-    torch.manual_seed(0)
-    lengths = [20, 17, 9, 5]
-    ids = torch.zeros(4, 20, dtype=torch.long)
-    mask = torch.zeros(4, 20, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(3, 1000, (n,))
-        mask[row, :n] = 1
+    ids, mask = _right_padded([20, 17, 9, 5])
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :3] = -100
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -111,6 +105,17 @@ def test_micro_batches_give_the_batch_gradient(tiny_models):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def _right_padded(lengths):
+    """Random token ids in rows of these lengths, right-padded, and their attention mask."""
+    torch.manual_seed(0)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, 1000, (n,))
+        mask[row, :n] = 1
+    return ids, mask
+
+
 def _backward(model, inputs, count):
     loss = model(**inputs, answer_loss=True, num_items_in_batch=count).loss
     loss.backward()
@@ -123,13 +128,7 @@ def test_padding_free_rows_give_the_padded_loss_and_gradient(tiny_models, attent
     padded batch, so attention never crosses from one sample into the next."""
     from llamatailor.train.batching import micro_batches, padding_free
 
-    torch.manual_seed(0)
-    lengths = [20, 13, 6]
-    ids = torch.zeros(3, 20, dtype=torch.long)
-    mask = torch.zeros(3, 20, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(3, 1000, (n,))
-        mask[row, :n] = 1
+    ids, mask = _right_padded([20, 13, 6])
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :2] = -100
     labels[1, 0] = ids[1, 0]  # a labelled first token is never predicted, padded or packed

@@ -170,3 +170,29 @@ def test_a_tracker_that_is_not_installed_is_named(tmp_path, tiny_models):
     result = runner.invoke(app, ["train", str(run_file)])
     assert result.exit_code == 1
     assert "train.trackers asks for wandb, which is not installed: pip install wandb" in result.output
+
+
+def test_mlflow_tracker_receives_the_training_losses(tmp_path, tiny_models, monkeypatch):
+    """With mlflow installed and asked for, the run's losses and parameters reach a local tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "llamatailor-test")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local store stands in for a tracking server
+    run_file = prepared_run(
+        tmp_path, tiny_models["chatml"], alpaca_rows(8), train={"trackers": ["mlflow"], "max_steps": 3}
+    )
+    result = runner.invoke(app, ["train", str(run_file)])
+    assert result.exit_code == 0, result.output
+    logged = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("llamatailor-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(logged, rel=1e-6)
+    assert run.data.params["learning_rate"] == "0.005"

@@ -73,18 +73,34 @@ def build_tiny_model(kind: TokenizerKind, folder: Path, seed: int = 0) -> Path:
     """Save a random 2-layer Llama (hidden 64) with a real tokenizer into `folder`; return the folder."""
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = real_tokenizer(kind)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return save_random_llama(
+        real_tokenizer(kind),
+        folder,
+        seed,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+    )
+
+
+def save_random_llama(
+    tokenizer: PreTrainedTokenizerBase, folder: Path, seed: int = 0, **shape: object
+) -> Path:
+    """Save a Llama with random weights and `tokenizer` into `folder` (once); `shape` sets LlamaConfig
+    fields, the vocabulary defaulting to the tokenizer's."""
+    if (folder / "config.json").is_file():
+        return folder
+    config = LlamaConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "tie_word_embeddings": False,
+            **shape,
+        }
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
