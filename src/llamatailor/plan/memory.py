@@ -18,7 +18,8 @@ Every term is bytes = count x bytes per element, for one device (GPU, or the CPU
   transformers' Llama with SDPA attention (which saves q, k, v, output and log-sum-exp, never the s x s
   scores) [Korthikanti et al. 2022 derive the same kind of count for GPT]; see `layer_activation_elements`.
   Each count was checked exactly against `torch.autograd.graph.saved_tensors_hooks` (tests/test_plan.py).
-  With gradient checkpointing only each layer's input is kept, and one layer is recomputed at a time.
+  With gradient checkpointing only each layer's input is kept, and one layer is recomputed at a time, in
+  backward, after the loss's own working memory is freed: the two do not add up.
 * logits and loss: llamatailor's own loss (`train/answer_loss.py`, the default `answer`) keeps only the
   answer positions' hidden states and runs the head in chunks of 16M logits whose gradients are computed in
   the forward pass: about 2.5 chunk-sized fp32 temporaries at once (measured), the answer hidden states and their gradient
@@ -33,9 +34,11 @@ The estimate is the peak of memory held by tensors, what `torch.cuda.max_memory_
 GPU. A CPU process's resident memory runs higher (10-35% in bench/plan_memory.py): the C allocator keeps
 freed heap memory for reuse.
 
-Peak: weights + optimizer states + overhead + the larger of (activations + loss backward), which peaks as
-backward starts, and (gradients + one gradient-sized temporary of the optimizer step), which peaks at the
-end of a step.
+Peak: weights + optimizer states + overhead + the larger of (saved activations + the larger of the loss's
+working memory and one recomputed layer), which peaks as backward starts, and (gradients + the optimizer
+step's temporaries), which peaks at the end of a step. On GPUs torch's multi-tensor AdamW holds one
+gradient-sized temporary; on CPU it steps one parameter at a time, with two temporaries the size of the
+largest trainable tensor (measured, bench/plan_memory.py).
 """
 
 from dataclasses import dataclass, field
@@ -104,15 +107,16 @@ class Breakdown:
     trainable_parameters: int
     gradients: int
     optimizer: int
-    activations: int
+    activations: int  # saved by the forward pass
     logits_and_loss: int
     overhead: int
     optimizer_step: int = 0
+    recomputed_layer: int = 0  # with gradient checkpointing, one layer's activations rebuilt in backward
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        backward_start = self.activations + self.logits_and_loss
+        backward_start = self.activations + max(self.logits_and_loss, self.recomputed_layer)
         step_end = self.gradients + self.optimizer_step
         return self.weights + self.optimizer + self.overhead + max(backward_start, step_end)
 
@@ -121,7 +125,7 @@ class Breakdown:
             "weights": self.weights,
             "gradients": self.gradients,
             "optimizer states": self.optimizer,
-            "activations": self.activations,
+            "activations": self.activations + self.recomputed_layer,
             "logits and loss": self.logits_and_loss,
             "overhead": self.overhead,
         }
@@ -153,6 +157,15 @@ def trainable_parameters(arch: Architecture, setup: Setup) -> int:
     if setup.dora:
         count += sum(fan_out * n for _, fan_out, n in adapted_linears(arch, setup.lora_targets))
     return count
+
+
+def largest_trainable(arch: Architecture, setup: Setup) -> int:
+    """Elements of the largest tensor that trains: the embedding or a weight matrix, or a LoRA factor."""
+    if setup.method == "full":
+        linears = [*arch.attention_linears().values(), *arch.mlp_linears(arch.intermediate).values()]
+        return max(arch.vocab * arch.hidden, *(fan_in * fan_out for fan_in, fan_out in linears))
+    adapted = adapted_linears(arch, setup.lora_targets)
+    return max((setup.lora_r * max(fan_in, fan_out) for fan_in, fan_out, _ in adapted), default=0)
 
 
 def weight_bytes(arch: Architecture, setup: Setup) -> int:
@@ -187,14 +200,18 @@ def layer_activation_elements(arch: Architecture, setup: Setup) -> int:
     return elements
 
 
+def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
+    """One decoder layer's saved activations for the whole micro-batch."""
+    per_token = layer_activation_elements(arch, setup) * setup.compute_bytes + _dropout_per_layer(arch, setup)
+    return setup.tokens * per_token
+
+
 def activation_bytes(arch: Architecture, setup: Setup) -> int:
-    layer = layer_activation_elements(arch, setup) * setup.compute_bytes + _dropout_per_layer(arch, setup)
-    final_norm_and_head_input = (2 * arch.hidden + 1) * setup.compute_bytes
+    """What the forward pass saves: every layer's activations, or with checkpointing each layer's input."""
+    final_norm_and_head_input = setup.tokens * (2 * arch.hidden + 1) * setup.compute_bytes
     if setup.gradient_checkpointing:
-        saved = arch.layers * arch.hidden * setup.compute_bytes + layer  # layer inputs, one layer recomputed
-    else:
-        saved = arch.layers * layer
-    return setup.tokens * (saved + final_norm_and_head_input)
+        return arch.layers * setup.tokens * arch.hidden * setup.compute_bytes + final_norm_and_head_input
+    return arch.layers * layer_activation_bytes(arch, setup) + final_norm_and_head_input
 
 
 def _dropout_per_layer(arch: Architecture, setup: Setup) -> int:
@@ -252,8 +269,11 @@ def estimate(arch: Architecture, setup: Setup) -> Breakdown:
         gradients=gradients,
         optimizer=optimizer,
         activations=activation_bytes(arch, setup),
+        recomputed_layer=layer_activation_bytes(arch, setup) if setup.gradient_checkpointing else 0,
         logits_and_loss=loss_bytes(arch, setup),
         overhead=OVERHEAD_BYTES[setup.device],
-        optimizer_step=gradients,
+        optimizer_step=gradients
+        if setup.device == "cuda"
+        else 2 * largest_trainable(arch, setup) * param_bytes,
         notes=notes,
     )
