@@ -20,6 +20,7 @@ from llamatailor.plan.memory import (
     MLP,
     Setup,
     estimate,
+    largest_trainable,
     layer_activation_elements,
     trainable_parameters,
     weight_bytes,
@@ -98,6 +99,9 @@ def test_weights_and_trainable_parameters_match_real_models(tmp_path, tiny_model
         setup = setup_from_config(config, arch)
         actual_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert trainable_parameters(arch, setup) == actual_trainable, train
+        # On CPU the optimizer step's temporaries are sized by the largest tensor that trains.
+        largest = max(p.numel() for p in model.parameters() if p.requires_grad)
+        assert largest_trainable(arch, setup) == largest, train
         frozen = [p for p in model.parameters() if not p.requires_grad]
         actual_weights = sum(p.numel() * p.element_size() for p in frozen)
         actual_weights += sum(
