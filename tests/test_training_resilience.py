@@ -196,3 +196,13 @@ def test_mlflow_tracker_receives_the_training_losses(tmp_path, tiny_models, monk
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(logged, rel=1e-6)
     assert run.data.params["learning_rate"] == "0.005"
+
+
+def test_a_failing_tracker_is_a_clear_error(tmp_path, tiny_models, monkeypatch):
+    """MLflow refusing its store stops the stage with one line naming the setting, not a traceback."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    run_file = prepared_run(tmp_path, tiny_models["chatml"], alpaca_rows(8), train={"trackers": ["mlflow"]})
+    result = runner.invoke(app, ["train", str(run_file)])
+    assert result.exit_code == 1
+    assert "train.trackers: mlflow failed: The filesystem tracking backend" in " ".join(result.output.split())

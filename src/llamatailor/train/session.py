@@ -13,7 +13,7 @@ from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallbac
 
 from llamatailor.config import Schedule
 from llamatailor.distributed import barrier, is_main_process
-from llamatailor.errors import TrainingDiverged
+from llamatailor.errors import StageError, TrainingDiverged
 from llamatailor.models.loading import ChatTokenizer
 from llamatailor.plots import plot_loss
 from llamatailor.rundir import read_jsonl, remove_path, replace_path, write_json
@@ -78,6 +78,9 @@ def starting_checkpoint(checkpoints: Path, key: str, resume: bool) -> Path | Non
     return found
 
 
+TRACKERS = ("mlflow", "wandb")
+
+
 def run_trainer(trainer: Trainer, section: str, key: str, resume_from: Path | None, metrics: Path) -> Outcome:
     """Train with checkpoint markers and the guards on; raise TrainingDiverged (the last good checkpoint
     kept) on NaN/inf. `key` identifies the configuration the checkpoints belong to."""
@@ -85,7 +88,13 @@ def run_trainer(trainer: Trainer, section: str, key: str, resume_from: Path | No
     for callback in (CheckpointMarker(key), guard, watch):
         trainer.add_callback(callback)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as exc:
+        package = type(exc).__module__.split(".")[0]
+        if package in TRACKERS:  # a tracker's setup or logging failed: name the setting, not a traceback
+            raise StageError(f"{section}.trackers: {package} failed: {exc}") from exc
+        raise
     seconds = time.perf_counter() - started
     if guard.bad_step is not None:
         raise TrainingDiverged(_diverged_message(trainer, section, key, guard.bad_step))
