@@ -97,15 +97,13 @@ class LlamaCppEngine:
         self.llm.close()
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
-        results = []
-        for sequence in sequences:
-            self.llm.reset()
-            self.llm.eval(sequence)
-            logprobs, _ = scored(
-                np.asarray(self.llm.scores[: len(sequence)]), sequence, np.arange(len(sequence) - 1)
-            )
-            results.append(logprobs)
-        return results
+        return [self.scored_at(ids, np.arange(len(ids) - 1))[0] for ids in sequences]
+
+    def scored_at(self, ids: list[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One sequence through llama.cpp: log p(next token) and the top-1 token at `positions`."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return scored(np.asarray(self.llm.scores[: len(ids)]), ids, positions)
 
 
 def scored(logits: np.ndarray, ids: list[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -88,14 +88,8 @@ def logit_reference(
 def gguf_logits(
     engine: LlamaCppEngine, reference: LogitReference
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    logprobs, top1 = [], []
-    for ids, positions in zip(reference.sequences, reference.answers, strict=True):
-        engine.llm.reset()
-        engine.llm.eval(ids)
-        row_logprobs, row_top1 = scored(np.asarray(engine.llm.scores[: len(ids)]), ids, positions)
-        logprobs.append(row_logprobs)
-        top1.append(row_top1)
-    return logprobs, top1
+    rows = [engine.scored_at(ids, at) for ids, at in zip(reference.sequences, reference.answers, strict=True)]
+    return [logprobs for logprobs, _ in rows], [top1 for _, top1 in rows]
 
 
 def check_metadata(path: Path, chat: ChatTokenizer) -> list[str]:

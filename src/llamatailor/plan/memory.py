@@ -31,8 +31,7 @@ Every term is bytes = count x bytes per element, for one device (GPU, or the CPU
 * overhead: CUDA workspaces and allocator slack on GPUs; on CPU, small tensors of the trainer and data.
 
 The estimate is the peak of memory held by tensors, what `torch.cuda.max_memory_allocated` reports on a
-GPU. A CPU process's resident memory runs higher (10-35% in bench/plan_memory.py): the C allocator keeps
-freed heap memory for reuse.
+GPU. A CPU process's resident memory runs higher: the C allocator keeps freed heap memory for reuse.
 
 Peak: weights + optimizer states + overhead + the larger of (saved activations + the larger of the loss's
 working memory and one recomputed layer), which peaks as backward starts, and (gradients + the optimizer
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llamatailor.plan.architectures import Architecture
-from llamatailor.train.answer_loss import CHUNK_ELEMENTS
+from llamatailor.train.answer_loss import chunk_rows
 
 Method = Literal["full", "lora", "qlora"]
 Device = Literal["cuda", "cpu"]
@@ -224,9 +223,9 @@ def _dropout_per_layer(arch: Architecture, setup: Setup) -> int:
 def loss_bytes(arch: Architecture, setup: Setup) -> int:
     """The loss computation's working memory at its peak (its backward)."""
     head_weight_gradient = arch.vocab * arch.hidden * 4 if setup.method == "full" else 0
+    scored = max(1, round(setup.tokens * setup.answer_share))
     if setup.loss == "answer":  # llamatailor's: answer positions only, in chunks
-        scored = max(1, round(setup.tokens * setup.answer_share))
-        chunk = min(scored, max(16, CHUNK_ELEMENTS // arch.vocab)) * arch.vocab * 4
+        chunk = min(scored, chunk_rows(arch.vocab)) * arch.vocab * 4
         return (
             round(ANSWER_LOSS_CHUNKS * chunk)
             + 2 * scored * arch.hidden * setup.compute_bytes
@@ -240,7 +239,6 @@ def loss_bytes(arch: Architecture, setup: Setup) -> int:
     if setup.device == "cpu":
         tile = min(setup.tokens, TOKEN_TILE) * vocab_tile * 4
         return round(CPU_LOSS_TILES * tile) + setup.tokens * arch.hidden * 4
-    scored = max(1, round(setup.tokens * setup.answer_share))
     tile = min(scored, TOKEN_TILE) * vocab_tile * setup.compute_bytes
     return GPU_LOSS_TILES * tile + scored * arch.hidden * 4 + head_weight_gradient
 

@@ -14,7 +14,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-IGNORE_INDEX = -100
+from llamatailor.data.templating import IGNORE_INDEX
+
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M fp32 values, 64 MiB
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from llamatailor.train.answer_loss import IGNORE_INDEX
+from llamatailor.data.templating import IGNORE_INDEX
 
 
 class LengthBuckets(Sampler[int]):
