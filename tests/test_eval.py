@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 from helpers import alpaca_rows, read_rows, write_jsonl, write_run_file
 from llamatailor.cli import app
 from llamatailor.data.templating import render_prompt
-from llamatailor.evaluate.engines import TransformersEngine
-from llamatailor.evaluate.generation import Generation
 from llamatailor.evaluate.probes import MemorisationProbe, overfitting_verdict, runaway_share
+from llamatailor.generation.answers import answer_all
+from llamatailor.generation.engines import TransformersEngine
+from llamatailor.generation.prompts import TokenizerPrompter
+from llamatailor.generation.text import Generation
 
 runner = CliRunner()
 
@@ -29,8 +31,8 @@ def test_runaway_probe_on_models_built_to_never_and_always_stop(tiny_models, cha
         with torch.no_grad():
             model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
             model.lm_head.bias[favoured] = 1e4
-        engine = TransformersEngine(name, model, chatml, batch_size=2)
-        shares[name] = runaway_share(engine.generate(prompts, 6, lambda n: None))
+        engine = TransformersEngine(name, model, chatml.tokenizer.pad_token_id, batch_size=2)
+        shares[name] = runaway_share(answer_all(engine, TokenizerPrompter(chatml), prompts, 6))
     assert shares == {"never": 1.0, "always": 0.0}
     assert runaway_share([Generation("a", 3, True), Generation("b", 6, False)]) == 0.5
 

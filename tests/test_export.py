@@ -16,15 +16,17 @@ from helpers import conversation, prepared_run
 from llamatailor.cli import app
 from llamatailor.config import ModelSection, load_config
 from llamatailor.errors import CheckFailed
-from llamatailor.evaluate.engines import LlamaCppEngine
 from llamatailor.export.gguf_check import FileCheck, check_logits, check_tokenizer, logit_reference
 from llamatailor.export.gguf_file import permute_rotary, write_gguf
+from llamatailor.export.gguf_gates import DEFAULT_GATES_PCT
 from llamatailor.export.gotemplate import TemplateError, render
 from llamatailor.export.ollama import SAMPLE_CONVERSATIONS, build_modelfile, go_variables, hf_text
+from llamatailor.generation.engines import LlamaCppEngine
 from llamatailor.models.loading import load_base_model, load_saved_tokenizer
 from llamatailor.models.tiny import build_tiny_model
 
 runner = CliRunner()
+SYSTEM_PROMPT = "You answer every question."
 CONVERSATIONS = [
     [
         {"role": "system", "content": "Answer briefly."},
@@ -37,7 +39,8 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_models):
-    """A tiny ChatML model taught to answer "ok" and stop, merged and exported to f16 and q8_0."""
+    """A tiny ChatML model taught to answer "ok" and stop, with a system prompt, merged and exported to f16,
+    q8_0 and q4_k_m."""
     folder = tmp_path_factory.mktemp("export")
     rows = [conversation(f"Question number {n}?", "ok") for n in range(40)]
     run_file = prepared_run(
@@ -45,8 +48,9 @@ def exported(tmp_path_factory, tiny_models):
         tiny_models["chatml"],
         rows,
         train={"max_steps": 30, "learning_rate": 1e-2, "batch_size": 8, "save_steps": 100},
+        data={"system_prompt": SYSTEM_PROMPT},
         eval={"max_new_tokens": 8, "json_fields": None},
-        export={"gguf": ["f16", "q8_0"]},
+        export={"gguf": ["f16", "q8_0", "q4_k_m"]},
     )
     for verb in ("train", "merge", "export"):
         result = runner.invoke(app, [verb, str(run_file)])
@@ -104,9 +108,7 @@ def test_gguf_metadata_and_tensors_read_back(exported):
     assert field("tokenizer.chat_template") == chat.tokenizer.chat_template
     assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.eot_token_id") == chat.stop_ids[0]
     assert field("tokenizer.ggml.model") == "gpt2"
-    assert (
-        field("tokenizer.ggml.pre") == "gpt-2"
-    )  # the HF tokenizer llamatailor trains with splits like GPT-2
+    assert field("tokenizer.ggml.pre") == "smollm"  # SmolLM2's own split: digits one by one, then GPT-2's
     assert len(field("tokenizer.ggml.tokens")) == len(chat.tokenizer) == field("llama.vocab_size")
     assert field("llama.block_count") == 2 and field("llama.attention.head_count_kv") == 2
     weights = load_file(run.merged / "model.safetensors")
@@ -126,9 +128,10 @@ def test_export_report_gates_and_stop(exported):
     report = json.loads((config.run_dir.gguf / "export_report.json").read_text())
     assert report["failures"] == []
     by_type = {row["gguf_type"]: row for row in report["files"]}
-    for gguf_type, gate in (("f16", 0.5), ("q8_0", 2.0)):
+    assert list(by_type) == ["f16", "q8_0", "q4_k_m"]  # a gate on every type asked for
+    for gguf_type, gate in (("f16", 0.6), ("q8_0", 0.7), ("q4_k_m", 11.8)):
         row = by_type[gguf_type]
-        assert row["gate_pct"] == gate
+        assert row["gate_pct"] == gate == DEFAULT_GATES_PCT[gguf_type]
         assert row["tokenizer_mismatches"] == 0 and row["tokenizer_texts"] > 0
         assert abs(row["perplexity_increase_pct"]) < gate
         assert row["chat_finish_reason"] == "stop" and row["chat_answer"] == "ok"
@@ -151,10 +154,14 @@ def test_export_fails_loudly_on_a_broken_file(exported, tmp_path):
     reader.data.flush()
     checker = Checker(config, chat)
     checker.reference()
-    result = checker.check("f16", path)  # judged by the f16 gate, 0.5 %
-    assert any("is +" in failure and "the gate allows 0.5%" in failure for failure in result.failures), (
+    result = checker.check("f16", path)  # judged by the f16 gate, 0.6 %
+    assert any("is +" in failure and "the gate allows 0.6%" in failure for failure in result.failures), (
         result.failures
     )
+    stricter = config.model_copy(update={"export": config.export.model_copy(update={"gates": {"f16": 1e6}})})
+    loose = Checker(stricter, chat)
+    loose.reference()
+    assert not any("perplexity" in failure for failure in loose.check("f16", path).failures)
 
 
 @pytest.mark.parametrize("kind", ["chatml", "llama3", "llama2"])
@@ -163,7 +170,7 @@ def test_llama_cpp_tokenizes_and_scores_like_hf(kind, tmp_path_factory):
     chat = load_saved_tokenizer(folder, ModelSection())
     path = write_gguf(folder, folder.parent / "m.gguf", "f32", chat, kind)
     texts = [chat.tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
-    engine = LlamaCppEngine(kind, path, chat, context=256)
+    engine = LlamaCppEngine(kind, path, context=256, scores=True)
     try:
         result = FileCheck("f32", str(path), 0)
         check_tokenizer(engine, chat, texts, result)
@@ -250,4 +257,39 @@ def test_serve_picks_the_runs_checked_gguf(exported, tmp_path):
     finally:
         running.stop()
     assert reply.choices[0].message.content == "ok" and reply.choices[0].finish_reason == "stop"
-    assert "LlamaCppServeEngine" in (tmp_path / "server.log").read_text()
+    assert "llama.cpp over tiny-f16.gguf" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "transformers"])
+def test_serve_renders_the_training_ids_on_both_engines(exported, tmp_path, engine):
+    """The run's system prompt when a request has none, a request's own when it has one, and a raw prompt
+    in the model's chat format read with its special tokens: the same ids as training, on both engines."""
+    from helpers import Server
+    from llamatailor.data.templating import render_prompt
+
+    config, _ = exported
+    chat = load_saved_tokenizer(config.run_dir.merged, config.model)
+    record = config.run_dir.read_split("train")[0]
+    assert record["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}  # prepare put it there
+    user_only = record["messages"][1:-1]
+    trained = render_prompt(chat, record["messages"][:-1])
+    assert len(render_prompt(chat, user_only)) > len(trained)  # SmolLM2's own default system text is longer
+    own = [{"role": "system", "content": "Be brief."}, *user_only]
+    running = Server(config.run_dir.root, "--engine", engine, log=tmp_path / "server.log")
+    try:
+        client = running.client(key=None)
+
+        def prompt_tokens(messages) -> int:
+            reply = client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=1, temperature=0
+            )
+            return reply.usage.prompt_tokens
+
+        assert prompt_tokens(user_only) == len(trained)
+        assert prompt_tokens(own) == len(render_prompt(chat, own))
+        raw = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        completion = client.completions.create(model="tiny", prompt=raw, max_tokens=4, temperature=0)
+    finally:
+        running.stop()
+    assert completion.usage.prompt_tokens == 16
+    assert f"{engine} over" in (tmp_path / "server.log").read_text()

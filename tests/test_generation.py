@@ -1,28 +1,105 @@
-"""Batched greedy generation: left padding changes nothing, stop tokens end answers and are reported."""
+"""The one generation path (`llamatailor.generation`), each rule tested once per engine and per vocabulary:
+prompt ids (system prompt, special tokens, one bos), greedy answers equal on transformers and llama.cpp,
+batching, the cut at stop tokens, and UTF-8 never split in a stream. A source scan keeps every decoding
+loop inside `generation/engines.py`."""
 
+import ast
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from llamatailor.config import ModelSection
 from llamatailor.data.templating import render_prompt
-from llamatailor.evaluate.generation import Generation, decode_generation, generate_all
+from llamatailor.export.gguf_file import write_gguf
+from llamatailor.generation.answers import answer_all, stream_answer
+from llamatailor.generation.engines import GREEDY, LlamaCppEngine, TransformersEngine
+from llamatailor.generation.prompts import GGUFPrompter, TokenizerPrompter
+from llamatailor.generation.text import Generation, finished, text_deltas
+from llamatailor.models.loading import load_saved_tokenizer
+from llamatailor.models.tiny import build_tiny_model
+
+SOURCE = Path(__file__).parents[1] / "src" / "llamatailor"
+CHATML_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+LLAMA2_PROMPT = "<s>[INST] Hello [/INST]"
+
+
+@pytest.fixture(scope="module", params=["chatml", "llama3", "llama2"])
+def both_engines(request, tmp_path_factory):
+    """A tiny model with its training tokenizer, and the same model as an f32 GGUF file."""
+    folder = build_tiny_model(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    chat = load_saved_tokenizer(folder, ModelSection())
+    path = write_gguf(folder, folder.parent / "m.gguf", "f32", chat, request.param)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    llama = LlamaCppEngine("gguf", path, context=512)
+    yield request.param, chat, TransformersEngine("hf", model, chat.tokenizer.pad_token_id, 4), llama
+    llama.close()
+
+
+def test_raw_prompts_get_the_same_ids_from_both_vocabularies(both_engines):
+    kind, chat, _, llama = both_engines
+    ours, files = TokenizerPrompter(chat), GGUFPrompter(llama.llm)
+    text = {"chatml": CHATML_PROMPT, "llama2": LLAMA2_PROMPT}.get(kind)
+    if text is None:  # Llama 3: the header tokens written as text
+        text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    assert ours.text_ids(text) == files.text_ids(text)
+    expected = {"chatml": 16, "llama2": 9, "llama3": 7}[kind]  # special tokens read as one token each
+    assert len(ours.text_ids(text)) == expected
+    bos = chat.tokenizer.bos_token_id
+    if chat.adds_bos:  # written with or without bos, the prompt starts with exactly one
+        without = text.removeprefix(chat.tokenizer.bos_token)
+        for ids in (ours.text_ids(text), ours.text_ids(without)):
+            assert ids[:1] == [bos] and ids[1:2] != [bos]
+        assert files.text_ids(without)[:1] == [bos] and files.text_ids(without)[1:2] != [bos]
+
+
+def test_system_prompt_is_added_once_on_both_vocabularies(both_engines):
+    _, chat, _, llama = both_engines
+    user = [{"role": "user", "content": "Hi"}]
+    own = [{"role": "system", "content": "Be terse."}, *user]
+    run = [{"role": "system", "content": "You tag tickets."}, *user]
+    for prompter in (
+        TokenizerPrompter(chat, "You tag tickets."),
+        GGUFPrompter(llama.llm, "You tag tickets."),
+    ):
+        assert prompter.chat_ids(user) == render_prompt(chat, run)  # as training rendered it
+        assert prompter.chat_ids(own) == render_prompt(chat, own)  # a request's own system message wins
+    assert TokenizerPrompter(chat).chat_ids(user) == render_prompt(chat, user)
+
+
+def test_greedy_answers_equal_on_both_engines(both_engines):
+    _, chat, hf, llama = both_engines
+    prompter = TokenizerPrompter(chat)
+    prompts = [prompter.chat_ids([{"role": "user", "content": q}]) for q in ("hi", "n = 3, then?")]
+    from_hf = answer_all(hf, prompter, prompts, 10)
+    assert answer_all(llama, prompter, prompts, 10) == from_hf
+    streamed = "".join(d.text for d in stream_answer(llama, prompter, prompts[0], GREEDY, 10))
+    assert streamed.strip() == from_hf[0].text
 
 
 def test_batched_answers_equal_one_by_one(tiny_models, chatml):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["chatml"]).eval()
+    prompter = TokenizerPrompter(chatml)
     questions = ["hi", "what is the capital of France, in one word?", "n = 3", "a much longer question " * 5]
-    prompts = [render_prompt(chatml, [{"role": "user", "content": q}]) for q in questions]
+    prompts = [prompter.chat_ids([{"role": "user", "content": q}]) for q in questions]
     assert len({len(p) for p in prompts}) == 4, "prompts of different lengths exercise the padding"
-    batched = generate_all(model, chatml, prompts, max_new_tokens=12, batch_size=4)
-    single = generate_all(model, chatml, prompts, max_new_tokens=12, batch_size=1)
+    pad = chatml.tokenizer.pad_token_id
+    batched = answer_all(TransformersEngine("b", model, pad, 4), prompter, prompts, 12)
+    single = answer_all(TransformersEngine("s", model, pad, 1), prompter, prompts, 12)
     assert batched == single
     assert all(g.tokens == 12 and not g.stopped for g in single)  # random weights never stop
+    streamed = stream_answer(TransformersEngine("s", model, pad), prompter, prompts[1], GREEDY, 12)
+    assert "".join(d.text for d in streamed).strip() == single[1].text
 
 
-def testdecode_generation_cuts_at_the_first_stop_token(chatml):
+def test_finished_cuts_at_the_first_stop_token(chatml):
+    prompter = TokenizerPrompter(chatml)
     hello = chatml.tokenizer.encode("Hello there", add_special_tokens=False)
     end = chatml.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert decode_generation([*hello, end, *hello], chatml) == Generation("Hello there", len(hello) + 1, True)
-    assert decode_generation(hello, chatml) == Generation("Hello there", len(hello), False)
+    cut = finished([*hello, end, *hello], prompter.decode, prompter.stop_ids)
+    assert cut == Generation("Hello there", len(hello) + 1, True)
+    assert finished(hello, prompter.decode, prompter.stop_ids) == Generation("Hello there", len(hello), False)
 
 
 def test_generation_stops_at_a_stop_token(tiny_models, chatml):
@@ -32,5 +109,38 @@ def test_generation_stops_at_a_stop_token(tiny_models, chatml):
     with torch.no_grad():
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
         model.lm_head.bias[end] = 1e4
-    prompt = render_prompt(chatml, [{"role": "user", "content": "hi"}])
-    assert generate_all(model, chatml, [prompt], max_new_tokens=12, batch_size=1) == [Generation("", 1, True)]
+    prompter = TokenizerPrompter(chatml)
+    engine = TransformersEngine("t", model, chatml.tokenizer.pad_token_id, 1)
+    prompt = prompter.chat_ids([{"role": "user", "content": "hi"}])
+    assert answer_all(engine, prompter, [prompt], 12) == [Generation("", 1, True)]
+    deltas = list(stream_answer(engine, prompter, prompt, GREEDY, 12))
+    assert [(d.text, d.finish_reason, d.completion_tokens) for d in deltas] == [("", "stop", 1)]
+
+
+def test_stream_never_splits_a_character(both_engines):
+    """Byte-level tokens of '😀' decode to U+FFFD until the last byte: nothing is sent before it."""
+    _, chat, _, llama = both_engines
+    text = "ok 😀 déjà 日本"
+    ids = chat.tokenizer.encode(text, add_special_tokens=False)
+    for prompter in (TokenizerPrompter(chat), GGUFPrompter(llama.llm)):
+        deltas = list(text_deltas(ids, prompter.decode, set(), [], 100))
+        assert all("\ufffd" not in d.text for d in deltas)
+        assert "".join(d.text for d in deltas).strip() == text
+        assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == len(ids)
+    cut = list(text_deltas(ids, TokenizerPrompter(chat).decode, set(), ["déjà"], 100))
+    assert "".join(d.text for d in cut) == "ok 😀 " and cut[-1].finish_reason == "stop"
+
+
+def test_no_decoding_loop_outside_the_generation_engines():
+    """`generate`, llama.cpp's sampling and completion calls, and streamers appear in one module only."""
+    forbidden = {"generate", "create_completion", "create_chat_completion", "sample", "TextIteratorStreamer"}
+    found = []
+    for path in SOURCE.rglob("*.py"):
+        if path == SOURCE / "generation" / "engines.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+                if name in forbidden:
+                    found.append(f"{path.relative_to(SOURCE)}:{node.lineno} {name}")
+    assert found == []

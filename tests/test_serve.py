@@ -296,7 +296,9 @@ def test_transformers_engine_serves_base_and_adapters(tmp_path, tiny_models):
     from helpers import conversation, prepared_run
     from llamatailor.config import load_config
     from llamatailor.data.templating import render_prompt
-    from llamatailor.evaluate.generation import generate_all
+    from llamatailor.generation.answers import answer_all
+    from llamatailor.generation.engines import TransformersEngine
+    from llamatailor.generation.prompts import TokenizerPrompter
     from llamatailor.models.loading import load_base_model, load_tuned_model
     from llamatailor.train.sft import train_sft
 
@@ -334,11 +336,15 @@ def test_transformers_engine_serves_base_and_adapters(tmp_path, tiny_models):
         running.stop()
     chat = load_saved_tokenizer(first.run_dir.adapter, first.model)
     prompt = [render_prompt(chat, [{"role": "user", "content": "q1"}])]
-    tuned = load_tuned_model(first.model, first.run_dir.adapter).eval()
-    # generate_all strips the answer; the server sends the text as generated
-    assert answers["first"].strip() == generate_all(tuned, chat, prompt, 6, 1)[0].text
-    base = load_base_model(first.model).eval()
-    assert answers["base"].strip() == generate_all(base, chat, prompt, 6, 1)[0].text
+    pad = chat.tokenizer.pad_token_id
+
+    def greedy(model) -> str:  # answer_all strips the answer; the server sends the text as generated
+        return answer_all(TransformersEngine("t", model.eval(), pad), TokenizerPrompter(chat), prompt, 6)[
+            0
+        ].text
+
+    assert answers["first"].strip() == greedy(load_tuned_model(first.model, first.run_dir.adapter))
+    assert answers["base"].strip() == greedy(load_base_model(first.model))
     assert answers["second"] != answers["first"]
 
 

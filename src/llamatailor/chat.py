@@ -2,16 +2,13 @@
 answer as it is generated."""
 
 from collections.abc import Callable
-from threading import Thread
-
-import torch
-from transformers import TextIteratorStreamer
 
 from llamatailor.config import RunConfig
 from llamatailor.data.formats import Message
-from llamatailor.data.templating import render_prompt
 from llamatailor.errors import ModelLoadError
-from llamatailor.evaluate.generation import greedy_config
+from llamatailor.generation.answers import stream_answer
+from llamatailor.generation.engines import GREEDY, TransformersEngine
+from llamatailor.generation.prompts import TokenizerPrompter
 from llamatailor.models.loading import load_base_model, load_saved_tokenizer, load_tuned_model
 
 
@@ -21,43 +18,27 @@ class ChatSession:
     def __init__(self, config: RunConfig, use_base: bool = False, max_new_tokens: int = 256) -> None:
         final = config.run_dir.final(config.dpo.enabled)
         # The tokenizer and template saved with the tuned model, for the base too: the same prompt for both.
-        self.chat = load_saved_tokenizer(final, config.model)
-        self.model = (
-            load_base_model(config.model) if use_base else load_tuned_model(config.model, final)
-        ).eval()
+        chat = load_saved_tokenizer(final, config.model)
+        model = load_base_model(config.model) if use_base else load_tuned_model(config.model, final)
+        self.engine = TransformersEngine("chat", model.eval(), chat.tokenizer.pad_token_id)
+        self.prompter = TokenizerPrompter(chat, config.data.system_prompt)
         self.max_new_tokens = max_new_tokens
-        self.system_prompt = config.data.system_prompt
         self.history: list[Message] = []
 
     def reset(self) -> None:
         self.history = []
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages = [*system, *self.history, {"role": "user", "content": text}]
-        prompt = torch.tensor([render_prompt(self.chat, messages)], device=self.model.device)
-        streamer = TextIteratorStreamer(self.chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {
-            "input_ids": prompt,
-            "attention_mask": torch.ones_like(prompt),
-            "generation_config": greedy_config(self.chat, self.max_new_tokens),
-            "streamer": streamer,
-        }
-        worker = Thread(target=self._generate, kwargs=kwargs, daemon=True)
-        worker.start()
+        messages = [*self.history, {"role": "user", "content": text}]
+        prompt = self.prompter.chat_ids(messages)
         pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
-        worker.join()
+        for delta in stream_answer(self.engine, self.prompter, prompt, GREEDY, self.max_new_tokens):
+            pieces.append(delta.text)
+            if on_text and delta.text:
+                on_text(delta.text)
         answer = "".join(pieces).strip()
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer
-
-    @torch.inference_mode()
-    def _generate(self, **kwargs: object) -> None:
-        self.model.generate(**kwargs)
 
 
 class RemoteChatSession:

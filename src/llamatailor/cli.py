@@ -328,7 +328,7 @@ def serve(
     import uvicorn
 
     from llamatailor.serve.app import ServerSettings, create_app
-    from llamatailor.serve.target import build_engine, is_loopback, parse_adapters
+    from llamatailor.serve.target import build_served, is_loopback, parse_adapters
 
     if engine not in ("auto", "llama.cpp", "transformers"):
         raise ConfigError(f"--engine {engine!r}: expected auto, llama.cpp or transformers")
@@ -336,10 +336,10 @@ def serve(
         raise ConfigError(
             f"--host {host}: binding beyond this machine needs --api-key (or LLAMATAILOR_API_KEY)"
         )
-    served = build_engine(target, engine, parse_adapters(adapter or []), context)  # type: ignore[arg-type]
+    served = build_served(target, engine, parse_adapters(adapter or []), context)  # type: ignore[arg-type]
     settings = ServerSettings(api_key, max_body_bytes, max_queue, max_tokens_limit, request_log=log_requests)
     console.print(
-        f"serving {', '.join(served.model_ids())} on http://{host}:{port}/v1 ({type(served).__name__})"
+        f"serving {', '.join(served.model_ids())} on http://{host}:{port}/v1 ({served.description})"
     )
     uvicorn.run(
         create_app(served, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30

@@ -312,8 +312,9 @@ class ExportSection(Section):
         default_factory=lambda: ["q8_0"], description=f"GGUF types to write: {', '.join(GGUF_TYPES)}."
     )
     gates: dict[str, float] = Field(
-        default_factory=lambda: {"f16": 0.5, "bf16": 0.5, "q8_0": 2.0},
-        description="Largest perplexity increase over the merged model, in percent, per GGUF type.",
+        default_factory=dict,
+        description="Largest perplexity increase over the merged model, in percent, per GGUF type; "
+        "a type not named here gets its default (export.gguf_gates.DEFAULT_GATES_PCT).",
     )
     modelfile_from: str | None = Field(
         None, description="The GGUF type the Ollama Modelfile points at; default: the first in gguf."

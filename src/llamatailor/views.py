@@ -148,8 +148,9 @@ def plan_view(plan: Plan) -> RenderableType:
 def merge_view(result: MergeResult) -> RenderableType:
     return Text(
         f"merged into {result.folder} ({result.dtype}): max |logit| difference to the adapter model "
-        f"{result.max_abs_logit_diff:.2e} (saved and reloaded: {result.saved_max_abs_logit_diff:.2e}; "
-        f"tolerance {result.tolerance:.0e}); greedy answers identical on {result.greedy_identical} of "
+        f"{result.max_abs_logit_diff:.2e} (saved and reloaded: {result.saved_max_abs_logit_diff:.2e}, "
+        f"allowed {result.saved_tolerance:.2e}; tolerance {result.tolerance:.0e}); greedy answers identical on "
+        f"{result.greedy_identical} of "
         f"{result.greedy_compared} val prompts",
         style="green",
     )

@@ -25,6 +25,14 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """The run's system prompt (`data.system_prompt`) first, unless the conversation brings its own: the one
+    rule for training samples and for every prompt generated from (eval, chat, serve)."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 class RecordError(ValueError):
     """A record that cannot be used: `field` names where, the message says what was expected."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from llamatailor.config import DataSection
 from llamatailor.data.clean import clean_text
-from llamatailor.data.formats import Format, RecordError, Sample, to_sample
+from llamatailor.data.formats import Format, RecordError, Sample, to_sample, with_system_prompt
 from llamatailor.data.pii import find_pii, mask_pii
 from llamatailor.data.reader import RawRecord
 from llamatailor.data.templating import RenderError, render_for_training
@@ -52,7 +52,8 @@ def scan_record(
     if raw.error is not None:
         return Rejected(raw.error.kind, raw.error.field, raw.error.reason, raw.raw)
     try:
-        sample = with_system_prompt(to_sample(raw.value, fmt), data.system_prompt)
+        sample = to_sample(raw.value, fmt)
+        sample = replace(sample, messages=with_system_prompt(sample.messages, data.system_prompt))
         sample = _cleaned(sample, data, counts)
         sample = _pii_checked(sample, data, counts)
         stratum = _stratum(raw.value, data.stratify_by)
@@ -66,12 +67,6 @@ def scan_record(
         return Rejected(exc.kind, exc.field, exc.reason, raw.value)
     except RenderError as exc:
         return Rejected(exc.kind, "", str(exc), raw.value)
-
-
-def with_system_prompt(sample: Sample, system_prompt: str | None) -> Sample:
-    if system_prompt is None or sample.messages[0]["role"] == "system":
-        return sample
-    return replace(sample, messages=[{"role": "system", "content": system_prompt}, *sample.messages])
 
 
 def _cleaned(sample: Sample, data: DataSection, counts: ScanCounts) -> Sample:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from llamatailor.data.formats import Message
 from llamatailor.data.templating import IGNORE_INDEX, render_for_training
-from llamatailor.evaluate.engines import Engine
+from llamatailor.generation.engines import Engine
 from llamatailor.models.loading import ChatTokenizer
 
 

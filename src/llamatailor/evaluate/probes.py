@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from llamatailor.evaluate.generation import Generation
+from llamatailor.generation.text import Generation
 from llamatailor.rundir import read_jsonl
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from llamatailor.config import ModelSection, RunConfig
-from llamatailor.data.templating import render_prompt
-from llamatailor.evaluate.engines import Engine, LlamaCppEngine, TransformersEngine
-from llamatailor.evaluate.generation import Generation
 from llamatailor.evaluate.judge import judge_answers
 from llamatailor.evaluate.metrics import example_score, headline_metric, score_answers
 from llamatailor.evaluate.perplexity import perplexity
 from llamatailor.evaluate.probes import MemorisationProbe, overfitting_verdict, runaway_share
 from llamatailor.evaluate.report import plot_scores, render_report
+from llamatailor.generation.answers import answer_all
+from llamatailor.generation.engines import Engine, LlamaCppEngine, TransformersEngine
+from llamatailor.generation.prompts import TokenizerPrompter
+from llamatailor.generation.text import Generation
 from llamatailor.models.loading import (
     ChatTokenizer,
     base_model_of,
@@ -55,8 +56,9 @@ class Evaluation:
     def __init__(self, config: RunConfig, chat: ChatTokenizer, progress: ProgressCallback | None) -> None:
         run = config.run_dir
         self.config, self.chat, self.progress = config, chat, progress
+        self.prompter = TokenizerPrompter(chat, config.data.system_prompt)
         self.records = run.read_split("test")[: config.eval.max_samples]
-        self.prompts = [render_prompt(chat, record["messages"][:-1]) for record in self.records]
+        self.prompts = [self.prompter.chat_ids(record["messages"][:-1]) for record in self.records]
         self.references = [record["messages"][-1]["content"] for record in self.records]
         self.splits = {name: [r["messages"] for r in run.read_split(name)] for name in ("val", "test")}
 
@@ -69,7 +71,7 @@ class Evaluation:
             if self.progress:
                 self.progress(engine.label, done, len(self.prompts))
 
-        generations = engine.generate(self.prompts, self.config.eval.max_new_tokens, step)
+        generations = answer_all(engine, self.prompter, self.prompts, self.config.eval.max_new_tokens, step)
         perplexities = {}
         if self.config.eval.perplexity:
             for name, conversations in self.splits.items():
@@ -92,29 +94,28 @@ def evaluate_run(
     batch = config.eval.batch_size
     if model_path is None:
         tuned_model = load_tuned_model(config.model, final).eval()
-        tuned = evaluation.answer(TransformersEngine("tuned", tuned_model, chat, batch))
+        pad = chat.tokenizer.pad_token_id
+        tuned = evaluation.answer(TransformersEngine("tuned", tuned_model, pad, batch))
         with base_model_of(tuned_model, config.model) as base_model:
-            base = evaluation.answer(TransformersEngine("base", base_model, chat, batch))
+            base = evaluation.answer(TransformersEngine("base", base_model, pad, batch))
         folder, source = run.eval, str(final)
     else:
         candidate = candidate_engine(model_path, chat, config)
         tuned = evaluation.answer(candidate)
         if isinstance(candidate, LlamaCppEngine):
             candidate.close()
-        base = evaluation.answer(
-            TransformersEngine("base", load_base_model(config.model).eval(), chat, batch)
-        )
+        base_model = load_base_model(config.model).eval()
+        base = evaluation.answer(TransformersEngine("base", base_model, chat.tokenizer.pad_token_id, batch))
         folder, source = run.eval / "candidates" / model_path.stem, str(model_path)
     return write_results(config, chat, evaluation, {"base": base, "tuned": tuned}, folder, source)
 
 
 def candidate_engine(path: Path, chat: ChatTokenizer, config: RunConfig) -> Engine:
     if path.suffix == ".gguf":
-        return LlamaCppEngine(
-            "candidate", path, chat, context=config.data.max_seq_len + config.eval.max_new_tokens
-        )
+        context = config.data.max_seq_len + config.eval.max_new_tokens
+        return LlamaCppEngine("candidate", path, context, scores=config.eval.perplexity)
     model = load_base_model(ModelSection(base=str(path), family=config.model.family)).eval()
-    return TransformersEngine("candidate", model, chat, config.eval.batch_size)
+    return TransformersEngine("candidate", model, chat.tokenizer.pad_token_id, config.eval.batch_size)
 
 
 def write_results(

@@ -5,8 +5,8 @@
 * logits: top-1 agreement and perplexity on the answer tokens of val conversations (the tokens training
   optimised) against the merged model;
 * task: the eval metric on the test prompts, greedy, against the merged model's (retention);
-* stopping: a chat answer through llama.cpp's own chat path (the template inside the file) that ends at the
-  end-of-turn token.
+* stopping: a greedy chat answer rendered by the file's own template and cut at the file's own stop tokens
+  (what llama.cpp's and Ollama's chat paths read) that ends at the end-of-turn token.
 """
 
 import math
@@ -21,7 +21,10 @@ from transformers import PreTrainedModel
 
 from llamatailor.data.formats import Message
 from llamatailor.data.templating import IGNORE_INDEX
-from llamatailor.evaluate.engines import LlamaCppEngine, scored
+from llamatailor.export.rope import GgufRope
+from llamatailor.generation.answers import stream_answer
+from llamatailor.generation.engines import GREEDY, LlamaCppEngine, scored
+from llamatailor.generation.prompts import GGUFPrompter
 from llamatailor.models.loading import ChatTokenizer
 
 
@@ -56,8 +59,10 @@ class FileCheck:
     task_metric: float | None = None
     task_metric_merged: float | None = None
     retention: float | None = None
+    diverges_from: int | None = None  # first position of a top-1 disagreement run that starts late
     chat_finish_reason: str = ""
     chat_answer: str = ""
+    merged_stop_share: float | None = None  # test prompts the merged model answered up to a stop token
     gate_pct: float | None = None
     failures: list[str] = field(default_factory=list)
 
@@ -92,7 +97,9 @@ def gguf_logits(
     return [logprobs for logprobs, _ in rows], [top1 for _, top1 in rows]
 
 
-def check_metadata(path: Path, chat: ChatTokenizer) -> list[str]:
+def check_metadata(path: Path, chat: ChatTokenizer, rope: GgufRope) -> list[str]:
+    """What the file's metadata gets wrong: the chat template, end-of-turn, bos, and the RoPE keys that
+    `rope` (export/rope.py, from the merged model's config) says llama.cpp needs."""
     reader = gguf.GGUFReader(path)
 
     def value(key: str) -> Any:
@@ -110,6 +117,18 @@ def check_metadata(path: Path, chat: ChatTokenizer) -> list[str]:
         and value("tokenizer.ggml.bos_token_id") != chat.tokenizer.bos_token_id
     ):
         problems.append(f"tokenizer.ggml.bos_token_id is {value('tokenizer.ggml.bos_token_id')}")
+    arch = value("general.architecture") or "llama"
+    expected = rope.keys(arch)
+    written = {key: value(key) for key in reader.fields if key.startswith(f"{arch}.rope.")}
+    for key in sorted({*expected, *written} - {f"{arch}.rope.dimension_count"}):
+        want, got = expected.get(key), written.get(key)
+        same = (
+            got == want
+            if isinstance(want, str | None)
+            else got is not None and math.isclose(got, want, rel_tol=1e-6)
+        )
+        if not same:
+            problems.append(f"rope: {key} is {got!r}, the merged model's config needs {want!r}")
     return problems
 
 
@@ -133,8 +152,10 @@ def check_tokenizer(engine: LlamaCppEngine, chat: ChatTokenizer, texts: list[str
 
 def check_logits(engine: LlamaCppEngine, reference: LogitReference, result: FileCheck) -> None:
     logprobs, top1 = gguf_logits(engine, reference)
-    agree = sum(int((a == b).sum()) for a, b in zip(top1, reference.top1, strict=True))
-    result.top1_agreement = agree / max(sum(len(row) for row in top1), 1)
+    agree = [a == b for a, b in zip(top1, reference.top1, strict=True)]
+    result.top1_agreement = sum(int(row.sum()) for row in agree) / max(sum(len(row) for row in top1), 1)
+    if agree:
+        result.diverges_from = divergence_start(np.concatenate(reference.answers), np.concatenate(agree))
     result.perplexity = perplexity_of(logprobs)
     result.perplexity_merged = reference.perplexity
     result.perplexity_increase_pct = 100 * (result.perplexity / result.perplexity_merged - 1)
@@ -143,16 +164,61 @@ def check_logits(engine: LlamaCppEngine, reference: LogitReference, result: File
 def check_chat_stops(
     engine: LlamaCppEngine, messages: list[Message], max_tokens: int, result: FileCheck
 ) -> None:
-    """Through llama-cpp-python's chat path, which formats with the template stored in the file."""
-    reply = engine.llm.create_chat_completion(
-        messages=[dict(m) for m in messages], max_tokens=max_tokens, temperature=0.0, seed=0
-    )
-    choice = reply["choices"][0]
-    result.chat_finish_reason = choice["finish_reason"] or ""
-    result.chat_answer = choice["message"]["content"] or ""
+    """With the file's own template, vocabulary and stop tokens, as llama.cpp's own chat path reads them."""
+    prompter = GGUFPrompter(engine.llm)
+    pieces, finish = [], ""
+    for delta in stream_answer(engine, prompter, prompter.chat_ids(messages), GREEDY, max_tokens):
+        pieces.append(delta.text)
+        finish = delta.finish_reason or finish
+    result.chat_finish_reason = finish
+    result.chat_answer = "".join(pieces)
 
 
-def apply_gates(result: FileCheck, gate_pct: float | None) -> None:
+def divergence_start(positions: np.ndarray, agree: np.ndarray) -> int | None:
+    """The position from which top-1 agreement falls below 90 % when it was at least 99 % (over 8 or more
+    scored tokens) before it: what wrong RoPE scaling or context metadata looks like. None otherwise.
+    `positions` and `agree` are per scored token, in any order."""
+    order = np.argsort(positions, kind="stable")
+    positions, agree = positions[order], agree[order].astype(bool)
+    for index in np.flatnonzero(~agree):
+        before, after = agree[:index], agree[index:]
+        if len(before) >= 8 and before.mean() >= 0.99 and after.mean() < 0.9:
+            return int(positions[index])
+        if len(before) >= 8 and before.mean() < 0.99:
+            return None
+    return None
+
+
+def likely_cause(result: FileCheck) -> str | None:
+    """What most probably broke a file whose logits or perplexity fail, from what was measured."""
+    if result.tokenizer_mismatches:
+        return "llama.cpp's token ids differ from the training tokenizer's (see the tokenizer check)"
+    rope = [problem for problem in result.metadata_problems if "rope" in problem]
+    if rope:
+        return f"RoPE metadata: {rope[0]}"
+    if result.diverges_from is not None:
+        return (
+            f"the logits agree up to position {result.diverges_from} and diverge after it: the file's RoPE "
+            "scaling or context metadata differs from the model's"
+        )
+    return None
+
+
+def stop_cause(result: FileCheck, stop_id: int) -> str:
+    """Why a chat answer through the file did not stop, from the metadata and the merged model."""
+    eot = [problem for problem in result.metadata_problems if "eot_token_id" in problem or "eos" in problem]
+    if eot:
+        return f"the end-of-turn token is missing from the file's metadata ({eot[0]}; expected id {stop_id})"
+    if result.merged_stop_share is not None and result.merged_stop_share < 1:
+        return (
+            f"the merged model itself stopped on {result.merged_stop_share:.0%} of the test prompts: "
+            "it has not learned to end its answers"
+        )
+    return "the file's template or vocabulary renders the conversation differently from training"
+
+
+def apply_gates(result: FileCheck, gate_pct: float, stop_id: int) -> None:
+    """Collect the failures of one file; each names what failed, by how much, and its likely cause."""
     result.gate_pct = gate_pct
     failures = [f"metadata: {problem}" for problem in result.metadata_problems]
     if result.tokenizer_mismatches:
@@ -160,13 +226,16 @@ def apply_gates(result: FileCheck, gate_pct: float | None) -> None:
             f"tokenizer: llama.cpp's ids differ from the HF tokenizer's on {result.tokenizer_mismatches} of "
             f"{result.tokenizer_texts} texts ({result.first_mismatch})"
         )
-    if gate_pct is not None and result.perplexity_increase_pct > gate_pct:
+    if result.perplexity_increase_pct > gate_pct:
+        cause = likely_cause(result)
         failures.append(
             f"perplexity {result.perplexity:.4f} is {result.perplexity_increase_pct:+.2f}% over the merged "
-            f"model's {result.perplexity_merged:.4f}; the gate allows {gate_pct}%"
+            f"model's {result.perplexity_merged:.4f}; the gate allows {gate_pct}% (top-1 agreement "
+            f"{result.top1_agreement:.3f})" + (f"; likely cause: {cause}" if cause else "")
         )
     if result.chat_finish_reason != "stop":
         failures.append(
-            f"the chat answer did not end at the end-of-turn token (finish_reason {result.chat_finish_reason!r})"
+            f"the chat answer did not end at the end-of-turn token (finish_reason {result.chat_finish_reason!r}); "
+            f"likely cause: {stop_cause(result, stop_id)}"
         )
     result.failures = failures

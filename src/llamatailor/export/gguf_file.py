@@ -8,7 +8,6 @@ F32, F16 and BF16 are written here; every other type is quantized from that file
 
 import ctypes
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,35 +19,16 @@ from safetensors import safe_open
 from transformers import LlamaConfig
 
 from llamatailor.errors import CheckFailed
+from llamatailor.export.pre_tokenizer import pre_tokenizer_name
+from llamatailor.export.rope import GgufRope, gguf_rope
 from llamatailor.models.loading import ChatTokenizer
 from llamatailor.rundir import atomic_path
 
-LLAMA3_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
 WRITTEN_HERE = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
 }
-
-
-def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's name for the pre-tokenizer this tokenizer.json describes (byte-level BPE only)."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [part.get("type") for part in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex"):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
-        return "llama-bpe"
-    raise CheckFailed(
-        f"the tokenizer's pre-tokenizer {json.dumps(pre)[:300]} matches none llama.cpp knows here "
-        "(GPT-2 byte-level, SmolLM digits + byte-level, Llama 3 split); a GGUF would tokenize differently"
-    )
 
 
 def vocabulary(folder: Path, chat: ChatTokenizer, vocab_size: int) -> dict[str, Any]:
@@ -80,7 +60,7 @@ def vocabulary(folder: Path, chat: ChatTokenizer, vocab_size: int) -> dict[str, 
         scores.append(-float(rank.get(token, 0)) if spm else 0.0)
     return {
         "model": "llama" if spm else "gpt2",
-        "pre": None if spm else pre_tokenizer_name(tokenizer_json),
+        "pre": None if spm else pre_tokenizer_name(chat.tokenizer, tokenizer_json),
         "tokens": tokens,
         "types": types,
         "scores": scores,
@@ -99,7 +79,9 @@ def space_prefix_everywhere(tokenizer_json: dict[str, Any]) -> bool:
     return '"Prepend"' in normalizer or pre.get("prepend_scheme") == "always"
 
 
-def write_metadata(writer: gguf.GGUFWriter, config: LlamaConfig, name: str, file_type: int) -> None:
+def write_metadata(
+    writer: gguf.GGUFWriter, config: LlamaConfig, name: str, file_type: int, rope: GgufRope
+) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -111,8 +93,14 @@ def write_metadata(writer: gguf.GGUFWriter, config: LlamaConfig, name: str, file
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    # RoPE base and scaling as llama.cpp reads them (export/rope.py proved they rotate as transformers does)
+    for key, value in rope.keys(writer.arch).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_float32(key, value)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
@@ -138,15 +126,9 @@ def write_tokenizer(writer: gguf.GGUFWriter, vocab: dict[str, Any], chat: ChatTo
     end_of_turn = chat.stop_ids[0]
     writer.add_eos_token_id(end_of_turn)
     writer.add_eot_token_id(end_of_turn)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)) or adds_bos(chat))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)) or chat.adds_bos)
     writer.add_add_eos_token(False)
     writer.add_chat_template(tokenizer.chat_template)
-
-
-def adds_bos(chat: ChatTokenizer) -> bool:
-    """Whether encoding plain text starts with bos (the fast tokenizer's post-processor decides)."""
-    tokenizer = chat.tokenizer
-    return tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
 
 
 def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -157,32 +139,10 @@ def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def llama3_rope_factors(config: LlamaConfig, head_dim: int) -> np.ndarray | None:
-    """Llama 3.1+ scale rotary frequencies by wavelength; llama.cpp reads the factors from `rope_freqs`."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type") != "llama3":
-        return None
-    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-    original = rope["original_max_position_embeddings"]
-    factors = []
-    for index in range(0, head_dim, 2):
-        wavelength = 2 * math.pi * rope["rope_theta"] ** (index / head_dim)
-        if wavelength < original / high:
-            factors.append(1.0)
-        elif wavelength > original / low:
-            factors.append(factor)
-        else:
-            smooth = (original / wavelength - low) / (high - low)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, dtype=np.float32)
-
-
-def tensors(folder: Path, config: LlamaConfig) -> Any:
-    """(GGUF name, fp32 array) for every weight of the merged folder."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope_factors = llama3_rope_factors(config, head_dim)
-    if rope_factors is not None:
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors
+def tensors(folder: Path, config: LlamaConfig, rope: GgufRope) -> Any:
+    """(GGUF name, fp32 array) for every weight of the merged folder, and `rope_freqs` when RoPE has factors."""
+    if rope.factors is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope.factors
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as handle:
@@ -201,18 +161,22 @@ def tensors(folder: Path, config: LlamaConfig) -> Any:
 
 
 def write_gguf(folder: Path, target: Path, gguf_type: str, chat: ChatTokenizer, name: str) -> Path:
-    """Write `folder` (a merged Llama model) as a GGUF file of type f32, f16 or bf16."""
+    """Write `folder` (a merged Llama model) as a GGUF file of type f32, f16 or bf16.
+
+    Raises CheckFailed before anything is written when the model is not a llama or its RoPE type is one
+    llama.cpp cannot reproduce (export/rope.py: check_gguf_rope, which the export stage can call earlier)."""
     config = LlamaConfig.from_pretrained(folder)
     if config.model_type != "llama":
         raise CheckFailed(f"{folder}: model_type {config.model_type!r}; GGUF export handles llama only")
+    rope = gguf_rope(config, str(folder))
     file_type, tensor_type = WRITTEN_HERE[gguf_type]
     vocab = vocabulary(folder, chat, config.vocab_size)
     with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        write_metadata(writer, config, name, file_type)
+        write_metadata(writer, config, name, file_type, rope)
         write_tokenizer(writer, vocab, chat)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for tensor_name, array in tensors(folder, config):
+        for tensor_name, array in tensors(folder, config, rope):
             if array.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
                 writer.add_tensor(tensor_name, array)
             else:

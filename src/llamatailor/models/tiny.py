@@ -2,7 +2,10 @@
 
 Tokenizers come from files that exist offline: the embedded SmolLM2 model (ChatML), and the Llama 3 (BPE)
 and Llama 2 (SentencePiece) vocabularies that the llama-cpp-python source distribution ships as
-llama.cpp test files, with Meta's official Llama 3.1 chat template from the same archive.
+llama.cpp test files, with Meta's official Llama 3.1 chat template from the same archive. transformers builds
+a tokenizer from a GGUF file without some of what llama.cpp reads from the same file, which
+`models.gguf_tokenizer` puts back: each tokenizer then gives the ids of its model's own tokenizer.json and of
+llama.cpp (tests/test_tokenizer_fidelity.py).
 """
 
 import subprocess
@@ -12,11 +15,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llamatailor.cache import cache_dir
 from llamatailor.errors import ModelLoadError
 from llamatailor.models.families import LLAMA2_TEMPLATE
+from llamatailor.models.gguf_tokenizer import tokenizer_from_gguf
 from llamatailor.models.source import embedded_gguf_path
 from llamatailor.rundir import atomic_path
 
@@ -61,7 +65,7 @@ def real_tokenizer(kind: TokenizerKind) -> PreTrainedTokenizerBase:
         gguf = embedded_gguf_path("smollm2-135m-instruct")
     else:
         gguf = llama_cpp_model_file(f"ggml-vocab-llama-{'bpe' if kind == 'llama3' else 'spm'}.gguf")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = tokenizer_from_gguf(gguf)
     if kind == "llama3":
         tokenizer.chat_template = llama_cpp_model_file(LLAMA3_TEMPLATE_FILE).read_text(encoding="utf-8")
     elif kind == "llama2":

@@ -1,4 +1,4 @@
-"""The HTTP API: OpenAI's routes over one engine, with limits that keep it up under load and bad requests.
+"""The HTTP API: OpenAI's routes over the served models, with limits that keep it up under load and bad requests.
 
 * API key: with one set, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise).
 * Body size cap (413), prompt + max_tokens checked against the context (400), a bounded queue (429 with
@@ -22,9 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamatailor.serve.decoding import Delta
-from llamatailor.serve.engines import Sampling, ServeEngine
+from llamatailor.generation.engines import Sampling
+from llamatailor.generation.text import Delta
 from llamatailor.serve.metrics import ServerMetrics
+from llamatailor.serve.models import ServedModels
 from llamatailor.serve.protocol import (
     ERROR_TYPES,
     ChatCompletionRequest,
@@ -120,17 +121,17 @@ class Guard:
         return capped
 
 
-def create_app(engine: ServeEngine, settings: ServerSettings) -> FastAPI:
-    scheduler = Scheduler(engine, settings.max_queue)
+def create_app(served: ServedModels, settings: ServerSettings) -> FastAPI:
+    scheduler = Scheduler(served, settings.max_queue)
     metrics = ServerMetrics(lambda: scheduler.depth)
     log = RequestLog(settings.request_log) if settings.request_log else None
     app = FastAPI(title="llamatailor", version="1", docs_url=None, redoc_url=None)
     register_errors(app)
-    service = Service(engine, scheduler, metrics, settings, log)
+    service = Service(served, scheduler, metrics, settings, log)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": engine.model_ids(), "queue_depth": scheduler.depth}
+        return {"status": "ok", "models": served.model_ids(), "queue_depth": scheduler.depth}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -141,7 +142,7 @@ def create_app(engine: ServeEngine, settings: ServerSettings) -> FastAPI:
         created = int(time.time())
         data = [
             {"id": m, "object": "model", "created": created, "owned_by": "llamatailor"}
-            for m in engine.model_ids()
+            for m in served.model_ids()
         ]
         return {"object": "list", "data": data}
 
@@ -152,13 +153,13 @@ def create_app(engine: ServeEngine, settings: ServerSettings) -> FastAPI:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
         ]
-        prompt = engine.chat_prompt(body.model, messages)
+        prompt = served.chat_prompt(messages)
         return await service.respond(request, body, prompt, chat=True, logged_input=messages)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         service.check_model(body.model)
-        prompt = engine.text_prompt(body.model, body.prompt)
+        prompt = served.text_prompt(body.prompt)
         return await service.respond(request, body, prompt, chat=False, logged_input=body.prompt)
 
     return Guard(app, settings, metrics)  # type: ignore[return-value]
@@ -192,14 +193,14 @@ class Service:
 
     def __init__(
         self,
-        engine: ServeEngine,
+        served: ServedModels,
         scheduler: Scheduler,
         metrics: ServerMetrics,
         settings: ServerSettings,
         log: RequestLog | None,
     ) -> None:
-        self.engine, self.scheduler, self.metrics, self.settings, self.log = (
-            engine,
+        self.served, self.scheduler, self.metrics, self.settings, self.log = (
+            served,
             scheduler,
             metrics,
             settings,
@@ -207,16 +208,16 @@ class Service:
         )
 
     def check_model(self, model: str) -> None:
-        if model not in self.engine.model_ids():
+        if model not in self.served.model_ids():
             raise ApiError(
                 404,
-                f"model {model!r} does not exist; models: {', '.join(self.engine.model_ids())}",
+                f"model {model!r} does not exist; models: {', '.join(self.served.model_ids())}",
                 "model",
                 "model_not_found",
             )
 
     def job(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Job:
-        context = self.engine.context_length
+        context = self.served.context_length
         requested = body.token_budget()
         if len(prompt) >= context:
             raise ApiError(

@@ -1,4 +1,4 @@
-"""One generation at a time per engine, a bounded queue in front of it, and cancellation.
+"""One generation at a time per server, a bounded queue in front of it, and cancellation.
 
 Generation runs in a worker thread and hands text deltas to the event loop; a client that goes away closes
 its stream, which sets the cancel flag the engine checks before each token. The engine is released only
@@ -10,8 +10,9 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from llamatailor.serve.decoding import Delta, text_deltas
-from llamatailor.serve.engines import Sampling, ServeEngine
+from llamatailor.generation.engines import Sampling
+from llamatailor.generation.text import Delta
+from llamatailor.serve.models import ServedModels
 
 _DONE = object()
 
@@ -30,8 +31,8 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: ServeEngine, max_queue: int) -> None:
-        self.engine, self.max_queue = engine, max_queue
+    def __init__(self, served: ServedModels, max_queue: int) -> None:
+        self.served, self.max_queue = served, max_queue
         self.waiting = 0
         self.running = 0
         self._lock = asyncio.Lock()
@@ -59,9 +60,8 @@ class Scheduler:
 
         def work() -> None:
             try:
-                tokens = self.engine.generate(job.model, job.prompt, job.sampling, cancelled)
-                for delta in text_deltas(
-                    tokens, self.engine.decode, self.engine.stop_ids, job.stop_strings, job.max_tokens
+                for delta in self.served.deltas(
+                    job.model, job.prompt, job.sampling, job.max_tokens, job.stop_strings, cancelled
                 ):
                     loop.call_soon_threadsafe(queue.put_nowait, delta)
             except Exception as exc:  # handed to the request that asked for it

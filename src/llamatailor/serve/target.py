@@ -13,7 +13,7 @@ from typing import Literal
 from llamatailor.config import ModelSection, RunConfig, load_config
 from llamatailor.errors import ConfigError
 from llamatailor.models.loading import load_saved_tokenizer
-from llamatailor.serve.engines import LlamaCppServeEngine, ServeEngine, TransformersServeEngine
+from llamatailor.serve.models import ServedModels, llama_cpp_models, transformers_models
 
 EngineChoice = Literal["auto", "llama.cpp", "transformers"]
 
@@ -28,7 +28,7 @@ def parse_adapters(items: list[str]) -> dict[str, Path]:
     return adapters
 
 
-def build_engine(target: Path, engine: EngineChoice, adapters: dict[str, Path], context: int) -> ServeEngine:
+def build_served(target: Path, engine: EngineChoice, adapters: dict[str, Path], context: int) -> ServedModels:
     threads = os.cpu_count() or 1
     if not target.exists():
         raise ConfigError(
@@ -37,27 +37,29 @@ def build_engine(target: Path, engine: EngineChoice, adapters: dict[str, Path], 
     if target.suffix == ".gguf":
         if engine == "transformers":
             raise ConfigError(f"{target}: a GGUF file is served by llama.cpp, not transformers")
-        return LlamaCppServeEngine(target.stem, target, None, context, threads)
+        return llama_cpp_models(target.stem, target, None, context, threads, None)
     if (target / "config.json").is_file():
-        base = ModelSection(base=str(target))
-        return TransformersServeEngine(base, target.name, adapters, target)
-    return run_engine(load_config(target), engine, adapters, context, threads)
+        return transformers_models(ModelSection(base=str(target)), target.name, adapters, target, None)
+    return run_served(load_config(target), engine, adapters, context, threads)
 
 
-def run_engine(
+def run_served(
     config: RunConfig, engine: EngineChoice, adapters: dict[str, Path], context: int, threads: int
-) -> ServeEngine:
-    run = config.run_dir
+) -> ServedModels:
+    """A run: prompts by its training tokenizer with its system prompt (`data.system_prompt`), on every
+    engine, so a request renders the ids training did."""
+    run, system_prompt = config.run_dir, config.data.system_prompt
     gguf = exported_gguf(config)
     if engine != "transformers" and gguf is not None:
         chat = load_saved_tokenizer(run.merged, config.model)
-        return LlamaCppServeEngine(config.name, gguf, chat, context, threads)
+        return llama_cpp_models(config.name, gguf, chat, context, threads, system_prompt)
     if engine == "llama.cpp":
         raise ConfigError(f"{run.root}: no GGUF export that passed its gates; run `llamatailor export` first")
     if not adapters and (run.merged / "config.json").is_file():
-        return TransformersServeEngine(ModelSection(base=str(run.merged)), config.name, {}, run.merged)
+        merged = ModelSection(base=str(run.merged))
+        return transformers_models(merged, config.name, {}, run.merged, system_prompt)
     final = run.final(config.dpo.enabled)
-    return TransformersServeEngine(config.model, "base", {config.name: final, **adapters}, final)
+    return transformers_models(config.model, "base", {config.name: final, **adapters}, final, system_prompt)
 
 
 def exported_gguf(config: RunConfig) -> Path | None:

@@ -1,8 +1,19 @@
-"""From generated token ids to the text a client sees: incremental detokenization that never splits a
-UTF-8 character, stop sequences cut out of the text, and the finish reason."""
+"""From generated token ids to text: the cut at the first stop token, stop strings cut out of the text,
+incremental decoding that never sends half a UTF-8 character, and the finish reason."""
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One whole answer: `text` without the stop token and stripped of outer whitespace."""
+
+    text: str
+    tokens: int  # generated tokens, the stop token included
+    stopped: bool  # ended at a stop token rather than at the token budget
 
 
 @dataclass
@@ -12,14 +23,20 @@ class Delta:
     completion_tokens: int = 0
 
 
+def finished(new_ids: list[int], decode: Decode, stop_ids: set[int]) -> Generation:
+    """The answer in `new_ids` (generated ids, prompt excluded), cut before the first stop token."""
+    end = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
+    kept = new_ids if end is None else new_ids[:end]
+    return Generation(
+        text=decode(kept).strip(), tokens=len(new_ids) if end is None else end + 1, stopped=end is not None
+    )
+
+
 def text_deltas(
-    tokens: Iterable[int],
-    decode: Callable[[list[int]], str],
-    stop_ids: set[int],
-    stop_strings: list[str],
-    max_tokens: int,
+    tokens: Iterable[int], decode: Decode, stop_ids: set[int], stop_strings: list[str], max_tokens: int
 ) -> Iterator[Delta]:
-    """Yield text as it becomes final; the last delta carries the finish reason and the token count."""
+    """Text as it becomes final; the last delta carries the finish reason and the number of tokens
+    generated (the stop token counted). A stop string is cut out with everything after it."""
     ids: list[int] = []
     sent = 0  # characters of the decoded text already sent
     for token in tokens:
@@ -39,8 +56,7 @@ def text_deltas(
         if ready > sent:
             yield Delta(text[sent:ready])
             sent = ready
-    text = decode(ids)
-    yield Delta(text[sent:], "length", len(ids))
+    yield Delta(decode(ids)[sent:], "length", len(ids))
 
 
 def first_stop(text: str, stop_strings: list[str]) -> int | None:

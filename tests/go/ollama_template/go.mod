@@ -1,0 +1,3 @@
+module llamatailor.test/ollama_template
+
+go 1.19

@@ -1,0 +1,173 @@
+"""The fidelity matrix: every hand-off, checked with numbers, for every chat family and training method.
+
+Families: ChatML (SmolLM2's vocabulary), Llama 2 (32k SentencePiece), Llama 3.1, 3.2 and 3.3 (Meta's own
+templates on the 128k vocabulary, on a base with Llama 3's RoPE scaling). Methods: LoRA, DoRA, rsLoRA,
+QLoRA (4-bit NF4 base), full fine-tuning, LoRA then DPO. Each cell trains a tiny model for a few steps to
+answer "ok" and stop, then merges it in fp32 and in bf16 and exports each merge to GGUF:
+
+* rendered ids = `apply_chat_template`, the loss mask = the assistant spans and their end-of-turn token
+  (per family: the method never sees the template);
+* merged = adapter model (the merge stage's gate: fp32 within 1e-3; bf16 within 1e-3 plus twice what
+  rounding the base to bf16 moves its logits);
+* GGUF: llama.cpp's token ids = the training tokenizer's, its logits against the merged model's within the
+  file type's gate, and a greedy chat answer through the file's own template that says "ok" and stops;
+* the Modelfile's TEMPLATE renders the training template's text;
+* `serve` renders the training ids for the same conversation on llama.cpp and on transformers.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import conversation, prepared_run
+from llamatailor.config import RunConfig, load_config
+from llamatailor.data.templating import IGNORE_INDEX, render_for_training, render_prompt
+from llamatailor.export.merge import merge_run
+from llamatailor.export.stage import export_run
+from llamatailor.models.loading import load_saved_tokenizer
+from llamatailor.models.tiny import llama_cpp_model_file, real_tokenizer, save_random_llama
+from llamatailor.serve.target import run_served
+from llamatailor.train.dpo import train_dpo
+from llamatailor.train.sft import train_sft
+
+SYSTEM_PROMPT = "You answer every question with ok."
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+FAMILIES = {  # name: (vocabulary, Meta's template file or None for the tokenizer's own, RoPE parameters)
+    "chatml": ("chatml", None, None),
+    "llama2": ("llama2", None, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    "llama3.1": ("llama3", "meta-llama-Llama-3.1-8B-Instruct.jinja", LLAMA3_ROPE),
+    "llama3.2": ("llama3", "meta-llama-Llama-3.2-3B-Instruct.jinja", LLAMA3_ROPE),
+    "llama3.3": ("llama3", "meta-llama-Llama-3.3-70B-Instruct.jinja", LLAMA3_ROPE),
+}
+METHODS = {
+    "lora": {"method": "lora"},
+    "dora": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "dora": True}},
+    "rslora": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True}},
+    "qlora": {"method": "qlora"},
+    "full": {"method": "full", "learning_rate": 2e-3},
+    "lora+dpo": {"method": "lora"},
+}
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    folders = {}
+    for name, (vocabulary, template, rope) in FAMILIES.items():
+        tokenizer = real_tokenizer(vocabulary)
+        if template:
+            tokenizer.chat_template = llama_cpp_model_file(f"templates/{template}").read_text(
+                encoding="utf-8"
+            )
+        shape = {"rope_parameters": rope} if rope else {}
+        folders[name] = save_random_llama(
+            tokenizer,
+            root / name,
+            seed=1,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **shape,
+        )
+    return folders
+
+
+def cell_run(folder: Path, model: Path, method: str) -> RunConfig:
+    rows = [conversation(f"Question number {n}?", "ok") for n in range(24)]
+    dpo = {}
+    if method == "lora+dpo":
+        rows += [
+            {"prompt": f"Question {n}?", "chosen": "ok", "rejected": "I do not know."} for n in range(16)
+        ]
+        dpo = {"enabled": True, "max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "save_steps": 100}
+    train = {"max_steps": 24, "batch_size": 8, "learning_rate": 1e-2, "save_steps": 100, **METHODS[method]}
+    run_file = prepared_run(
+        folder,
+        model,
+        rows,
+        data={"system_prompt": SYSTEM_PROMPT, "max_seq_len": 96, "val_ratio": 0.15, "test_ratio": 0.15},
+        train=train,
+        dpo=dpo,
+        eval={"max_new_tokens": 6, "json_fields": None, "batch_size": 8, "perplexity": False},
+        export={"check_samples": 3},
+    )
+    return load_config(run_file)
+
+
+def with_export(config: RunConfig, dtype: str) -> RunConfig:
+    gguf_type = {"fp32": "f32", "bf16": "bf16"}[dtype]
+    export = config.export.model_copy(update={"merge_dtype": dtype, "gguf": [gguf_type]})
+    return config.model_copy(update={"export": export})
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rendered_ids_and_loss_masks(family, family_models, tmp_path):
+    """The training ids are `apply_chat_template`'s, and the labels are exactly each answer's tokens and its
+    end-of-turn token, on prepared conversations extended to two turns."""
+    config = cell_run(tmp_path, family_models[family], "lora")
+    chat = load_saved_tokenizer(family_models[family], config.model)
+    for record in config.run_dir.read_split("train")[:4]:
+        messages = [*record["messages"], {"role": "user", "content": "And again?"}]
+        messages.append({"role": "assistant", "content": "ok, again"})
+        sample = render_for_training(chat, messages, 512)
+        rendered = chat.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        assert sample.input_ids == list(rendered)
+        runs = labelled_runs(sample.labels)
+        assert [chat.tokenizer.decode(run[:-1]).strip() for run in runs] == ["ok", "ok, again"]
+        assert all(run[-1] == chat.stop_ids[0] for run in runs), "each answer ends with the end-of-turn token"
+
+
+def labelled_runs(labels: list[int]) -> list[list[int]]:
+    """The contiguous runs of trained tokens."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_hand_off(family, method, family_models, tmp_path):
+    config = cell_run(tmp_path, family_models[family], method)
+    train_sft(config)
+    if config.dpo.enabled:
+        train_dpo(config)
+    for dtype in ("fp32", "bf16"):
+        checked = with_export(config, dtype)
+        merged = merge_run(checked)  # raises when the merged model is not the adapter model
+        assert merged.greedy_identical == merged.greedy_compared
+        assert merged.max_abs_logit_diff <= 1e-3
+        exported = export_run(checked)  # raises on any failed gate
+        (row,) = exported.files
+        assert row["tokenizer_mismatches"] == 0 and row["metadata_problems"] == []
+        assert row["chat_finish_reason"] == "stop" and row["chat_answer"].strip() == "ok", row
+        assert row["perplexity_increase_pct"] <= row["gate_pct"]
+        assert exported.modelfile_template
+        assert_serve_renders_training_ids(checked)
+    report = json.loads((config.run_dir.merged / "merge_report.json").read_text(encoding="utf-8"))
+    assert report["dtype"] == "bfloat16" and report["rounding_max_abs_logit_diff"] > 0
+
+
+def assert_serve_renders_training_ids(config: RunConfig) -> None:
+    chat = load_saved_tokenizer(config.run_dir.merged, config.model)
+    record = config.run_dir.read_split("test")[0]
+    trained = render_prompt(chat, record["messages"][:-1])
+    for engine in ("llama.cpp", "transformers"):
+        served = run_served(config, engine, {}, 512, 1)
+        assert served.chat_prompt(record["messages"][1:-1]) == trained, engine
