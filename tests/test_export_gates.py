@@ -93,3 +93,20 @@ def test_run_file_gates_are_validated(gguf_type):
     assert ExportSection(gguf=[gguf_type], gates={gguf_type: 2.0}).gates == {gguf_type: 2.0}
     with pytest.raises(ValueError, match="unknown GGUF type 'q9'"):
         ExportSection(gates={"q9": 1.0})
+
+
+def test_a_bf16_merge_may_move_no_more_than_the_adapter_on_a_bf16_base():
+    from pathlib import Path
+
+    from llamatailor.errors import CheckFailed
+    from llamatailor.export.merge import MergeResult, check_merge
+
+    def merged(saved: float, rounding: float | None, dtype: str = "bfloat16") -> MergeResult:
+        return MergeResult(Path("merged"), "adapter", dtype, 1e-5, saved, 8, 8, 1e-3, rounding)
+
+    check_merge(merged(0.016, 0.026))  # the rsLoRA cell of the fidelity matrix: within 1e-3 + 4 x 0.026
+    check_merge(merged(0.015, 0.0058))  # LoRA then DPO: within 1e-3 + 4 x 0.0058
+    with pytest.raises(CheckFailed, match=r"differs by 1\.10e-01 after reloading; allowed 1\.05e-01"):
+        check_merge(merged(0.11, 0.026))
+    with pytest.raises(CheckFailed, match=r"differs by 2\.00e-03"):
+        check_merge(merged(0.002, None, "float32"))  # fp32: the tolerance alone

@@ -7,8 +7,8 @@ answer "ok" and stop, then merges it in fp32 and in bf16 and exports each merge 
 
 * rendered ids = `apply_chat_template`, the loss mask = the assistant spans and their end-of-turn token
   (per family: the method never sees the template);
-* merged = adapter model (the merge stage's gate: fp32 within 1e-3; bf16 within 1e-3 plus twice what
-  rounding the base to bf16 moves its logits);
+* merged = adapter model (the merge stage's gate: fp32 within 1e-3; bf16 within 1e-3 plus four times
+  what the adapter model moves on a bf16 base);
 * GGUF: llama.cpp's token ids = the training tokenizer's, its logits against the merged model's within the
   file type's gate, and a greedy chat answer through the file's own template that says "ok" and stops;
 * the Modelfile's TEMPLATE renders the training template's text;
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import conversation, prepared_run
+from helpers import conversation, write_jsonl, write_run_file
 from llamatailor.config import RunConfig, load_config
+from llamatailor.data.prepare import prepare
 from llamatailor.data.templating import IGNORE_INDEX, render_for_training, render_prompt
 from llamatailor.export.merge import merge_run
 from llamatailor.export.stage import export_run
@@ -84,25 +85,32 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def cell_run(folder: Path, model: Path, method: str) -> RunConfig:
-    rows = [conversation(f"Question number {n}?", "ok") for n in range(24)]
+    """A prepared run that teaches `model` to answer "ok" (and, for lora+dpo, to prefer it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [
+        write_jsonl(folder / "sft.jsonl", [conversation(f"Question number {n}?", "ok") for n in range(24)])
+    ]
     dpo = {}
     if method == "lora+dpo":
-        rows += [
+        pairs = [
             {"prompt": f"Question {n}?", "chosen": "ok", "rejected": "I do not know."} for n in range(16)
         ]
+        files.append(write_jsonl(folder / "preferences.jsonl", pairs))
         dpo = {"enabled": True, "max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "save_steps": 100}
     train = {"max_steps": 24, "batch_size": 8, "learning_rate": 1e-2, "save_steps": 100, **METHODS[method]}
-    run_file = prepared_run(
+    run_file = write_run_file(
         folder,
         model,
-        rows,
+        files,
         data={"system_prompt": SYSTEM_PROMPT, "max_seq_len": 96, "val_ratio": 0.15, "test_ratio": 0.15},
         train=train,
         dpo=dpo,
         eval={"max_new_tokens": 6, "json_fields": None, "batch_size": 8, "perplexity": False},
         export={"check_samples": 3},
     )
-    return load_config(run_file)
+    config = load_config(run_file)
+    prepare(config)
+    return config
 
 
 def with_export(config: RunConfig, dtype: str) -> RunConfig:
@@ -159,7 +167,7 @@ def test_every_hand_off(family, method, family_models, tmp_path):
         assert row["chat_finish_reason"] == "stop" and row["chat_answer"].strip() == "ok", row
         assert row["perplexity_increase_pct"] <= row["gate_pct"]
         assert exported.modelfile_template
-        assert_serve_renders_training_ids(checked)
+    assert_serve_renders_training_ids(checked)  # the bf16 files; prompts do not depend on the dtype
     report = json.loads((config.run_dir.merged / "merge_report.json").read_text(encoding="utf-8"))
     assert report["dtype"] == "bfloat16" and report["rounding_max_abs_logit_diff"] > 0
 

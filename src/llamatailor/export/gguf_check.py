@@ -1,6 +1,6 @@
 """Checks of one GGUF file against the merged model, run by llama.cpp itself.
 
-* metadata: the chat template, end-of-turn and bos ids read back with `gguf.GGUFReader`;
+* metadata: the chat template, end-of-turn and bos ids and the RoPE keys, read back from the file;
 * tokenizer: llama.cpp's token ids equal the HF tokenizer's on every rendered val/test conversation;
 * logits: top-1 agreement and perplexity on the answer tokens of val conversations (the tokens training
   optimised) against the merged model;
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 from transformers import PreTrainedModel
+from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from llamatailor.data.formats import Message
 from llamatailor.data.templating import IGNORE_INDEX
@@ -100,11 +100,11 @@ def gguf_logits(
 def check_metadata(path: Path, chat: ChatTokenizer, rope: GgufRope) -> list[str]:
     """What the file's metadata gets wrong: the chat template, end-of-turn, bos, and the RoPE keys that
     `rope` (export/rope.py, from the merged model's config) says llama.cpp needs."""
-    reader = gguf.GGUFReader(path)
+    # transformers' reader skips the token arrays: 0.05 s where gguf.GGUFReader takes 18 s on a 128k vocabulary
+    fields, _ = read_gguf_metadata(str(path))
 
     def value(key: str) -> Any:
-        found = reader.get_field(key)
-        return found.contents() if found is not None else None
+        return fields.get(key)
 
     problems = []
     if value("tokenizer.chat_template") != chat.tokenizer.chat_template:
@@ -119,7 +119,7 @@ def check_metadata(path: Path, chat: ChatTokenizer, rope: GgufRope) -> list[str]
         problems.append(f"tokenizer.ggml.bos_token_id is {value('tokenizer.ggml.bos_token_id')}")
     arch = value("general.architecture") or "llama"
     expected = rope.keys(arch)
-    written = {key: value(key) for key in reader.fields if key.startswith(f"{arch}.rope.")}
+    written = {key: value(key) for key in fields if key.startswith(f"{arch}.rope.")}
     for key in sorted({*expected, *written} - {f"{arch}.rope.dimension_count"}):
         want, got = expected.get(key), written.get(key)
         same = (

@@ -28,6 +28,7 @@ from llamatailor.models.source import ModelSource, resolve_source
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16", "fp16"]
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "added_tokens")
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "[PAD]")
 
 
@@ -58,11 +59,24 @@ def load_tokenizer(model: ModelSection, source: ModelSource | None = None) -> Ch
 
 
 def load_saved_tokenizer(folder: Path, model: ModelSection) -> ChatTokenizer:
-    """The tokenizer saved with a run's adapter: exactly the one (and template) used in training."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    """The tokenizer saved with a run's adapter: exactly the one (and template) used in training. Loaded
+    once per process while its files are unchanged (a 128k vocabulary takes over a second): callers share
+    the object and must not change it."""
+    files = (
+        sorted(p for p in folder.iterdir() if p.name.startswith(TOKENIZER_FILES)) if folder.is_dir() else []
+    )
+    tokenizer = _saved_tokenizer(
+        folder.resolve(), tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    )
     if not tokenizer.chat_template:
         raise ModelLoadError(f"{folder}: the saved tokenizer has no chat template")
     return ChatTokenizer(tokenizer, detect_family(tokenizer, model.family), f"saved in {folder}")
+
+
+@functools.lru_cache(maxsize=8)
+def _saved_tokenizer(folder: Path, stamp: tuple[tuple[str, int, int], ...]) -> PreTrainedTokenizerBase:
+    """`stamp` (name, mtime, size of each tokenizer file) makes a changed folder a new cache entry."""
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: ModelSection) -> ChatTokenizer:

@@ -8,6 +8,9 @@ a tokenizer from a GGUF file without some of what llama.cpp reads from the same 
 llama.cpp (tests/test_tokenizer_fidelity.py).
 """
 
+import fcntl
+import hashlib
+import inspect
 import subprocess
 import sys
 import tarfile
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llamatailor.cache import cache_dir
 from llamatailor.errors import ModelLoadError
@@ -65,12 +68,28 @@ def real_tokenizer(kind: TokenizerKind) -> PreTrainedTokenizerBase:
         gguf = embedded_gguf_path("smollm2-135m-instruct")
     else:
         gguf = llama_cpp_model_file(f"ggml-vocab-llama-{'bpe' if kind == 'llama3' else 'spm'}.gguf")
-    tokenizer = tokenizer_from_gguf(gguf)
+    tokenizer = cached_tokenizer(gguf)
     if kind == "llama3":
         tokenizer.chat_template = llama_cpp_model_file(LLAMA3_TEMPLATE_FILE).read_text(encoding="utf-8")
     elif kind == "llama2":
         tokenizer.chat_template = LLAMA2_TEMPLATE
     return tokenizer
+
+
+def cached_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """`tokenizer_from_gguf(gguf)`, saved once as a tokenizer folder in the cache: reading a 128k vocabulary
+    from a GGUF file takes ~15 s, from the saved folder ~1 s. The key holds the file's identity and the
+    converter's source, so a change to either builds the folder anew."""
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{inspect.getsource(tokenizer_from_gguf)}"
+    folder = cache_dir() / "tokenizers" / f"{gguf.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f"{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers may ask at once: one builds, the others wait
+        if not (folder / "tokenizer.json").is_file():
+            with atomic_path(folder) as tmp:
+                tokenizer_from_gguf(gguf).save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def build_tiny_model(kind: TokenizerKind, folder: Path, seed: int = 0) -> Path:
