@@ -13,6 +13,8 @@ import httpx2 as httpx
 import yaml
 from openai import OpenAI
 
+from llamatailor.data.templating import IGNORE_INDEX
+
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -129,3 +131,16 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+def labelled_runs(labels: list[int]) -> list[list[int]]:
+    """Maximal runs of consecutive labelled tokens."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs

@@ -129,7 +129,7 @@ def test_export_report_gates_and_stop(exported):
     assert report["failures"] == []
     by_type = {row["gguf_type"]: row for row in report["files"]}
     assert list(by_type) == ["f16", "q8_0", "q4_k_m"]  # a gate on every type asked for
-    for gguf_type, gate in (("f16", 0.6), ("q8_0", 0.7), ("q4_k_m", 11.8)):
+    for gguf_type, gate in (("f16", 1.1), ("q8_0", 1.2), ("q4_k_m", 12.3)):
         row = by_type[gguf_type]
         assert row["gate_pct"] == gate == DEFAULT_GATES_PCT[gguf_type]
         assert row["tokenizer_mismatches"] == 0 and row["tokenizer_texts"] > 0
@@ -154,8 +154,8 @@ def test_export_fails_loudly_on_a_broken_file(exported, tmp_path):
     reader.data.flush()
     checker = Checker(config, chat)
     checker.reference()
-    result = checker.check("f16", path)  # judged by the f16 gate, 0.6 %
-    assert any("is +" in failure and "the gate allows 0.6%" in failure for failure in result.failures), (
+    result = checker.check("f16", path)  # judged by the f16 gate, 1.1 %
+    assert any("is +" in failure and "the gate allows 1.1%" in failure for failure in result.failures), (
         result.failures
     )
     stricter = config.model_copy(update={"export": config.export.model_copy(update={"gates": {"f16": 1e6}})})

@@ -14,11 +14,11 @@ from llamatailor.models.loading import load_saved_tokenizer
 
 def test_every_type_has_a_default_gate_from_llama_cpps_numbers():
     assert set(DEFAULT_GATES_PCT) == set(GGUF_TYPES)
-    # 0.5 % + 4 x llama.cpp's Llama-3-8B loss: q4_k_m +0.1754 on 6.2316 is 2.81 %, so 0.5 + 11.26
-    assert DEFAULT_GATES_PCT["q4_k_m"] == 11.8 and DEFAULT_GATES_PCT["q8_0"] == 0.7
+    # 1 % + 4 x llama.cpp's Llama-3-8B loss: q4_k_m +0.1754 on 6.2316 is 2.81 %, so 1 + 11.26
+    assert DEFAULT_GATES_PCT["q4_k_m"] == 12.3 and DEFAULT_GATES_PCT["q8_0"] == 1.2
     ordered = [DEFAULT_GATES_PCT[t] for t in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")]
     assert ordered == sorted(ordered), "fewer bits, looser gate"
-    assert gate_for("q4_k_m", {"q4_k_m": 3.0}) == 3.0 and gate_for("q4_k_m", {"q8_0": 1.0}) == 11.8
+    assert gate_for("q4_k_m", {"q4_k_m": 3.0}) == 3.0 and gate_for("q4_k_m", {"q8_0": 1.0}) == 12.3
 
 
 def test_divergence_after_a_position_is_found_and_noise_is_not():

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import conversation, write_jsonl, write_run_file
+from helpers import conversation, labelled_runs, write_jsonl, write_run_file
 from llamatailor.config import RunConfig, load_config
 from llamatailor.data.prepare import prepare
-from llamatailor.data.templating import IGNORE_INDEX, render_for_training, render_prompt
+from llamatailor.data.templating import render_for_training, render_prompt
 from llamatailor.export.merge import merge_run
 from llamatailor.export.stage import export_run
 from llamatailor.models.loading import load_saved_tokenizer
-from llamatailor.models.tiny import llama_cpp_model_file, real_tokenizer, save_random_llama
+from llamatailor.models.tiny import TINY_SHAPE, llama_cpp_model_file, real_tokenizer, save_random_llama
 from llamatailor.serve.target import run_served
 from llamatailor.train.dpo import train_dpo
 from llamatailor.train.sft import train_sft
@@ -73,12 +73,8 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
             tokenizer,
             root / name,
             seed=1,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             max_position_embeddings=256,
+            **TINY_SHAPE,
             **shape,
         )
     return folders
@@ -136,19 +132,6 @@ def test_rendered_ids_and_loss_masks(family, family_models, tmp_path):
         assert all(run[-1] == chat.stop_ids[0] for run in runs), "each answer ends with the end-of-turn token"
 
 
-def labelled_runs(labels: list[int]) -> list[list[int]]:
-    """The contiguous runs of trained tokens."""
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return runs
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_hand_off(family, method, family_models, tmp_path):
@@ -166,7 +149,10 @@ def test_every_hand_off(family, method, family_models, tmp_path):
         assert row["tokenizer_mismatches"] == 0 and row["metadata_problems"] == []
         assert row["chat_finish_reason"] == "stop" and row["chat_answer"].strip() == "ok", row
         assert row["perplexity_increase_pct"] <= row["gate_pct"]
-        assert exported.modelfile_template
+        assert exported.modelfile_template  # rendered like the training template, or it would not be written
+        chat = load_saved_tokenizer(checked.run_dir.merged, checked.model)
+        stop = json.dumps(chat.tokenizer.convert_ids_to_tokens(chat.stop_ids[0]))
+        assert f"PARAMETER stop {stop}" in Path(exported.modelfile).read_text(encoding="utf-8")
     assert_serve_renders_training_ids(checked)  # the bf16 files; prompts do not depend on the dtype
     report = json.loads((config.run_dir.merged / "merge_report.json").read_text(encoding="utf-8"))
     assert report["dtype"] == "bfloat16" and report["rounding_max_abs_logit_diff"] > 0

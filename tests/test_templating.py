@@ -2,6 +2,7 @@
 
 import pytest
 
+from helpers import labelled_runs
 from llamatailor.data.templating import IGNORE_INDEX, RenderError, render_for_training, render_prompt
 
 CONVERSATION = [
@@ -11,19 +12,6 @@ CONVERSATION = [
     {"role": "user", "content": "And in words, with a flourish?"},
     {"role": "assistant", "content": 'Four, naturally. {"n": 4}'},
 ]
-
-
-def labelled_runs(labels: list[int]) -> list[list[int]]:
-    """Maximal runs of consecutive labelled tokens."""
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return runs
 
 
 @pytest.mark.parametrize(
