@@ -32,10 +32,14 @@ GREEDY = Sampling()
 
 
 class Engine(Protocol):
+    """Token ids in, token ids out; `context_length` in tokens."""
+
     label: str
     context_length: int
 
-    def stream(self, prompt: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[int]: ...
+    def stream(self, prompt: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[int]:
+        """Generated ids one at a time, without end: the caller stops at a stop id or its budget."""
+        ...
 
     def greedy(
         self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], on_batch: BatchCallback

@@ -20,13 +20,22 @@ from llamatailor.models.loading import ChatTokenizer
 
 
 class Prompter(Protocol):
+    """One vocabulary's prompt rules; `stop_ids` are the ids an answer ends at."""
+
     stop_ids: set[int]
 
-    def chat_ids(self, messages: list[Message]) -> list[int]: ...
+    def chat_ids(self, messages: list[Message]) -> list[int]:
+        """Ids of `messages` up to the point where the assistant answers (the generation prompt)."""
+        ...
 
-    def text_ids(self, text: str) -> list[int]: ...
+    def text_ids(self, text: str) -> list[int]:
+        """Ids of a raw prompt, special tokens read as control tokens, with one bos where the vocabulary
+        adds one."""
+        ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int]) -> str:
+        """Text of answer ids, control tokens left out (a cut UTF-8 character decodes to U+FFFD)."""
+        ...
 
 
 def single_bos(ids: list[int], bos: int | None, adds_bos: bool) -> list[int]:

@@ -18,6 +18,8 @@ class Generation:
 
 @dataclass
 class Delta:
+    """A piece of streamed answer text; the last one of an answer carries the finish reason."""
+
     text: str
     finish_reason: str | None = None  # "stop" or "length" on the last delta
     completion_tokens: int = 0
@@ -60,6 +62,7 @@ def text_deltas(
 
 
 def first_stop(text: str, stop_strings: list[str]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
     found = [text.find(stop) for stop in stop_strings if stop in text]
     return min(found) if found else None
 
