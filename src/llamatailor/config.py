@@ -6,7 +6,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -279,7 +279,7 @@ class EvalSection(Section):
     judge: JudgeSection | None = Field(None, description="Optional LLM judge.")
 
 
-GGUF_TYPES = (
+GgufType = Literal[
     "f32",
     "f16",
     "bf16",
@@ -293,7 +293,8 @@ GGUF_TYPES = (
     "q4_0",
     "q3_k_m",
     "q2_k",
-)
+]
+GGUF_TYPES: tuple[str, ...] = typing.get_args(GgufType)
 
 
 class ExportSection(Section):
@@ -308,23 +309,20 @@ class ExportSection(Section):
     check_samples: int = Field(
         8, ge=1, description="Val conversations used for the merge check, perplexity and top-1 agreement."
     )
-    gguf: list[str] = Field(
+    gguf: list[GgufType] = Field(
         default_factory=lambda: ["q8_0"], description=f"GGUF types to write: {', '.join(GGUF_TYPES)}."
     )
-    gates: dict[str, float] = Field(
+    gates: dict[GgufType, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Largest perplexity increase over the merged model, in percent, per GGUF type; "
         "a type not named here gets its default (export.gguf_gates.DEFAULT_GATES_PCT).",
     )
-    modelfile_from: str | None = Field(
+    modelfile_from: GgufType | None = Field(
         None, description="The GGUF type the Ollama Modelfile points at; default: the first in gguf."
     )
 
     @model_validator(mode="after")
-    def _known_types(self) -> "ExportSection":
-        for name in [*self.gguf, *self.gates, *([self.modelfile_from] if self.modelfile_from else [])]:
-            if name not in GGUF_TYPES:
-                raise ValueError(f"unknown GGUF type {name!r}; expected one of {', '.join(GGUF_TYPES)}")
+    def _modelfile_type_is_exported(self) -> "ExportSection":
         if self.modelfile_from and self.modelfile_from not in self.gguf:
             raise ValueError(f"modelfile_from {self.modelfile_from!r} is not among gguf {self.gguf}")
         return self
@@ -446,7 +444,7 @@ def format_validation_error(
 ) -> str:
     lines = [f"{path}: invalid run file ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
     for error in exc.errors():
-        loc = tuple(str(part) for part in error["loc"])
+        loc = tuple(str(part) for part in error["loc"] if part != "[key]")  # a mapping's bad key: its name
         key = ".".join(loc) or "(top level)"
         origin = _origin(loc, path, text, override_origin)
         lines.append(f"  - {key}{origin}: {_describe(error, loc)}")

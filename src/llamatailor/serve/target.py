@@ -1,8 +1,9 @@
 """What `llamatailor serve TARGET` serves: a run's best artifact, a GGUF file, or a model folder.
 
 For a run: its GGUF export when the export passed its gates (llama.cpp; the Modelfile's type), else its
-merged folder, else the base with the run's adapter (transformers). `--engine transformers` serves the
-base with the adapter even when a GGUF exists; `--adapter NAME=PATH` adds adapters to that engine.
+merged folder, else the base with the run's adapter (transformers). `--engine transformers` skips the GGUF:
+the merged folder when there is one and no `--adapter` is given, else the base with the run's adapter and
+every `--adapter NAME=PATH`.
 """
 
 import json
