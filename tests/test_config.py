@@ -131,3 +131,14 @@ def test_local_model_folder_is_made_absolute(tmp_path, monkeypatch):
     (tmp_path / "models" / "mine").mkdir(parents=True)
     config = load_config(write(tmp_path, GOOD), ["model.base=models/mine"])
     assert config.resolved()["model"]["base"] == str(tmp_path / "models" / "mine")
+
+
+def test_gates_point_at_the_bad_gguf_type_and_value(tmp_path):
+    text = GOOD + "export:\n  gguf: [q5_k_m]\n  gates:\n    q5_k_m: 2.0\n"
+    assert load_config(write(tmp_path, text)).export.gates == {"q5_k_m": 2.0}
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text + "    q9_k: 1\n    q4_k_m: -1\n"))
+    message = str(info.value)
+    assert "export.gates.q9_k (run.yaml line 12): got 'q9_k', expected one of 'f32'" in message
+    assert "did you mean 'q6_k'?" in message
+    assert "export.gates.q4_k_m (run.yaml line 13): got -1: Input should be greater than 0" in message

@@ -86,23 +86,6 @@ def test_rope_metadata_is_checked_against_the_merged_config(tiny_models, tmp_pat
     ]
 
 
-def test_run_file_gates_point_at_the_bad_key(tmp_path):
-    from llamatailor.config import load_config
-    from llamatailor.errors import ConfigError
-
-    text = "name: demo\ndata:\n  train: [a.jsonl]\nexport:\n  gguf: [q5_k_m]\n  gates:\n    q5_k_m: 2.0\n"
-    path = tmp_path / "run.yaml"
-    path.write_text(text, encoding="utf-8")
-    assert load_config(path).export.gates == {"q5_k_m": 2.0}
-    path.write_text(text + "    q9_k: 1\n    q4_k_m: -1\n", encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert "export.gates.q9_k (run.yaml line 8): got 'q9_k', expected one of 'f32'" in message
-    assert "did you mean 'q6_k'?" in message
-    assert "export.gates.q4_k_m (run.yaml line 9): got -1: Input should be greater than 0" in message
-
-
 def test_a_bf16_merge_may_move_no_more_than_the_adapter_on_a_bf16_base():
     from pathlib import Path
 

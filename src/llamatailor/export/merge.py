@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from llamatailor.config import RunConfig
-from llamatailor.data.templating import render_for_training, render_prompt
+from llamatailor.data.templating import render_for_training
 from llamatailor.errors import CheckFailed
 from llamatailor.generation.answers import answer_all
 from llamatailor.generation.engines import TransformersEngine
@@ -125,7 +125,7 @@ def build_probe(config: RunConfig, chat: ChatTokenizer) -> Probe:
     return Probe(
         sequences=[sample.input_ids for sample in samples],
         labels=[sample.labels for sample in samples],
-        prompts=[render_prompt(chat, c[:-1]) for c in conversations],
+        prompts=[TokenizerPrompter(chat, config.data.system_prompt).chat_ids(c[:-1]) for c in conversations],
     )
 
 

@@ -41,6 +41,10 @@ class Engine(Protocol):
         """Generated ids one at a time, without end: the caller stops at a stop id or its budget."""
         ...
 
+    def adapter(self, name: str | None) -> contextlib.AbstractContextManager[object]:
+        """Generate with adapter `name` inside the context, or with the adapters off (None)."""
+        ...
+
     def greedy(
         self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], on_batch: BatchCallback
     ) -> list[list[int]]:
@@ -176,6 +180,12 @@ class LlamaCppEngine:
             if cancelled.is_set():
                 return
             yield token
+
+    def adapter(self, name: str | None) -> contextlib.AbstractContextManager[object]:
+        """A GGUF file has its adapters merged in: only None (the file as it is) can be asked for."""
+        if name is not None:
+            raise ValueError(f"a GGUF file has no adapter {name!r}")
+        return contextlib.nullcontext()
 
     def greedy(
         self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], on_batch: BatchCallback

@@ -7,7 +7,6 @@ file is rendered by its own vocabulary and template. One generation runs at a ti
 to it).
 """
 
-import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,9 +51,7 @@ class ServedModels:
         cancelled: threading.Event,
     ) -> Iterator[Delta]:
         """The answer's text deltas from the adapter `model` names (see `generation.answers`)."""
-        adapter = self.adapters[model]
-        choose = getattr(self.engine, "adapter", None)
-        with choose(adapter) if choose is not None else contextlib.nullcontext():
+        with self.engine.adapter(self.adapters[model]):
             yield from stream_answer(
                 self.engine, self.prompter, prompt, sampling, max_tokens, stop_strings, cancelled
             )
