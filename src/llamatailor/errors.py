@@ -27,3 +27,7 @@ class TrainingDiverged(LlamatailorError):
 
 class CheckFailed(LlamatailorError):
     """A hand-off check failed (merge equality, an export gate); the message says which file and by how much."""
+
+
+class EncodingError(LlamatailorError):
+    """A text file is not UTF-8 (with or without a byte-order mark); the message names the encoding found."""
