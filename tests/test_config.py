@@ -1,11 +1,12 @@
 """The run file: schema, overrides, and error messages that name the key, the value and a fix."""
 
+import time
 from pathlib import Path
 
 import pytest
 
-from llamatailor.config import load_config, parse_override
-from llamatailor.errors import ConfigError
+from llamatailor.config import ModelSection, load_config, parse_override
+from llamatailor.errors import ConfigError, EncodingError
 
 GOOD = """\
 name: demo
@@ -142,3 +143,171 @@ def test_gates_point_at_the_bad_gguf_type_and_value(tmp_path):
     assert "export.gates.q9_k (run.yaml line 12): got 'q9_k', expected one of 'f32'" in message
     assert "did you mean 'q6_k'?" in message
     assert "export.gates.q4_k_m (run.yaml line 13): got -1: Input should be greater than 0" in message
+
+
+def billion_laughs(levels: int) -> str:
+    """Nine aliases of the level below on each level: 9**levels strings once the aliases are expanded."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_at_the_alias_that_passes_the_limit(tmp_path):
+    path = write(tmp_path, GOOD + billion_laughs(9))  # l0 on line 8
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    elapsed = time.perf_counter() - started
+    # Reached through aliases: 9*10 (l1) + 9*91 (l2) + 9*820 (l3) = 8,289; the first *l3 adds 7,381 more.
+    assert str(info.value).startswith(
+        f"{path} line 12: alias *l3 takes the nodes reached through aliases past"
+    )
+    assert "10,000" in str(info.value)
+    assert elapsed < 0.5, elapsed
+    with pytest.raises(ConfigError, match=r"^override 'seed=\[&a \[1, 1.*: alias \*b takes the nodes"):
+        load_config(
+            write(tmp_path, GOOD),
+            [f"seed=[&a [{', '.join(['1'] * 100)}], &b [{', '.join(['*a'] * 99)}], [*b, *b]]"],
+        )
+
+
+def test_ordinary_aliases_and_merge_keys_still_load(tmp_path):
+    text = """\
+name: demo
+data:
+  train: &files [data/a.jsonl, data/b.jsonl]
+  test: *files
+train:
+  <<: &schedule {learning_rate: 0.001, batch_size: 2}
+  lora: {r: 8}
+dpo:
+  <<: *schedule
+"""
+    config = load_config(write(tmp_path, text))
+    assert [item.path for item in config.data.test] == [Path("data/a.jsonl"), Path("data/b.jsonl")]
+    assert (config.dpo.learning_rate, config.dpo.batch_size, config.train.lora.r) == (0.001, 2, 8)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("seed: &a [1, *a]\n", r"run.yaml line 1: alias \*a refers to a node that contains it"),
+        ("seed: " + "[" * 1000 + "]" * 1000 + "\n", r"run.yaml line 1: nested deeper than 64 levels"),
+        ("name: !!python/object/apply:os.getcwd []\n", r"not valid YAML: could not determine a constructor"),
+    ],
+    ids=["recursive-alias", "deep-nesting", "python-tag"],
+)
+def test_hostile_yaml_shapes_are_refused(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, text))
+
+
+def with_output_dir(value: str) -> str:
+    return GOOD.replace("name: demo\n", f"name: demo\noutput_dir: {value}\n")  # on line 2
+
+
+def test_output_dir_at_the_filesystem_root_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, with_output_dir("/")))
+    assert str(info.value) == (
+        "output_dir (run.yaml line 2) is '/', the filesystem root; name a folder for runs, such as runs"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^output_dir \(from override 'output_dir=/'\) is '/', the filesystem"
+    ):
+        load_config(write(tmp_path, GOOD), ["output_dir=/"])
+
+
+@pytest.mark.parametrize("under", ["", "/sub", "/../afile"], ids=["is-a-file", "under-a-file", "dotdot"])
+def test_output_dir_meeting_a_file_is_refused(tmp_path, under):
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    value = f"{tmp_path / 'afile'}{under}"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, with_output_dir(value)))
+    assert str(info.value) == (
+        f"output_dir (run.yaml line 2) is {value!r}, but {tmp_path / 'afile'} is a file, "
+        f"so the run directory {Path(value).resolve() / 'demo'} cannot be created"
+    )
+
+
+def test_run_directory_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "demo").write_text("x", encoding="utf-8")
+    with pytest.raises(
+        ConfigError, match=r"^output_dir \(run.yaml line 2\) is '.*', but .*/demo is a file, so the run"
+    ):
+        load_config(write(tmp_path, with_output_dir(str(tmp_path))))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_output_dir_loads_but_no_stage_starts(tmp_path):
+    """/proc takes no new folders, not even from root (for whom os.access says yes)."""
+    from llamatailor.pipeline import STAGE_BY_NAME, run_stage
+
+    config = load_config(write(tmp_path, with_output_dir("/proc/llamatailor-runs")))  # reading stays possible
+    expected = (
+        "output_dir (run.yaml line 2) is '/proc/llamatailor-runs', but the run directory "
+        "/proc/llamatailor-runs/demo cannot be created: "
+    )
+    with pytest.raises(ConfigError) as info:
+        config.create_run_dir()
+    assert str(info.value).startswith(expected)
+    assert str(info.value).endswith("; choose a folder you can write to (e.g. output_dir=runs)")
+    with pytest.raises(
+        ConfigError, match=r"^output_dir \(run.yaml line 2\) is '/proc/llamatailor-runs', but"
+    ):
+        run_stage(STAGE_BY_NAME["prepare"], config)
+
+
+def test_writable_output_dir_is_created_for_a_stage(tmp_path):
+    config = load_config(write(tmp_path, with_output_dir(str(tmp_path / "new" / "runs"))))
+    assert not (tmp_path / "new").exists()  # loading writes nothing
+    assert config.create_run_dir().root == tmp_path / "new" / "runs" / "demo"
+    assert (tmp_path / "new" / "runs" / "demo").is_dir()
+
+
+def test_run_file_with_a_byte_order_mark_loads_as_without(tmp_path):
+    plain = load_config(write(tmp_path, GOOD))
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.replace("learning_rate", "learnig_rate").encode("utf-8"))
+    with pytest.raises(ConfigError, match=r"train\.learnig_rate \(bom\.yaml line 5\)"):  # lines still count
+        load_config(path)
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode("utf-8"))
+    assert load_config(path).model_dump() == plain.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        (b"\xff\xfe" + GOOD.encode("utf-16-le"), "the file is UTF-16 LE (byte-order mark found)"),
+        (GOOD.encode("utf-16-le"), "the file looks like UTF-16 without a byte-order mark"),
+        (GOOD.replace("demo", "démo").encode("latin-1"), "not UTF-8 (byte 7: b'\\xe9')"),
+    ],
+    ids=["utf16-bom", "utf16", "latin1"],
+)
+def test_run_file_in_another_encoding_is_refused_by_name(tmp_path, data, found):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {found}")
+    assert str(info.value).endswith("save it as UTF-8 (with or without a byte-order mark) and run again")
+
+
+def test_chat_template_file_with_a_byte_order_mark(tmp_path):
+    from llamatailor.models.loading import prepare_tokenizer
+    from llamatailor.models.tiny import real_tokenizer
+
+    stock = prepare_tokenizer(real_tokenizer("chatml"), ModelSection())
+    template = tmp_path / "chat.jinja"
+    template.write_bytes(b"\xef\xbb\xbf" + stock.tokenizer.chat_template.encode("utf-8"))
+    chat = prepare_tokenizer(real_tokenizer("chatml"), ModelSection(chat_template=template))
+    assert chat.tokenizer.chat_template == stock.tokenizer.chat_template
+    messages = [{"role": "user", "content": "Hi"}]
+    rendered = chat.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|im_start|>system\n")  # no BOM character before the first turn
+    assert rendered == stock.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    template.write_bytes(b"\xff\xfe" + "{{ x }}".encode("utf-16-le"))
+    with pytest.raises(EncodingError, match=rf"^{template}: the file is UTF-16 LE"):
+        prepare_tokenizer(stock.tokenizer, ModelSection(chat_template=template))

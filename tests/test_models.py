@@ -1,6 +1,8 @@
 """Model sources, chat families and tokenizer preparation."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from llamatailor.config import ModelSection
 from llamatailor.errors import ModelLoadError
 from llamatailor.models.families import FAMILIES, LLAMA3_TEMPLATE
 from llamatailor.models.loading import prepare_tokenizer
-from llamatailor.models.source import resolve_source
+from llamatailor.models.source import embedded_gguf_path, resolve_source
 from llamatailor.models.tiny import real_tokenizer
 
 
@@ -96,3 +98,209 @@ def test_tiny_models_match_their_tokenizers(tiny_models):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         assert config.vocab_size == len(tokenizer)
         assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads) == (64, 2, 2)
+
+
+# --- A base that is not a model: refused before anything is converted or allocated ---
+
+
+def write_gguf(target: Path, folder: Path, chat, weights: bool = True, replace=None) -> Path:
+    """`folder` (a tiny Llama) as an F32 GGUF with its tokenizer, through the export stage's writers;
+    `weights=False` writes the metadata only, `replace` swaps tensors by GGUF name."""
+    import gguf
+    from transformers import LlamaConfig
+
+    from llamatailor.export.gguf_file import tensors, vocabulary, write_metadata, write_tokenizer
+    from llamatailor.export.rope import gguf_rope
+
+    config = LlamaConfig.from_pretrained(folder)
+    rope = gguf_rope(config, str(folder))
+    writer = gguf.GGUFWriter(target, "llama")
+    write_metadata(writer, config, "tiny", gguf.LlamaFileType.ALL_F32, rope)
+    write_tokenizer(writer, vocabulary(folder, chat, config.vocab_size), chat)
+    for name, array in tensors(folder, config, rope) if weights else ():
+        writer.add_tensor(name, (replace or {}).get(name, array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory, tiny_models, chatml):
+    import numpy as np
+
+    root, folder = tmp_path_factory.mktemp("ggufs"), tiny_models["chatml"]
+    wrong = {"blk.1.ffn_up.weight": np.zeros((100, 64), dtype=np.float32)}
+    return {
+        "metadata": write_gguf(root / "metadata.gguf", folder, chatml, weights=False),
+        "misshaped": write_gguf(root / "misshaped.gguf", folder, chatml, replace=wrong),
+    }
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """A cache of its own, so that a conversion (which the checks must prevent) would show."""
+    monkeypatch.setenv("LLAMATAILOR_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# 2 layers x 9 tensors, the embedding and the final norm; the output matrix may be tied
+TINY_GGUF = "the 20 tensors of a llama model with 2 layers, hidden size 64 and a 49,152-token vocabulary"
+
+
+def test_metadata_only_gguf_refused_at_tokenizer_and_model_load(tiny_ggufs, empty_cache):
+    from llamatailor.models.loading import load_base_model, load_tokenizer
+
+    path = tiny_ggufs["metadata"]
+    expected = (
+        f"{path}: no weights: it holds no tensors at all (metadata or a vocabulary only); a base model needs "
+        f"{TINY_GGUF}, as its metadata declares, e.g. token_embd.weight (49152, 64)"
+    )
+    for load in (load_tokenizer, load_base_model):  # prepare loads only the tokenizer
+        with pytest.raises(ModelLoadError) as refused:
+            load(ModelSection(base=str(path)))
+        assert str(refused.value) == expected
+    assert not (empty_cache / "models").exists()  # nothing converted
+
+
+def test_vocabulary_only_gguf_refused_fast_without_allocating(tmp_path, monkeypatch):
+    import resource
+    import time
+
+    from llamatailor.models.loading import load_tokenizer
+    from llamatailor.models.tiny import llama_cpp_model_file
+
+    path = llama_cpp_model_file("ggml-vocab-llama-bpe.gguf")  # Llama 3's vocabulary, and no tensor
+    monkeypatch.setenv("LLAMATAILOR_CACHE", str(tmp_path))  # after finding the file in the shared cache
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as refused:
+        load_tokenizer(ModelSection(base=str(path)))
+    elapsed = time.perf_counter() - start
+    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert elapsed < 2.0 and peak_growth < 1 << 20  # the 8B it declares would be 32 GB in fp32
+    message = str(refused.value)
+    assert message.startswith(f"{path}: no weights: it holds no tensors at all")
+    assert "the 290 tensors of a llama model with 32 layers, hidden size 4096 and a 128,256-token" in message
+    assert message.endswith("e.g. token_embd.weight (128256, 4096)")
+    assert not (tmp_path / "models").exists()
+
+
+def test_gguf_with_a_misshaped_or_cut_tensor_is_refused_by_name(tiny_ggufs, empty_cache, tmp_path):
+    from llamatailor.models.base_check import check_gguf
+
+    path = tiny_ggufs["misshaped"]
+    with pytest.raises(ModelLoadError) as refused:
+        resolve_source(str(path))
+    assert str(refused.value) == (
+        f"{path}: not a whole model: 1 weight of the wrong shape (blk.1.ffn_up.weight is (100, 64) where "
+        f"(128, 64) was expected); expected {TINY_GGUF}, as its metadata declares"
+    )
+    embedded = embedded_gguf_path("smollm2-135m-instruct")
+    check_gguf(embedded)  # whole, it passes
+    cut = tmp_path / "cut.gguf"
+    shutil.copyfile(embedded, cut)
+    os.truncate(cut, embedded.stat().st_size - 4096)  # as an interrupted download leaves it
+    with pytest.raises(ModelLoadError) as refused:
+        check_gguf(cut)
+    assert re.fullmatch(
+        rf"{cut}: cut short: tensor \S+'s data runs to byte [\d,]+ but the file ends at byte "
+        rf"{cut.stat().st_size:,} \(an interrupted download or copy\?\)",
+        str(refused.value),
+    )
+    assert not (empty_cache / "models").exists()
+
+
+def copy_model_folder(source: Path, target: Path, shards: int = 1, replace=None) -> Path:
+    """`source`'s config and tokenizer files, and its weights split into `shards` safetensors files with
+    an index (as save_pretrained shards a large model); `replace` swaps tensors by name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, target / file.name)
+    weights = load_file(source / "model.safetensors") | (replace or {})
+    names = sorted(weights)
+    if shards == 1:
+        save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+        return target
+    weight_map = {}
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: weights[name] for name in names[shard::shards]}
+        save_file(part, target / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    return target
+
+
+def test_hf_folder_without_weights_or_with_missing_shard_refused_at_tokenizer_load(tmp_path, tiny_models):
+    from llamatailor.models.loading import load_tokenizer
+
+    bare = copy_model_folder(tiny_models["chatml"], tmp_path / "bare")
+    (bare / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError) as refused:
+        load_tokenizer(ModelSection(base=str(bare)))
+    assert str(refused.value).startswith(f"{bare}: no weights: config.json but no model.safetensors, ")
+    sharded = copy_model_folder(tiny_models["chatml"], tmp_path / "sharded", shards=3)
+    load_tokenizer(ModelSection(base=str(sharded)))  # whole, it loads
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(ModelLoadError) as refused:
+        load_tokenizer(ModelSection(base=str(sharded)))
+    assert str(refused.value) == (
+        f"{sharded / 'model.safetensors.index.json'}: 1 of its 3 shards are missing: "
+        "model-00002-of-00003.safetensors; expected every file the index's weight_map names"
+    )
+
+
+def test_hf_folder_with_misshaped_or_missing_tensors_named(tmp_path, tiny_models):
+    import torch
+
+    wrong = {"model.layers.1.mlp.up_proj.weight": torch.zeros(100, 64)}
+    folder = copy_model_folder(tiny_models["chatml"], tmp_path / "wrong", shards=2, replace=wrong)
+    with pytest.raises(ModelLoadError) as refused:
+        resolve_source(str(folder))
+    assert str(refused.value) == (
+        f"{folder}: not a whole model: 1 weight of the wrong shape (model.layers.1.mlp.up_proj.weight is "
+        "(100, 64) where (128, 64) was expected); expected the 21 tensors of a LlamaForCausalLM with 2 layers "
+        "and hidden size 64, as its config.json declares"
+    )
+    from safetensors.torch import load_file, save_file
+
+    legacy = copy_model_folder(tiny_models["chatml"], tmp_path / "legacy", replace=wrong)
+    torch.save(load_file(legacy / "model.safetensors"), legacy / "pytorch_model.bin")
+    (legacy / "model.safetensors").unlink()  # a .bin checkpoint's shapes are read too
+    with pytest.raises(ModelLoadError, match=r"up_proj\.weight is \(100, 64\) where \(128, 64\) was"):
+        resolve_source(str(legacy))
+    headless = copy_model_folder(tiny_models["chatml"], tmp_path / "headless")
+
+    weights = load_file(headless / "model.safetensors")
+    del weights["lm_head.weight"], weights["model.norm.weight"]
+    save_file(weights, headless / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ModelLoadError,
+        match=r"2 of its 21 weights are missing \(model\.norm\.weight, lm_head\.weight\); expected",
+    ):
+        resolve_source(str(headless))
+
+
+def test_bare_checkpoint_without_lm_head_refused_after_load(tmp_path):
+    """A checkpoint saved from the bare LlamaModel is not compared name by name (its keys are renamed on
+    load), so transformers' load report is the check: its lm_head would be random."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from llamatailor.models.loading import load_base_model
+    from llamatailor.models.tiny import TINY_SHAPE
+
+    LlamaModel(LlamaConfig(vocab_size=256, tie_word_embeddings=False, **TINY_SHAPE)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as refused:
+        load_base_model(ModelSection(base=str(tmp_path)))
+    assert str(refused.value) == (
+        f"model.base '{tmp_path}': not a whole model: 1 weight the model needs is not in its files "
+        "(lm_head.weight); transformers would initialize it at random"
+    )

@@ -1,5 +1,6 @@
 """`prepare` inputs: every kind of bad record is kept with a precise reason; CSV, Parquet, mapping, preference."""
 
+import codecs
 import json
 
 import pyarrow as pa
@@ -8,6 +9,7 @@ from typer.testing import CliRunner
 
 from helpers import alpaca_rows, conversation, read_rows, write_jsonl, write_run_file
 from llamatailor.cli import app
+from llamatailor.textfiles import PROBE_BYTES
 
 runner = CliRunner()
 
@@ -23,15 +25,17 @@ def test_each_kind_of_bad_record_gets_its_reason_and_the_rest_goes_through(tmp_p
     path = tmp_path / "mixed.jsonl"
     good = [json.dumps(conversation(f"question {n}", f"answer {n}")) for n in range(10)]
     bad = [
-        b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',  # 11: Latin-1 byte
-        b'{"messages": [{"role": "user", "content": "cut',  # 12: truncated JSON
-        json.dumps({"messages": "hello"}).encode(),  # 13: wrong type
-        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),  # 14: unknown role
-        json.dumps({"messages": []}).encode(),  # 15: empty conversation
-        json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(),  # 16: no assistant turn
-        json.dumps(conversation("big", "x" * 10_000_000)).encode(),  # 17: 10 MB record
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',  # 12: Latin-1 byte
+        b'{"messages": [{"role": "user", "content": "cut',  # 13: truncated JSON
+        json.dumps({"messages": "hello"}).encode(),  # 14: wrong type
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),  # 15: unknown role
+        json.dumps({"messages": []}).encode(),  # 16: empty conversation
+        json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(),  # 17: no assistant turn
+        json.dumps(conversation("big", "x" * 10_000_000)).encode(),  # 18: 10 MB record
     ]
-    path.write_bytes(b"\n".join([line.encode() for line in good] + bad) + b"\n")
+    # Line 11 is blank but long: bad bytes past the start that is checked whole are one line's fault only.
+    padding = b" " * PROBE_BYTES
+    path.write_bytes(b"\n".join([line.encode() for line in good] + [padding] + bad) + b"\n")
     csv_path = tmp_path / "table.csv"
     csv_path.write_text("instruction,input,output\nAdd.,1+1,2\nSub.,3-1\nMul.,2*2,4\n", encoding="utf-8")
     result, data = prepare(
@@ -40,13 +44,13 @@ def test_each_kind_of_bad_record_gets_its_reason_and_the_rest_goes_through(tmp_p
     assert result.exit_code == 0, result.output
     rejected = {row["source"]: row for row in read_rows(data / "rejected.jsonl")}
     expected = {
-        f"{path}:11": ("unreadable", "", "not valid UTF-8 (byte 46: b'\\xe9')"),
-        f"{path}:12": ("unreadable", "", "invalid JSON: Unterminated string"),
-        f"{path}:13": ("invalid", "messages", "expected a list of turns, got str"),
-        f"{path}:14": ("invalid", "messages[0].role", "unknown role 'wizard'"),
-        f"{path}:15": ("invalid", "messages", "empty conversation"),
-        f"{path}:16": ("invalid", "messages", "no assistant turn answers the last user message"),
-        f"{path}:17": (
+        f"{path}:12": ("unreadable", "", "not valid UTF-8 (byte 46: b'\\xe9')"),
+        f"{path}:13": ("unreadable", "", "invalid JSON: Unterminated string"),
+        f"{path}:14": ("invalid", "messages", "expected a list of turns, got str"),
+        f"{path}:15": ("invalid", "messages[0].role", "unknown role 'wizard'"),
+        f"{path}:16": ("invalid", "messages", "empty conversation"),
+        f"{path}:17": ("invalid", "messages", "no assistant turn answers the last user message"),
+        f"{path}:18": (
             "too_large",
             "",
             f"record is {len(bad[-1]) + 1:,} bytes; data.max_record_bytes is 1,000,000",
@@ -57,7 +61,7 @@ def test_each_kind_of_bad_record_gets_its_reason_and_the_rest_goes_through(tmp_p
     for source, (kind, field, reason) in expected.items():
         assert (rejected[source]["kind"], rejected[source]["field"]) == (kind, field), source
         assert rejected[source]["reason"].startswith(reason), rejected[source]["reason"]
-    assert len(rejected[f"{path}:17"]["record"]) == 1000, "a huge record is kept as a preview only"
+    assert len(rejected[f"{path}:18"]["record"]) == 1000, "a huge record is kept as a preview only"
     kept = sum(len(read_rows(data / f"{split}.jsonl")) for split in ("train", "val", "test"))
     assert kept == 12
 
@@ -134,3 +138,43 @@ def test_hub_dataset_offline_says_what_to_do(tmp_path, tiny_models):
     assert result.exit_code == 1
     assert "hub:tatsu-lab/alpaca: could not read split 'train' from the Hugging Face Hub" in result.output
     assert "save the data set as a local JSONL, CSV or Parquet file" in result.output
+
+
+def test_bom_unclosed_csv_quote_and_deep_nesting_cost_one_record_each(tmp_path, tiny_models):
+    jsonl = tmp_path / "chats.jsonl"
+    lines = [json.dumps(conversation(f"chat question {n}", f"chat answer {n}")) for n in range(20)]
+    lines.insert(12, '{"messages": ' + "[" * 1_000 + "]" * 1_000 + "}")  # line 13: 1,001 levels deep
+    jsonl.write_bytes(codecs.BOM_UTF8 + "\n".join(lines).encode() + b"\n")  # saved by a Windows editor
+    table = tmp_path / "table.csv"
+    rows = [f"Add {n} and {n}.,{n}+{n},{2 * n}" for n in range(1, 22)]
+    rows[6] = 'Add 7 and 7.,"7+7,14'  # line 8: the quote is never closed
+    table.write_bytes(codecs.BOM_UTF8 + ("instruction,input,output\n" + "\n".join(rows) + "\n").encode())
+    result, data = prepare(tmp_path, tiny_models["chatml"], [jsonl, table])
+    assert result.exit_code == 0, result.output
+    rejected = [(row["source"], row["kind"], row["reason"]) for row in read_rows(data / "rejected.jsonl")]
+    assert rejected == [
+        (f"{jsonl}:13", "unreadable", "nested more than 100 levels deep (the limit for a record)"),
+        (
+            f"{table}:8",
+            "invalid",
+            "unclosed quote starting at line 8: read as one record up to line 22, unexpected end of data",
+        ),
+    ]
+    report = json.loads((data / "report.json").read_text())
+    assert [(i["format"], i["accepted"], i["rejected"]) for i in report["inputs"]] == [
+        ("openai", 20, 1),
+        ("alpaca", 20, 1),
+    ]
+    samples = {
+        row["source"]: row["messages"]
+        for split in ("train", "val", "test")
+        for row in read_rows(data / f"{split}.jsonl")
+    }
+    assert samples[f"{jsonl}:1"][0] == {"role": "user", "content": "chat question 0"}
+    assert samples[f"{table}:9"] == [
+        {"role": "user", "content": "Add 8 and 8.\n\n8+8"},
+        {"role": "assistant", "content": "16"},
+    ]
+    assert sorted(int(source.rsplit(":", 1)[1]) for source in samples if source.startswith(str(table))) == [
+        n for n in range(2, 23) if n != 8
+    ]

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from llamatailor.config import DataFile
 from llamatailor.data.formats import FORMATS, RecordError, detect_format, to_sample
 from llamatailor.data.reader import read_source
+from llamatailor.errors import EncodingError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -72,6 +73,10 @@ def test_valid_conversations_round_trip_through_openai_records(turns):
 def test_reader_survives_arbitrary_bytes(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("bytes") / "d.jsonl"
     path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))
-    for record in read_source(DataFile(path=path), 1000):
+    try:
+        records = list(read_source(DataFile(path=path), 1000))
+    except EncodingError:
+        return  # a file whose start is not UTF-8 is refused whole, by design (llamatailor.textfiles)
+    for record in records:
         assert record.error is None or record.value is None
         assert record.where.startswith(f"{path}:")

@@ -185,6 +185,7 @@ def evaluate(
 
     if not model.exists():
         raise ConfigError(f"--model {model}: no such file or folder")
+    loaded.create_run_dir()  # its results go to eval/candidates/: refuse now, not after answering
     console.rule(f"[bold]eval[/] · {model.name} against the base")
     with _progress() as progress:
         console.print(

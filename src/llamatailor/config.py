@@ -1,20 +1,30 @@
-"""The run file's schema (pydantic v2) and its loading: YAML, `key.sub=value` overrides, clear errors."""
+"""The run file's schema (pydantic v2) and its loading: YAML, `key.sub=value` overrides, clear errors.
+
+Run files are read as UTF-8 with or without a BOM (`llamatailor.textfiles`) and parsed by a bounded YAML
+loader: plain data only (no Python tags), a cap on what aliases expand to, a cap on nesting.
+"""
 
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from llamatailor.errors import ConfigError
+from llamatailor.errors import ConfigError, EncodingError
 from llamatailor.rundir import RunDir
+from llamatailor.textfiles import read_text
 
 SPLITS = ("train", "val", "test")
+# A run file's aliases stand for a few dozen nodes; a "billion laughs" file for 9**9 of them.
+ALIAS_NODES_LIMIT = 10_000
+# A full run file nests 4 levels deep; PyYAML composes recursively and overflows the stack near 300.
+NESTING_LIMIT = 64
 
 
 class Section(BaseModel):
@@ -86,9 +96,16 @@ class PolicySection(Section):
 
 class DedupSection(Section):
     exact: bool = Field(True, description="Drop records whose normalised text repeats an earlier one.")
-    near: bool = Field(True, description="Drop near-duplicates (MinHash LSH at `threshold`).")
-    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of word 3-grams.")
-    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (accuracy vs memory).")
+    near: bool = Field(True, description="Drop near-duplicates (Jaccard of word 3-grams >= `threshold`).")
+    threshold: float = Field(
+        0.8, gt=0, le=1, description="Exact Jaccard similarity of word 3-grams that makes a near-duplicate."
+    )
+    num_perm: int = Field(
+        64, ge=16, le=512, description="MinHash permutations: more find more candidate pairs (recall)."
+    )
+    fold_case: bool = Field(
+        True, description="Compare texts case-folded; false where case carries meaning (code, units)."
+    )
 
     @model_validator(mode="after")
     def _bands_fit(self) -> "DedupSection":
@@ -338,10 +355,34 @@ class RunConfig(Section):
     dpo: DpoSection = Field(default_factory=DpoSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    # Where output_dir was set (" (run.yaml line 3)", " (from override ...)"), for messages; load_config sets it.
+    _output_dir_origin: str = PrivateAttr("")
 
     @property
     def run_dir(self) -> RunDir:
         return RunDir(self.output_dir / self.name)
+
+    def create_run_dir(self) -> RunDir:
+        """Create `<output_dir>/<name>` for a stage to write into, and return it.
+
+        Called where a stage starts writing, not at load: commands that only read a run (serve, chat) work
+        on a read-only run directory. The folder is really created (rather than asked about with os.access,
+        which says yes to root almost everywhere). Raises ConfigError naming output_dir, its value and where
+        it was set when the folder cannot be created or written.
+        """
+        run = self.run_dir
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = f"the run directory {run.root} cannot be created: {exc.strerror or exc}"
+        else:
+            if os.access(run.root, os.W_OK | os.X_OK):
+                return run
+            problem = f"the run directory {run.root} is not writable"
+        raise ConfigError(
+            f"output_dir{self._output_dir_origin} is {str(self.output_dir)!r}, but {problem}; "
+            "choose a folder you can write to (e.g. output_dir=runs)"
+        )
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain data, with paths made absolute so the run dir's copy works from anywhere."""
@@ -377,11 +418,15 @@ def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run file, apply `key.sub=value` overrides, validate; raise ConfigError naming what is wrong."""
+    """Read a run file, apply `key.sub=value` overrides, validate; raise ConfigError naming what is wrong.
+
+    Besides the schema, output_dir must be able to hold a run directory: not a filesystem root, not a file
+    or a path beneath one (whether it is writable is checked when a stage writes: RunConfig.create_run_dir).
+    """
     path = resolve_config_path(path)
     text = _read_run_file(path)
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text, path)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if raw is None:
@@ -396,18 +441,113 @@ def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
         set_key(raw, key_path, value, override)
         override_origin[key_path] = override
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path, text, override_origin)) from None
+    config._output_dir_origin = _origin(("output_dir",), path, text, override_origin)
+    check_output_dir(config)
+    return config
 
 
 def _read_run_file(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: run file not found (working directory: {Path.cwd()})") from None
-    except (UnicodeDecodeError, IsADirectoryError) as exc:
-        raise ConfigError(f"{path}: cannot read the run file: {exc}") from None
+    except EncodingError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the run file: {exc.strerror or exc}") from None
+
+
+def check_output_dir(config: RunConfig) -> None:
+    """Raise ConfigError when `<output_dir>/<name>` cannot be a folder: output_dir is a filesystem root
+    (runs would land beside the system's folders), or the path meets an existing file."""
+    folder = config.output_dir.resolve()
+    if folder == folder.parent:
+        problem = "the filesystem root; name a folder for runs, such as runs"
+    else:
+        run_root = folder / config.name
+        # os.path.exists is False behind a folder that cannot be searched, where Path.exists raises.
+        existing = next(part for part in (run_root, *run_root.parents) if os.path.exists(part))  # noqa: PTH110
+        if existing.is_dir():
+            return
+        problem = f"but {existing} is a file, so the run directory {run_root} cannot be created"
+    raise ConfigError(f"output_dir{config._output_dir_origin} is {str(config.output_dir)!r}, {problem}")
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (plain data: no Python tags) that refuses alias bombs and deep nesting.
+
+    Composing shares an anchored node among its aliases, but the data built from it is walked as a tree
+    (validation, error messages, the resolved config), so nine levels of nine aliases ("billion laughs")
+    stand for 9**9 nodes. Each alias adds the size of the node it stands for, counted with its own aliases
+    expanded; past ALIAS_NODES_LIMIT the text is refused at that alias, before any data is built.
+    """
+
+    def __init__(self, text: str, source: Path | str) -> None:
+        super().__init__(text)
+        self.source = source
+        self.sizes: dict[int, int] = {}  # id(node) -> nodes in its expansion, for finished nodes
+        self.through_aliases = 0
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._count_alias(event, node)
+            return node
+        self.depth += 1
+        if self.depth > NESTING_LIMIT:
+            raise ConfigError(f"{self._where(event)}: nested deeper than {NESTING_LIMIT} levels")
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        self.sizes[id(node)] = 1 + sum(self.sizes[id(child)] for child in _children(node))
+        return node
+
+    def _count_alias(self, event: yaml.AliasEvent, node: yaml.Node) -> None:
+        size = self.sizes.get(id(node))
+        if size is None:  # the anchored node is still being composed: the alias is inside it
+            raise ConfigError(
+                f"{self._where(event)}: alias *{event.anchor} refers to a node that contains it; "
+                "a run file cannot be recursive"
+            )
+        self.through_aliases += size
+        if self.through_aliases > ALIAS_NODES_LIMIT:
+            raise ConfigError(
+                f"{self._where(event)}: alias *{event.anchor} takes the nodes reached through aliases past "
+                f"{ALIAS_NODES_LIMIT:,} (aliases nested to expand exponentially?); a run file needs only "
+                "a few small aliases"
+            )
+
+    def _where(self, event: yaml.Event) -> str:
+        if isinstance(self.source, Path):
+            return f"{self.source} line {event.start_mark.line + 1}"
+        return self.source
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def load_yaml(text: str, source: Path | str) -> Any:
+    """The data of one YAML document, read by the bounded loader; `source` (a file, or a label such as an
+    override) is named in messages, with the line for a file.
+
+    Raises yaml.YAMLError for bad syntax or a Python tag (the safe constructor builds plain data only), and
+    ConfigError for aliases expanding past ALIAS_NODES_LIMIT nodes, a recursive alias, or nesting deeper
+    than NESTING_LIMIT.
+    """
+    loader = _BoundedLoader(text, source)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def resolve_config_path(path: Path) -> Path:
@@ -422,7 +562,7 @@ def parse_override(override: str) -> tuple[tuple[str, ...], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected key.sub=value, e.g. train.learning_rate=1e-4")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = load_yaml(value_text, f"override {override!r}") if value_text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: the value is not valid YAML: {exc}") from None
     return tuple(part.strip() for part in key.split(".")), value
@@ -504,11 +644,14 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 
 
 def yaml_line_of(text: str, loc: tuple[str, ...]) -> int | None:
-    """1-based line of the deepest key of `loc` present in the YAML text."""
+    """1-based line of the deepest key of `loc` present in the YAML text (None if it does not compose)."""
+    loader = _BoundedLoader(text, "run file")
     try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
+        node = loader.get_single_node()
+    except (yaml.YAMLError, ConfigError):
         return None
+    finally:
+        loader.dispose()
     line = None
     for part in loc:
         if isinstance(node, yaml.MappingNode):

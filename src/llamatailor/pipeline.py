@@ -189,8 +189,7 @@ def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
 
 def start_run(config: RunConfig) -> None:
     """Write the resolved config and the manifest's run-wide facts (versions, config hash, git revision)."""
-    run = config.run_dir
-    run.root.mkdir(parents=True, exist_ok=True)
+    run = config.create_run_dir()
     resolved = config.resolved()
     run.write_config(resolved)
     manifest = run.read_manifest()

@@ -1,29 +1,51 @@
 """Read inputs record by record (JSONL, JSON, CSV, Parquet, hub datasets), keeping where each came from.
 
-Line-based files (JSONL, CSV) are streamed; a JSON array is parsed whole; Parquet is read in batches;
-hub datasets are streamed by `datasets`. A record that cannot be read becomes a RawRecord with an error
-and the reading goes on. A column mapping renames the input's fields to ours before anything else.
+Text files are UTF-8, with or without a byte-order mark; any other encoding is refused whole by
+`llamatailor.textfiles`. Line-based files (JSONL, CSV) are streamed; a JSON array is parsed whole, element
+by element; Parquet is read in batches; hub datasets are streamed by `datasets`. A record that cannot be
+read becomes a RawRecord with an error and the reading goes on. `where` is the physical line in the file
+(the element's number in a JSON array, the row in Parquet). A column mapping renames the input's fields
+to ours before anything else.
+
+Two rules guard the rest of `prepare` from hostile input. A record parsed from JSON text (a JSONL line, a
+JSON array's element, a CSV cell) whose arrays and objects nest more than MAX_DEPTH levels is rejected
+(`unreadable`) before anything recursive touches it; pyarrow itself refuses Parquet schemas nested that
+deep. A CSV record that runs across lines is a multi-line quoted cell only if it parses strictly and has
+the header's field count; otherwise its first line holds an unclosed quote: that line is rejected and
+reading restarts on the next line, so one stray quote cannot swallow the rows after it.
 """
 
 import csv
+import io
 import json
-from collections.abc import Iterator
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from llamatailor.config import DataFile
 from llamatailor.data.formats import FORMATS, Format, RecordError, detect_format
 from llamatailor.errors import DataError
+from llamatailor.textfiles import bom_length, check_utf8
 
 SUPPORTED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 FORMAT_PROBE_RECORDS = 100
 PREVIEW_CHARS = 1000
 # CSV cells of these fields may hold JSON lists of messages.
 LIST_FIELDS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
+# Real records nest a few levels (record > messages > turn > content parts); far deeper ones are hostile
+# and would exhaust Python's recursion limit (1,000 frames) in the parser or in any later recursive step.
+MAX_DEPTH = 100
+TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep (the limit for a record)"
+JSON_SPACE = " \t\n\r"
+JSON_SPACES = re.compile(f"[{JSON_SPACE}]*")
+# A JSON string or a bracket: enough to find where a value too deep to parse ends.
+JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*+"|[\[\]{}]', re.DOTALL)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawRecord:
     """One record as read: `value` is the parsed record, or `error` says why it could not be read."""
 
@@ -35,17 +57,36 @@ class RawRecord:
 
 
 def read_source(source: DataFile, max_record_bytes: int) -> Iterator[RawRecord]:
-    records = _hub(source) if source.hub is not None else _file(_checked_path(source))
+    """The records of one input, in order, under our field names (`source.columns` applied).
+
+    A record larger than `max_record_bytes` (UTF-8 bytes of its text) is yielded with a `too_large` error;
+    unreadable ones with their reason. Raises DataError for a missing or unsupported file or one that is
+    not valid as a whole (a JSON syntax error, a CSV header that is not CSV), EncodingError for a text
+    file that is not UTF-8.
+    """
+    if source.hub is not None:
+        records: Iterable[RawRecord] = _hub(source)
+    else:
+        records = _file(_checked_path(source), max_record_bytes)
     from_csv = source.path is not None and source.path.suffix.lower() == ".csv"
     for record in records:
-        if record.error is not None:
-            yield record
-        elif (size := record.size if record.size is not None else _size(record.value)) > max_record_bytes:
-            reason = f"record is {size:,} bytes; data.max_record_bytes is {max_record_bytes:,}"
-            yield RawRecord(record.where, error=RecordError("", reason, "too_large"), raw=_preview(record))
-        else:
-            value = _renamed(record.value, source.columns)
-            yield RawRecord(record.where, value=_decoded_cells(value) if from_csv else value)
+        if record.error is None:
+            try:
+                record = RawRecord(
+                    record.where, value=_ours(record, source.columns, from_csv, max_record_bytes)
+                )
+            except RecordError as exc:
+                record = RawRecord(record.where, error=exc, raw=_preview(record))
+        yield record
+
+
+def _ours(record: RawRecord, columns: dict[str, str], from_csv: bool, max_record_bytes: int) -> Any:
+    size = record.size if record.size is not None else _size(record.value)
+    if size > max_record_bytes:
+        reason = f"record is {size:,} bytes; data.max_record_bytes is {max_record_bytes:,}"
+        raise RecordError("", reason, "too_large")
+    value = _renamed(record.value, columns)
+    return _decoded_cells(value) if from_csv else value
 
 
 def _checked_path(source: DataFile) -> Path:
@@ -60,81 +101,280 @@ def _checked_path(source: DataFile) -> Path:
     return path
 
 
-def _file(path: Path) -> Iterator[RawRecord]:
+def _file(path: Path, max_record_bytes: int) -> Iterable[RawRecord]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        yield from _csv(path)
-    elif suffix == ".parquet":
-        yield from _parquet(path)
-    elif suffix == ".json" and (array := _json_array(path)) is not None:
-        yield from (RawRecord(f"{path}:{index + 1}", value=value) for index, value in enumerate(array))
-    else:
-        yield from _jsonl(path)
+        return _csv(path, max_record_bytes)
+    if suffix == ".parquet":
+        return _parquet(path)
+    if suffix == ".json":
+        return _json(path)
+    return _jsonl(path)
 
 
-def _json_array(path: Path) -> list[Any] | None:
-    """The file's JSON array; None when the file is really JSON Lines (a common .json misnomer)."""
+def _json(path: Path) -> Iterable[RawRecord]:
+    """A .json file: a JSON array of records, or JSON Lines under a .json name (a common misnomer)."""
+    data = path.read_bytes()[bom_length(path) :]
     try:
-        value = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if isinstance(value, list):
-        return value
+        text = data.decode("utf-8")
+        if text.lstrip(JSON_SPACE).startswith("["):
+            return _json_array(path, text)
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        if _first_line_is_json(data):
+            return _jsonl(path)  # JSON Lines: its bad lines are rejected one by one
+        check_utf8(data, path, complete=True)  # EncodingError when bad bytes, not the syntax, are at fault
+        raise DataError(_json_failure(path, exc)) from None
     raise DataError(
         f"{path}: expected a JSON array of records (or JSON Lines), found a {type(value).__name__}"
     )
 
 
+def _first_line_is_json(data: bytes) -> bool:
+    start = len(data) - len(data.lstrip())
+    end = data.find(b"\n", start)
+    try:
+        json.loads(data[start : end if end >= 0 else len(data)])
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
+
+
+def _json_failure(path: Path, exc: Exception) -> str:
+    """The message for a .json file that is not valid as a whole (a syntax error, or nesting too deep)."""
+    expected = "expected a JSON array of records (or JSON Lines)"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; {expected}"
+    return f"{path}: the JSON value is {TOO_DEEP}; {expected}"
+
+
+def _json_array(path: Path, text: str) -> list[RawRecord]:
+    """Each element of the array in `text`, parsed on its own so that one nested too deeply is rejected alone.
+
+    The whole array is parsed before any record is returned: DataError names the line and column of a
+    syntax error, and no record of a broken file reaches `prepare`.
+    """
+    decoder = json.JSONDecoder()
+    records: list[RawRecord] = []
+    index = _after_space(text, text.index("[") + 1)
+    closed = text.startswith("]", index)
+    while not closed:
+        where = f"{path}:{len(records) + 1}"
+        try:
+            value, end = decoder.raw_decode(text, index)
+        except RecursionError:
+            end = _value_end(path, text, index)
+            records.append(_too_deep_element(where, text, index, end))
+        except json.JSONDecodeError as exc:
+            raise DataError(_json_failure(path, exc)) from None
+        else:
+            deep = _too_deep(value, text, index, end)
+            size = len(text[index:end].encode("utf-8"))  # bytes as read, as for a JSONL line
+            records.append(
+                _too_deep_element(where, text, index, end)
+                if deep
+                else RawRecord(where, value=value, size=size)
+            )
+        index = _after_space(text, end)
+        closed = text.startswith("]", index)
+        if not closed and not text.startswith(",", index):
+            raise DataError(_json_failure(path, json.JSONDecodeError("Expecting ',' delimiter", text, index)))
+        index = _after_space(text, index + 1)
+    if index < len(text):
+        raise DataError(_json_failure(path, json.JSONDecodeError("Extra data", text, index)))
+    return records
+
+
+def _too_deep_element(where: str, text: str, start: int, end: int) -> RawRecord:
+    error = RecordError("", TOO_DEEP, "unreadable")
+    return RawRecord(where, error=error, raw=text[start : min(end, start + PREVIEW_CHARS)])
+
+
+def _after_space(text: str, index: int) -> int:
+    match = JSON_SPACES.match(text, index)
+    assert match is not None  # the pattern matches the empty string too
+    return match.end()
+
+
+def _value_end(path: Path, text: str, start: int) -> int:
+    """Where the array or object starting at `start` ends, found without recursion."""
+    depth = 0
+    for match in JSON_TOKEN.finditer(text, start):
+        token = match.group()
+        depth += 1 if token in ("[", "{") else -1 if token in ("]", "}") else 0
+        if depth == 0:
+            return match.end()
+    raise DataError(_json_failure(path, json.JSONDecodeError("Unclosed bracket", text, start)))
+
+
 def _jsonl(path: Path) -> Iterator[RawRecord]:
     with path.open("rb") as handle:
+        handle.seek(bom_length(path))
         for number, raw_line in enumerate(handle, start=1):
-            if not raw_line.strip():
-                continue
-            where = f"{path}:{number}"
+            if raw_line.strip():
+                yield _jsonl_record(f"{path}:{number}", raw_line)
+
+
+def _jsonl_record(where: str, raw_line: bytes) -> RawRecord:
+    try:
+        text = raw_line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        bad = raw_line[exc.start : exc.start + 1]
+        error = RecordError("", f"not valid UTF-8 (byte {exc.start}: {bad!r})", "unreadable")
+        return RawRecord(where, error=error, raw=raw_line[:PREVIEW_CHARS].decode("utf-8", "replace"))
+    try:
+        return RawRecord(where, value=_loads(text), size=len(raw_line))
+    except json.JSONDecodeError as exc:
+        error = RecordError("", f"invalid JSON: {exc}", "unreadable")
+    except RecordError as exc:
+        error = exc
+    return RawRecord(where, error=error, raw=text[:PREVIEW_CHARS])
+
+
+def _loads(text: str, field: str = "") -> Any:
+    """json.loads, but RecordError (`unreadable`, naming `field`) for a value nested too deeply."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise RecordError(field, TOO_DEEP, "unreadable") from None
+    if _too_deep(value, text, 0, len(text)):
+        raise RecordError(field, TOO_DEEP, "unreadable")
+    return value
+
+
+def _too_deep(value: Any, text: str, start: int, end: int) -> bool:
+    """Whether `value` (parsed from text[start:end]) nests more than MAX_DEPTH levels of arrays and objects."""
+    # Only text with that many opening brackets can nest so deep: most records skip the walk.
+    if text.count("[", start, end) + text.count("{", start, end) <= MAX_DEPTH:
+        return False
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:  # iterative, so that any depth is safe to measure
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        nested = [child for child in children if isinstance(child, dict | list)]
+        if nested and depth == MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in nested)
+    return False
+
+
+class _RunsOn(Exception):
+    """A record's lines passed max_record_bytes before it ended."""
+
+
+class _Lines:
+    """The physical lines of a CSV file for csv.reader, numbered, and the lines the current record took.
+
+    The lines of a record found malformed, but its first, can be read again. Memory stays bounded: a
+    record may take at most `limit` characters of lines (then _RunsOn is raised), and only those are kept.
+    """
+
+    def __init__(self, handle: TextIO, limit: int) -> None:
+        self._handle = handle
+        self._limit = limit
+        self._count = 0
+        self._again: deque[tuple[int, str]] = deque()
+        self.taken: list[tuple[int, str]] = []
+        self._taken_chars = 0
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            number, line = self._again.popleft()
+        else:
+            line = self._handle.readline()
+            if not line:
+                raise StopIteration
+            self._count += 1
+            number = self._count
+        self.taken.append((number, line))
+        self._taken_chars += len(line)
+        if len(self.taken) > 1 and self._taken_chars > self._limit:
+            raise _RunsOn
+        return line
+
+    def next_record(self) -> None:
+        self.taken, self._taken_chars = [], 0
+
+    def read_again_after_first(self) -> None:
+        self._again.extendleft(reversed(self.taken[1:]))
+
+
+def _csv(path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
+    with path.open("rb") as handle:
+        handle.seek(bom_length(path))
+        # surrogateescape keeps bad bytes visible per cell instead of failing the whole file.
+        text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
+        lines = _Lines(text, max_record_bytes)
+        rows = csv.reader(lines, strict=True)
+        header = _csv_header(path, rows)
+        if header is None:
+            return
+        while True:
+            lines.next_record()
             try:
-                text = raw_line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                bad = raw_line[exc.start : exc.start + 1]
-                error = RecordError("", f"not valid UTF-8 (byte {exc.start}: {bad!r})", "unreadable")
-                yield RawRecord(where, error=error, raw=raw_line[:PREVIEW_CHARS].decode("utf-8", "replace"))
+                row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield _malformed(path, lines, str(exc))
                 continue
-            try:
-                yield RawRecord(where, value=json.loads(text), size=len(raw_line))
-            except json.JSONDecodeError as exc:
-                yield RawRecord(
-                    where,
-                    error=RecordError("", f"invalid JSON: {exc}", "unreadable"),
-                    raw=text[:PREVIEW_CHARS],
-                )
+            except _RunsOn:
+                why = f"it passes data.max_record_bytes ({max_record_bytes:,}) without ending"
+                yield _malformed(path, lines, why, "too_large")
+                continue
+            first, last = lines.taken[0][0], lines.taken[-1][0]
+            if last > first and len(row) != len(header):
+                yield _malformed(path, lines, f"it has {len(row)} fields; the header has {len(header)}")
+            elif row:  # a blank line is no record
+                yield _csv_record(f"{path}:{first}", row, header, lines.taken)
 
 
-def _csv(path: Path) -> Iterator[RawRecord]:
-    # surrogateescape keeps bad bytes visible per cell instead of failing the whole file.
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        start = 2
-        for row in reader:
-            where, start = f"{path}:{start}", reader.line_num + 1
-            yield _csv_record(where, row, header)
+def _csv_header(path: Path, rows: Iterator[list[str]]) -> list[str] | None:
+    try:
+        return next(rows, None)
+    except (csv.Error, _RunsOn) as exc:
+        why = "it runs on past data.max_record_bytes" if isinstance(exc, _RunsOn) else str(exc)
+        raise DataError(f"{path}: the header row is not valid CSV ({why})") from None
 
 
-def _csv_record(where: str, row: dict[str | None, Any], header: list[str]) -> RawRecord:
-    if None in row:
-        reason = f"{len(row[None]) + len(header)} fields, but the header has {len(header)}"
-        return RawRecord(where, error=RecordError("", reason, "invalid"), raw=str(row))
-    missing = [name for name, value in row.items() if value is None]
-    if missing:
-        reason = f"missing: the row has {len(header) - len(missing)} of the header's {len(header)} columns"
-        return RawRecord(where, error=RecordError(str(missing[0]), reason, "invalid"), raw=str(row))
-    for name, value in row.items():
-        if any("\udc80" <= char <= "\udcff" for char in value):
-            byte = next(char for char in value if "\udc80" <= char <= "\udcff")
-            reason = f"not valid UTF-8 (byte {ord(byte) - 0xDC00:#04x})"
-            return RawRecord(
-                where, error=RecordError(str(name), reason, "unreadable"), raw=str(row)[:PREVIEW_CHARS]
-            )
-    return RawRecord(where, value=dict(row))
+def _malformed(path: Path, lines: _Lines, why: str, kind: str = "invalid") -> RawRecord:
+    """A record that could not be read: its first line is rejected; the lines after it are read again.
+
+    A record read across lines that fails is taken for an unclosed quote on its first line: a real
+    multi-line cell parses cleanly and leaves the header's field count.
+    """
+    first, last = lines.taken[0][0], lines.taken[-1][0]
+    if last > first:
+        reason = f"unclosed quote starting at line {first}: read as one record up to line {last}, {why}"
+    else:
+        reason = f"malformed CSV row: {why}"
+    raw = _text(lines.taken)
+    lines.read_again_after_first()
+    return RawRecord(f"{path}:{first}", error=RecordError("", reason, kind), raw=raw)
+
+
+def _csv_record(where: str, row: list[str], header: list[str], taken: list[tuple[int, str]]) -> RawRecord:
+    if len(row) > len(header):
+        error = RecordError("", f"{len(row)} fields, but the header has {len(header)}", "invalid")
+        return RawRecord(where, error=error, raw=_text(taken))
+    if len(row) < len(header):
+        reason = f"missing: the row has {len(row)} of the header's {len(header)} columns"
+        return RawRecord(where, error=RecordError(header[len(row)], reason, "invalid"), raw=_text(taken))
+    for name, value in zip(header, row, strict=True):
+        bad = next((char for char in value if "\udc80" <= char <= "\udcff"), None)
+        if bad is not None:
+            reason = f"not valid UTF-8 (byte {ord(bad) - 0xDC00:#04x})"
+            return RawRecord(where, error=RecordError(name, reason, "unreadable"), raw=_text(taken))
+    return RawRecord(where, value=dict(zip(header, row, strict=True)))
+
+
+def _text(taken: list[tuple[int, str]]) -> str:
+    """A preview of a record's lines as in the file, bad bytes shown as U+FFFD."""
+    text = "".join(line for _, line in taken)[:PREVIEW_CHARS]
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _parquet(path: Path) -> Iterator[RawRecord]:
@@ -173,27 +413,33 @@ def _renamed(value: Any, columns: dict[str, str]) -> Any:
 
 
 def _decoded_cells(row: dict[str, Any]) -> dict[str, Any]:
-    """CSV cells are text: a message list arrives as JSON text in its cell."""
+    """CSV cells are text: a message list arrives as JSON text in its cell (RecordError if nested too deeply)."""
     decoded = dict(row)
     for name in LIST_FIELDS:
         cell = decoded.get(name)
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:
-                decoded[name] = json.loads(cell)
+                decoded[name] = _loads(cell, name)
             except json.JSONDecodeError:
                 continue  # plain text that happens to start with "[" stays text
     return decoded
 
 
 def _size(value: Any) -> int:
-    """Bytes of text in a record (strings counted as UTF-8), without serialising it."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8", "surrogatepass"))
-    if isinstance(value, dict):
-        return sum(_size(key) + _size(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return sum(_size(item) for item in value)
-    return 8
+    """Bytes of text in a record (strings counted as UTF-8), without serialising it; iterative."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        else:
+            total += 8
+    return total
 
 
 def _preview(record: RawRecord) -> str:

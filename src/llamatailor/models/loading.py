@@ -22,8 +22,10 @@ from transformers import (
 
 from llamatailor.config import ModelSection
 from llamatailor.errors import ModelLoadError
+from llamatailor.models.base_check import refuse_missing_weights
 from llamatailor.models.families import Family, detect_family
 from llamatailor.models.source import ModelSource, resolve_source
+from llamatailor.textfiles import read_text
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def _saved_tokenizer(folder: Path, stamp: tuple[tuple[str, int, int], ...]) -> P
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: ModelSection) -> ChatTokenizer:
     if model.chat_template is not None:
         try:
-            tokenizer.chat_template = model.chat_template.read_text(encoding="utf-8")
+            tokenizer.chat_template = read_text(model.chat_template)
         except OSError as exc:
             raise ModelLoadError(f"model.chat_template: cannot read {model.chat_template}: {exc}") from None
         origin = f"file {model.chat_template}"
@@ -125,9 +127,12 @@ def load_base_model(
     source: ModelSource | None = None,
     quantization: BitsAndBytesConfig | None = None,
 ) -> PreTrainedModel:
-    """The base model, on this process's GPU when there is one (left unplaced for FSDP/DeepSpeed to shard)."""
+    """The base model, on this process's GPU when there is one (left unplaced for FSDP/DeepSpeed to shard).
+
+    A local base was checked by `resolve_source` before anything was allocated; a hub id is checked here,
+    once downloaded, by transformers' load report. Raises ModelLoadError when weights are missing."""
     source = source or resolve_source(model.base)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     sharded = any(
@@ -135,7 +140,11 @@ def load_base_model(
     )
     if torch.cuda.is_available() and not sharded:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return _from_pretrained(AutoModelForCausalLM.from_pretrained, source, model.revision, **kwargs)
+    loaded, loading_info = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained, source, model.revision, **kwargs
+    )
+    refuse_missing_weights(f"model.base {source.spec!r}", loading_info)
+    return loaded
 
 
 def load_tuned_model(

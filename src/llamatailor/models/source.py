@@ -2,7 +2,8 @@
 
 `resolve_source` turns what the user wrote into something `from_pretrained` can open. GGUF files (the
 embedded model included) are converted once into a cached safetensors folder: transformers refuses to
-train or save a GGUF-loaded model directly.
+train or save a GGUF-loaded model directly. A local base is checked to be a whole model first
+(models/base_check.py), so that even the stages that load only its tokenizer refuse a file without weights.
 """
 
 import fcntl
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from llamatailor.cache import cache_dir
 from llamatailor.errors import ModelLoadError
+from llamatailor.models.base_check import check_gguf, check_hf_folder, refuse_missing_weights
 from llamatailor.models.gguf_tokenizer import tokenizer_from_gguf
 from llamatailor.rundir import atomic_path
 
@@ -40,7 +42,11 @@ class ModelSource:
 
 
 def resolve_source(spec: str) -> ModelSource:
-    """Interpret `model.base`; converts GGUF files (once) so the result is always from_pretrained-able."""
+    """Interpret `model.base`; converts GGUF files (once) so the result is always from_pretrained-able.
+
+    Raises ModelLoadError for a spec that is none of the four kinds, and for a local base that is not a
+    whole model (base_check: weights missing, cut short or of other shapes than its config declares); a
+    hub id is checked once downloaded, by the loader."""
     if spec in EMBEDDED_MODELS:
         return ModelSource("embedded", spec, str(convert_gguf(embedded_gguf_path(spec))))
     path = Path(spec).expanduser()
@@ -54,6 +60,7 @@ def resolve_source(spec: str) -> ModelSource:
                 f"model.base: folder {spec!r} has no config.json; expected a Hugging Face model folder "
                 "(config.json, *.safetensors, tokenizer files)"
             )
+        check_hf_folder(path)
         return ModelSource("local", spec, str(path))
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelSource("hub", spec, spec)
@@ -84,7 +91,11 @@ def converted_folder(gguf: Path) -> Path:
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file into a cached fp32 safetensors folder with its tokenizer; return the folder."""
+    """Dequantize a GGUF file into a cached fp32 safetensors folder with its tokenizer; return the folder.
+
+    The file is checked first, also when a conversion is cached (~0.1 s): a file converted before the check
+    existed may be cached as a random model. Raises ModelLoadError for a file that is not a whole model."""
+    check_gguf(gguf)
     target = converted_folder(gguf)
     if (target / CONVERTED_MARKER).is_file():
         return target
@@ -100,9 +111,12 @@ def convert_gguf(gguf: Path) -> Path:
 def _convert(gguf: Path, target: Path) -> None:
     try:
         tokenizer = tokenizer_from_gguf(gguf)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, output_loading_info=True
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from exc
+    refuse_missing_weights(str(gguf), loading_info)
     # A GGUF-loaded model refuses to save while it carries its quantization config.
     model.hf_quantizer.remove_quantization_config(model)
     with atomic_path(target) as tmp:
