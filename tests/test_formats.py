@@ -174,3 +174,195 @@ def test_bad_preference_records(record, field, reason):
     with pytest.raises(RecordError) as info:
         to_sample(record, FMT["preference"])
     assert info.value.field == field and reason in info.value.reason
+
+
+# --- Tool calling (OpenAI's format) ----------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "send_email",
+            "description": "Send an e-mail.",
+            "parameters": {"type": "object", "properties": {"to": {"type": "string"}}},
+        },
+    },
+    {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
+]
+
+
+def call(name="send_email", arguments='{"to": "ann@example.com", "cc": ["bob@example.com"]}', id="c1"):
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_messages(*calls, results=None):
+    """user, an assistant message calling `calls` (content null, as OpenAI sends it), their results, answer."""
+    if results is None:
+        results = [{"role": "tool", "tool_call_id": c.get("id"), "content": "sent"} for c in calls]
+    return [
+        {"role": "user", "content": "Mail Ann."},
+        {"role": "assistant", "content": None, "tool_calls": list(calls)},
+        *results,
+        {"role": "assistant", "content": "Done."},
+    ]
+
+
+def test_an_openai_tool_calling_record_becomes_the_canonical_form():
+    record = {"tools": TOOLS, "messages": tool_messages(call())}
+    record["messages"][2]["name"] = "send_email"
+    sample = to_sample(record, FMT["openai"])
+    assert sample.tools == TOOLS
+    assert sample.messages[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {
+                    "name": "send_email",
+                    "arguments": {"to": "ann@example.com", "cc": ["bob@example.com"]},
+                },
+            }
+        ],
+    }
+    assert sample.messages[2] == {
+        "role": "tool",
+        "content": "sent",
+        "tool_call_id": "c1",
+        "name": "send_email",
+    }
+    assert sample.row("id1", "f:1")["tools"] == TOOLS
+    # Texts: the empty text of a call is no empty message; arguments only when asked (PII, dedup).
+    assert [name for name, _ in sample.texts()] == [f"messages[{i}].content" for i in (0, 2, 3)]
+    assert sample.texts(arguments=True)[3:] == [
+        ("messages[1].tool_calls[0].function.arguments.to", "ann@example.com"),
+        ("messages[1].tool_calls[0].function.arguments.cc[0]", "bob@example.com"),
+    ]
+    masked = sample.map_texts(lambda text: text.replace("example.com", "[X]"), arguments=True)
+    assert masked.messages[1]["tool_calls"][0]["function"] == {
+        "name": "send_email",
+        "arguments": {"to": "ann@[X]", "cc": ["bob@[X]"]},
+    }
+    assert sample.map_texts(str.upper).messages[1] == {**sample.messages[1], "content": ""}
+    assert masked.tools == TOOLS
+
+
+def test_calls_answered_out_of_order_by_id_then_a_second_call_then_the_answer():
+    messages = tool_messages(
+        call(id="a"),
+        call("lookup", "{}", id="b"),
+        results=[
+            {"role": "tool", "tool_call_id": "b", "content": "found"},
+            {"role": "tool", "tool_call_id": "a", "content": "sent"},
+        ],
+    )
+    messages[-1:-1] = [
+        {"role": "assistant", "content": "One more.", "tool_calls": [call("lookup", {"q": 1}, id="c")]},
+        {"role": "tool", "content": "ok"},  # no id: answers the next call in order
+    ]
+    sample = to_sample({"messages": messages}, FMT["openai"])
+    assert [m["role"] for m in sample.messages] == [
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    assert sample.tools is None and "tools" not in sample.row("i", "f:1")
+    # A conversation may end with a call: the model learns to call.
+    assert to_sample({"messages": tool_messages(call())[:2]}, FMT["openai"]).messages[-1]["tool_calls"]
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "reason"),
+    [
+        (
+            {"messages": tool_messages(call(arguments='{"to": "ann@'))},
+            "messages[1].tool_calls[0].function.arguments",
+            "not valid JSON: Unterminated string starting at: line 1 column 8 (char 7)",
+        ),
+        (
+            {"messages": tool_messages(call(arguments="[1, 2]"))},
+            "messages[1].tool_calls[0].function.arguments",
+            "expected a JSON object of arguments by name, got array",
+        ),
+        (
+            {"messages": tool_messages(call(arguments=None))},
+            "messages[1].tool_calls[0].function.arguments",
+            "missing",
+        ),
+        (
+            {"tools": TOOLS, "messages": tool_messages(call("delete_all"))},
+            "messages[1].tool_calls[0].function.name",
+            "'delete_all' is not one of the record's tools (lookup, send_email)",
+        ),
+        (
+            {"messages": tool_messages({"type": "code", "function": {"name": "x", "arguments": {}}})},
+            "messages[1].tool_calls[0].type",
+            "got 'code'; only 'function' tool calls are supported",
+        ),
+        (
+            {"messages": tool_messages({"function": {"name": "", "arguments": {}}})},
+            "messages[1].tool_calls[0].function.name",
+            "empty",
+        ),
+        (  # only a message that calls tools may have no text
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+            "messages[1].content",
+            "expected a string or a list of text parts, got null",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "q", "tool_calls": [call()]}]},
+            "messages[0].tool_calls",
+            "only assistant messages call tools; this one is 'user'",
+        ),
+        ({"tools": {"name": "x"}, "messages": []}, "tools", "expected a list of tools, got dict"),
+        (
+            {"tools": [TOOLS[0], TOOLS[0]], "messages": []},
+            "tools[1].function.name",
+            "'send_email' is defined twice",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}], "messages": []},
+            "tools[0].function.parameters",
+            "expected a JSON Schema object, got string",
+        ),
+        (
+            {"messages": tool_messages(call(), results=[])},
+            "messages[2].role",
+            "got 'assistant', expected 'tool': messages[1] calls tools, and each call needs its result in a "
+            "tool message (1 still missing)",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]},
+            "messages[1].role",
+            "got 'tool', expected 'assistant': a tool message answers a call of the assistant message before it",
+        ),
+        (
+            {"messages": [*tool_messages(call())[:3], {"role": "user", "content": "and?"}]},
+            "messages[3].role",
+            "got 'user', expected 'assistant': after the tool results, the assistant calls again or answers",
+        ),
+        (
+            {"messages": tool_messages(call())[:3]},
+            "messages",
+            "no assistant turn answers the last tool message",
+        ),
+        (
+            {
+                "messages": tool_messages(
+                    call(), results=[{"role": "tool", "tool_call_id": "zz", "content": "r"}]
+                )
+            },
+            "messages[2].tool_call_id",
+            "'zz' is not the id of a call waiting for its result ('c1')",
+        ),
+    ],
+)
+def test_bad_tool_calling_records_name_field_and_reason(record, field, reason):
+    with pytest.raises(RecordError) as info:
+        to_sample(record, FMT["openai"])
+    assert (info.value.field, info.value.reason) == (field, reason)

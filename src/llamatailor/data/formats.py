@@ -4,13 +4,22 @@ Conversations (for SFT) come from Alpaca, ShareGPT, OpenAI messages and prompt/c
 of `{"role": "system" | "user" | "assistant", "content": str}`, an optional leading system message, then
 user and assistant turns alternating, ending with an answer. Preference pairs (for DPO) are a prompt
 conversation ending with a user turn, and a chosen and a rejected answer.
+
+OpenAI records may also call tools, in OpenAI's tool-calling format: the record's `tools`
+(`[{"type": "function", "function": {"name", "description", "parameters"}}]`), assistant messages with
+`tool_calls` (`[{"id", "type": "function", "function": {"name", "arguments"}}]`, their `content` optional)
+and `tool` messages holding each call's result (`content`, optional `tool_call_id` and `name`). The
+canonical form keeps `content` a string ("" for a call without text) and `arguments` a JSON object, as
+Hugging Face chat templates expect (OpenAI sends it as a JSON string).
 """
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-Message = dict[str, str]
+Message = dict[str, Any]
+Tool = dict[str, Any]
 Kind = Literal["sft", "preference"]
 
 SHAREGPT_ROLES = {
@@ -23,6 +32,7 @@ SHAREGPT_ROLES = {
     "model": "assistant",
 }
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+TOOL_CALLING_ROLES = {**OPENAI_ROLES, "tool": "tool"}
 
 
 def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
@@ -45,23 +55,35 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """A canonical sample. For preference pairs, `messages` is the prompt and ends with a user turn."""
+    """A canonical sample. For preference pairs, `messages` is the prompt and ends with a user turn. `tools`
+    are the functions an SFT conversation offers the model (OpenAI's format), rendered with it."""
 
     kind: Kind
     messages: list[Message]
     chosen: str | None = None
     rejected: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[Tool] | None = None
 
-    def texts(self) -> list[tuple[str, str]]:
-        """(field, text) for every text the sample holds."""
-        texts = [(f"messages[{i}].content", m["content"]) for i, m in enumerate(self.messages)]
+    def texts(self, arguments: bool = False) -> list[tuple[str, str]]:
+        """(field, text) for every text the sample holds: each message's content (except the empty content of
+        an assistant message that only calls tools), the answers of a preference pair, and with `arguments`
+        every string inside tool-call arguments (`messages[2].tool_calls[0].function.arguments.to`)."""
+        texts = [
+            (f"messages[{i}].content", m["content"])
+            for i, m in enumerate(self.messages)
+            if m["content"] or "tool_calls" not in m
+        ]
+        if arguments:
+            texts += [text for i, m in enumerate(self.messages) for text in _argument_texts(i, m)]
         if self.kind == "preference":
             texts += [("chosen", self.chosen or ""), ("rejected", self.rejected or "")]
         return texts
 
-    def map_texts(self, change: Callable[[str], str]) -> "Sample":
-        messages = [{**m, "content": change(m["content"])} for m in self.messages]
+    def map_texts(self, change: Callable[[str], str], arguments: bool = False) -> "Sample":
+        """`change` applied to every message content and preference answer, and with `arguments` to every
+        string inside tool-call arguments; function names and `tools` are never changed."""
+        messages = [_map_message(m, change, arguments) for m in self.messages]
         if self.kind == "sft":
             return replace(self, messages=messages)
         return replace(
@@ -83,9 +105,55 @@ class Sample:
             row["messages"] = self.messages
         else:
             row.update(prompt=self.messages, chosen=self.chosen, rejected=self.rejected)
+        if self.tools:
+            row["tools"] = self.tools
         if self.meta:
             row["meta"] = self.meta
         return row
+
+
+def _map_message(message: Message, change: Callable[[str], str], arguments: bool) -> Message:
+    changed = {**message, "content": change(message["content"])}
+    if arguments and "tool_calls" in message:
+        changed["tool_calls"] = [
+            {
+                **call,
+                "function": {
+                    **call["function"],
+                    "arguments": _map_strings(call["function"]["arguments"], change),
+                },
+            }
+            for call in message["tool_calls"]
+        ]
+    return changed
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: _map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(item, change) for item in value]
+    return value
+
+
+def _argument_texts(index: int, message: Message) -> Iterator[tuple[str, str]]:
+    for number, call in enumerate(message.get("tool_calls", ())):
+        where = f"messages[{index}].tool_calls[{number}].function.arguments"
+        yield from json_strings(call["function"]["arguments"], where)
+
+
+def json_strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(field path, string) for every string value inside a JSON value (`where.key[0].key`)."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from json_strings(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for number, item in enumerate(value):
+            yield from json_strings(item, f"{where}[{number}]")
 
 
 @dataclass(frozen=True)
@@ -127,9 +195,19 @@ def parse_alpaca(record: dict[str, Any]) -> Sample:
     )
 
 
-def _turns(value: Any, where: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[Message]:
+def _turns(
+    value: Any,
+    where: str,
+    role_key: str,
+    text_key: str,
+    roles: dict[str, str],
+    tools: list[Tool] | None = None,
+) -> list[Message]:
+    """Messages from a list of turns; with `roles` TOOL_CALLING_ROLES, tool calls and results too, the calls
+    checked against `tools` when the record has them."""
     if not isinstance(value, list):
         raise RecordError(where, f"expected a list of turns, got {type(value).__name__}")
+    tool_names = {tool["function"]["name"] for tool in tools} if tools else None
     messages = []
     for index, turn in enumerate(value):
         at = f"{where}[{index}]"
@@ -140,8 +218,121 @@ def _turns(value: Any, where: str, role_key: str, text_key: str, roles: dict[str
             raise RecordError(
                 f"{at}.{role_key}", f"unknown role {role!r}; expected one of {', '.join(roles)}"
             )
-        messages.append({"role": roles[role], "content": _content(turn.get(text_key), f"{at}.{text_key}")})
+        if roles is TOOL_CALLING_ROLES:
+            messages.append(_tool_calling_message(turn, at, roles[role], tool_names))
+        else:
+            messages.append(
+                {"role": roles[role], "content": _content(turn.get(text_key), f"{at}.{text_key}")}
+            )
     return messages
+
+
+def _tool_calling_message(turn: dict[str, Any], at: str, role: str, tool_names: set[str] | None) -> Message:
+    """An OpenAI message: text, an assistant's tool calls (its text then optional), or a tool's result."""
+    calls = turn.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise RecordError(f"{at}.tool_calls", f"only assistant messages call tools; this one is {role!r}")
+    if not calls:  # absent, null or [] (some exports write an empty list on every message)
+        message = {"role": role, "content": _content(turn.get("content"), f"{at}.content")}
+        if role == "tool":
+            message.update(
+                (key, _name(turn[key], f"{at}.{key}"))
+                for key in ("tool_call_id", "name")
+                if turn.get(key) is not None
+            )
+        return message
+    if not isinstance(calls, list):
+        raise RecordError(f"{at}.tool_calls", f"expected a list of tool calls, got {type(calls).__name__}")
+    content = turn.get("content")
+    return {
+        "role": "assistant",
+        "content": "" if content is None else _content(content, f"{at}.content"),
+        "tool_calls": [_tool_call(call, f"{at}.tool_calls[{n}]", tool_names) for n, call in enumerate(calls)],
+    }
+
+
+def _tool_call(call: Any, at: str, tool_names: set[str] | None) -> dict[str, Any]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise RecordError(at, "expected {'type': 'function', 'function': {'name': ..., 'arguments': ...}}")
+    if call.get("type", "function") != "function":
+        raise RecordError(f"{at}.type", f"got {call['type']!r}; only 'function' tool calls are supported")
+    function = call["function"]
+    name = _name(function.get("name"), f"{at}.function.name")
+    if tool_names is not None and name not in tool_names:
+        raise RecordError(
+            f"{at}.function.name",
+            f"{name!r} is not one of the record's tools ({', '.join(sorted(tool_names))})",
+        )
+    parsed = {
+        "type": "function",
+        "function": {
+            "name": name,
+            "arguments": _arguments(function.get("arguments"), f"{at}.function.arguments"),
+        },
+    }
+    return {"id": _name(call["id"], f"{at}.id"), **parsed} if call.get("id") is not None else parsed
+
+
+def _arguments(value: Any, where: str) -> dict[str, Any]:
+    """A call's arguments as a JSON object: given as one, or as the JSON text OpenAI sends."""
+    if value is None:
+        raise RecordError(where, "missing")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RecordError(where, f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RecordError(where, f"expected a JSON object of arguments by name, got {_json_type(value)}")
+    return value
+
+
+def _tools(value: Any) -> list[Tool] | None:
+    """The record's `tools`, checked: each a function with a unique name (its JSON Schema kept as given)."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise RecordError("tools", f"expected a list of tools, got {type(value).__name__}")
+    tools: list[Tool] = []
+    for index, tool in enumerate(value):
+        at = f"tools[{index}]"
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+            raise RecordError(
+                at, "expected {'type': 'function', 'function': {'name', 'description', 'parameters'}}"
+            )
+        if tool.get("type", "function") != "function":
+            raise RecordError(f"{at}.type", f"got {tool['type']!r}; only 'function' tools are supported")
+        function = tool["function"]
+        name = _name(function.get("name"), f"{at}.function.name")
+        if any(name == known["function"]["name"] for known in tools):
+            raise RecordError(f"{at}.function.name", f"{name!r} is defined twice")
+        if not isinstance(function.get("description", ""), str):
+            raise RecordError(
+                f"{at}.function.description", f"expected a string, got {_json_type(function['description'])}"
+            )
+        if not isinstance(function.get("parameters", {}), dict):
+            raise RecordError(
+                f"{at}.function.parameters",
+                f"expected a JSON Schema object, got {_json_type(function['parameters'])}",
+            )
+        tools.append({"type": "function", "function": function})
+    return tools or None
+
+
+def _name(value: Any, where: str) -> str:
+    if value is None:
+        raise RecordError(where, "missing")
+    if not isinstance(value, str):
+        raise RecordError(where, f"expected a string, got {_json_type(value)}")
+    if not value:
+        raise RecordError(where, "empty")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type (what a record's author wrote)."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _content(value: Any, where: str) -> str:
@@ -158,7 +349,7 @@ def _content(value: Any, where: str) -> str:
                 )
             texts.append(part["text"])
         return "".join(texts)
-    raise RecordError(where, f"expected a string, got {type(value).__name__}")
+    raise RecordError(where, f"expected a string or a list of text parts, got {_json_type(value)}")
 
 
 def parse_sharegpt(record: dict[str, Any]) -> Sample:
@@ -167,9 +358,11 @@ def parse_sharegpt(record: dict[str, Any]) -> Sample:
 
 
 def parse_openai(record: dict[str, Any]) -> Sample:
-    return _sft(
-        [*_system(record), *_turns(record.get("messages"), "messages", "role", "content", OPENAI_ROLES)]
-    )
+    tools = _tools(record.get("tools"))
+    turns = _turns(record.get("messages"), "messages", "role", "content", TOOL_CALLING_ROLES, tools)
+    messages = [*_system(record), *turns]
+    validate_conversation(messages)
+    return Sample("sft", messages, tools=tools)
 
 
 def _prompt(value: Any, where: str) -> list[Message]:
@@ -262,20 +455,66 @@ def to_sample(record: Any, fmt: Format) -> Sample:
 
 
 def validate_conversation(messages: list[Message]) -> None:
-    """Roles and order; emptiness is a cleaning policy (see `data.policy.empty`), not checked here."""
+    """Roles and order: an optional system message, then user and assistant turns alternating, starting with
+    user and ending with the assistant. An assistant message that calls tools is followed by one `tool`
+    message per call (its result; matched by `tool_call_id` where both have ids), then by the assistant again
+    (a further call or the answer), unless it ends the conversation. Emptiness is a cleaning policy (see
+    `data.policy.empty`), not checked here."""
     if not messages:
         raise RecordError("messages", "empty conversation")
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
-    if not turns:
+    first = 1 if messages[0]["role"] == "system" else 0
+    if len(messages) == first:
         raise RecordError("messages", "only a system message, no user or assistant turn")
-    for index, message in enumerate(turns):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            position = index + len(messages) - len(turns)
-            raise RecordError(
-                f"messages[{position}].role",
-                f"got {message['role']!r}, expected {expected!r}: after an optional system message, "
-                "user and assistant turns must alternate, starting with user",
-            )
-    if turns[-1]["role"] != "assistant":
-        raise RecordError("messages", "no assistant turn answers the last user message")
+    pending: list[dict[str, Any]] = []  # calls of the last assistant message still waiting for their result
+    caller = -1  # where that message is
+    for position in range(first, len(messages)):
+        role = messages[position]["role"]
+        previous = messages[position - 1]["role"] if position > first else None
+        expected = _expected_role(previous, pending)
+        if role != expected:
+            reason = _order_reason(role, expected, previous, caller, len(pending))
+            raise RecordError(f"messages[{position}].role", reason)
+        if role == "tool":
+            _answer_call(pending, messages[position], position)
+        elif role == "assistant":
+            pending, caller = list(messages[position].get("tool_calls", ())), position
+    if messages[-1]["role"] != "assistant":
+        raise RecordError("messages", f"no assistant turn answers the last {messages[-1]['role']} message")
+
+
+def _expected_role(previous: str | None, pending: list[dict[str, Any]]) -> str:
+    if pending:
+        return "tool"
+    return {None: "user", "user": "assistant", "assistant": "user", "tool": "assistant"}[previous]
+
+
+def _order_reason(role: str, expected: str, previous: str | None, caller: int, missing: int) -> str:
+    if expected == "tool":
+        return (
+            f"got {role!r}, expected 'tool': messages[{caller}] calls tools, and each call needs its result "
+            f"in a tool message ({missing} still missing)"
+        )
+    if role == "tool":
+        return f"got 'tool', expected {expected!r}: a tool message answers a call of the assistant message before it"
+    if previous == "tool":
+        return (
+            "got 'user', expected 'assistant': after the tool results, the assistant calls again or answers"
+        )
+    return (
+        f"got {role!r}, expected {expected!r}: after an optional system message, "
+        "user and assistant turns must alternate, starting with user"
+    )
+
+
+def _answer_call(pending: list[dict[str, Any]], message: Message, position: int) -> None:
+    """Take the call this tool message answers: the one with its `tool_call_id`, else the next in order."""
+    wanted = message.get("tool_call_id")
+    ids = [call.get("id") for call in pending]
+    if wanted is None or wanted in ids or not any(ids):
+        pending.pop(ids.index(wanted) if wanted in ids else 0)
+        return
+    waiting = ", ".join(repr(i) for i in ids if i is not None)
+    raise RecordError(
+        f"messages[{position}].tool_call_id",
+        f"{wanted!r} is not the id of a call waiting for its result ({waiting})",
+    )

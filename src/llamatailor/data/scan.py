@@ -2,7 +2,8 @@
 
 `scan_record` returns either an accepted sample with what the later passes need (token counts, the text
 to deduplicate on), or a rejection saying which check refused it and why. Counters record what each
-check changed, for the report.
+check changed, for the report. A record that calls tools when the chat template cannot render them stops
+the scan (DataError naming its file and line): every such record would fail alike.
 """
 
 from collections import Counter
@@ -14,7 +15,8 @@ from llamatailor.data.clean import clean_text
 from llamatailor.data.formats import Format, RecordError, Sample, to_sample, with_system_prompt
 from llamatailor.data.pii import find_pii, mask_pii
 from llamatailor.data.reader import RawRecord
-from llamatailor.data.templating import RenderError, render_for_training
+from llamatailor.data.templating import RenderError, ToolsNotRendered, render_for_training
+from llamatailor.errors import DataError
 from llamatailor.models.loading import ChatTokenizer
 
 MISSING_STRATUM = "(missing)"
@@ -65,6 +67,8 @@ def scan_record(
         return _rendered(sample, data, chat, counts, stratum)
     except RecordError as exc:
         return Rejected(exc.kind, exc.field, exc.reason, raw.value)
+    except ToolsNotRendered as exc:  # every tool-calling record would fail alike: stop at the first
+        raise DataError(f"{raw.where}: {exc}") from None
     except RenderError as exc:
         return Rejected(exc.kind, "", str(exc), raw.value)
 
@@ -89,7 +93,8 @@ def _cleaned(sample: Sample, data: DataSection, counts: ScanCounts) -> Sample:
 
 def _pii_checked(sample: Sample, data: DataSection, counts: ScanCounts) -> Sample:
     kinds = set(data.pii.kinds)
-    found = {name: find_pii(text, kinds) for name, text in sample.texts()}
+    # Tool-call arguments too: an address or a number often sits in a call (send_email's `to`).
+    found = {name: find_pii(text, kinds) for name, text in sample.texts(arguments=True)}
     found_kinds = sorted({finding.kind for findings in found.values() for finding in findings})
     if not found_kinds:
         return sample
@@ -99,14 +104,17 @@ def _pii_checked(sample: Sample, data: DataSection, counts: ScanCounts) -> Sampl
         where = next(name for name, findings in found.items() if findings)
         raise RecordError(where, f"contains {', '.join(found_kinds)} (data.pii.mode is drop)", "pii")
     if data.pii.mode == "mask":
-        return sample.map_texts(lambda text: mask_pii(text, find_pii(text, kinds)))
+        return sample.map_texts(lambda text: mask_pii(text, find_pii(text, kinds)), arguments=True)
     return sample
 
 
 def _rendered(
     sample: Sample, data: DataSection, chat: ChatTokenizer, counts: ScanCounts, stratum: str
 ) -> Accepted:
-    rendered = [render_for_training(chat, messages, data.max_seq_len) for messages in sample.conversations()]
+    rendered = [
+        render_for_training(chat, messages, data.max_seq_len, sample.tools)
+        for messages in sample.conversations()
+    ]
     longest = max(r.full_length for r in rendered)
     if longest > data.max_seq_len and data.policy.too_long == "drop":
         reason = f"{longest} tokens; data.max_seq_len is {data.max_seq_len} (data.policy.too_long is drop)"
@@ -118,7 +126,8 @@ def _rendered(
             reason = f"answer of {shortest_answer} tokens; data.min_answer_tokens is {data.min_answer_tokens}"
             raise RecordError("", reason, "too_short")
         counts.kept_short += 1
-    dedup_text = "\n".join(text for name, text in sample.texts() if not _is_system(sample, name))
+    texts = sample.texts(arguments=True)
+    dedup_text = "\n".join(text for name, text in texts if not _is_system(sample, name))
     return Accepted(sample, longest, any(r.truncated for r in rendered), dedup_text, stratum)
 
 

@@ -192,7 +192,7 @@ def tokenized_split(run: RunDir, name: str, chat: ChatTokenizer, max_len: int) -
     rows = []
     for record in run.read_split(name):
         try:
-            sample = render_for_training(chat, record["messages"], max_len)
+            sample = render_for_training(chat, record["messages"], max_len, record.get("tools"))
         except RenderError as exc:
             raise StageError(
                 f"{run.split(name)}: record {record['id']} ({record['source']}): {exc}"
