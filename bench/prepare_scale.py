@@ -3,12 +3,17 @@
 Writes N synthetic short conversations (~200 bytes of JSONL each, with 1% exact and 1% near duplicates
 and some e-mail addresses), runs `llamatailor prepare` on them in a subprocess with the embedded model's
 tokenizer, and prints a table: records, input size, wall time, records/s and the subprocess's peak RSS.
+With `--baseline SRC` the same inputs are also prepared by the package under SRC (e.g. the `src` folder
+of a worktree of an earlier commit), alternating with this checkout's, so that both are timed in the
+same run on the same machine.
 
     .venv/bin/python bench/prepare_scale.py              # 100,000 and 1,000,000 records
     .venv/bin/python bench/prepare_scale.py --sizes 20000
+    git worktree add /tmp/base HEAD~1 && .venv/bin/python bench/prepare_scale.py --baseline /tmp/base/src
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -51,15 +56,18 @@ def write_records(path: Path, count: int, seed: int = 0) -> None:
             previous = record
 
 
-def run_prepare(folder: Path, data: Path) -> tuple[float, float]:
+def run_prepare(folder: Path, data: Path, source: Path) -> tuple[float, float]:
+    """Seconds and peak RSS (MiB) of `llamatailor prepare` run by the package under `source` (a folder
+    put first on PYTHONPATH); outputs go to folder/runs/bench."""
     run_file = folder / "bench.yaml"
     run_file.write_text(
         f"name: bench\noutput_dir: {folder / 'runs'}\ndata:\n  train: [{data}]\n  max_seq_len: 256\n",
         encoding="utf-8",
     )
     cli = Path(sys.executable).parent / "llamatailor"
+    env = dict(os.environ, PYTHONPATH=str(source))
     started = time.perf_counter()
-    process = subprocess.Popen([str(cli), "prepare", str(run_file)], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([str(cli), "prepare", str(run_file)], stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(process.pid, 0)  # the resource usage of this child alone
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -70,26 +78,37 @@ def run_prepare(folder: Path, data: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--baseline", type=Path, help="also time the package under this src folder")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each code per size, alternating")
     args = parser.parse_args()
+    this = Path(__file__).resolve().parent.parent / "src"
+    codes = [("this", this)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, OMP_NUM_THREADS={threads}"
     )
+    for label, source in codes:
+        print(f"{label}: {source}")
     print(
-        f"{'records':>10} {'input MB':>9} {'seconds':>8} {'records/s':>10} {'peak RSS MiB':>13} {'kept':>9}"
+        f"{'code':>8} {'records':>10} {'input MB':>9} {'seconds':>8} {'records/s':>10} {'peak RSS MiB':>13}"
+        f" {'kept':>9}"
     )
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            data = folder / "records.jsonl"
+            data = Path(tmp) / "records.jsonl"
             write_records(data, size)
-            seconds, peak = run_prepare(folder, data)
-            report = json.loads((folder / "runs" / "bench" / "data" / "report.json").read_text())
-            kept = sum(report["splits"]["sft"].values())
             mb = data.stat().st_size / 1e6
-            print(
-                f"{size:>10,} {mb:>9.1f} {seconds:>8.1f} {size / seconds:>10,.0f} {peak:>13,.0f} {kept:>9,}"
-            )
+            for _, (label, source) in itertools.product(range(args.repeat), codes):
+                folder = Path(tmp) / label
+                folder.mkdir(exist_ok=True)
+                seconds, peak = run_prepare(folder, data, source)
+                report = json.loads((folder / "runs" / "bench" / "data" / "report.json").read_text())
+                kept = sum(report["splits"]["sft"].values())
+                print(
+                    f"{label:>8} {size:>10,} {mb:>9.1f} {seconds:>8.1f} {size / seconds:>10,.0f}"
+                    f" {peak:>13,.0f} {kept:>9,}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_exact_and_near_duplicates_are_removed_with_the_record_they_repeat(tmp_p
     base = "The quick brown fox jumps over the lazy dog near the quiet river bank at dawn today"
     rows = [
         conversation("Tell me a story.", base),  # line 1: kept
-        conversation("tell me a STORY!", base + "."),  # line 2: same normalised text
+        conversation("tell  me a STORY.", base),  # line 2: same normalised text (case, spacing)
         conversation("Tell me a story.", base.replace("dawn", "dusk")),  # line 3: near-duplicate
         conversation("Something else entirely", "A different answer with other words altogether"),  # 4
     ]
@@ -108,7 +108,10 @@ def test_exact_and_near_duplicates_are_removed_with_the_record_they_repeat(tmp_p
     assert rejected[f"{path}:2"]["kind"] == "duplicate"
     assert rejected[f"{path}:2"]["reason"] == f"same normalised text as {path}:1"
     assert rejected[f"{path}:3"]["kind"] == "near_duplicate"
-    assert rejected[f"{path}:3"]["reason"] == f"near-duplicate (estimated Jaccard >= 0.8) of {path}:1"
+    assert (
+        rejected[f"{path}:3"]["reason"]
+        == f"near-duplicate of {path}:1: word 3-gram Jaccard 17/21 = 0.810 >= 0.8"
+    )
     assert rejected[f"{path}:3"]["record"]["messages"][1]["content"].endswith("dusk today")
     assert report["dedup"]["removed"] == {"duplicate": 1, "near_duplicate": 1}
 

@@ -149,7 +149,9 @@ def test_rising_val_loss_stops_early_warns_and_is_in_the_manifest(tmp_path, tiny
         "lr_scheduler": "constant",
         "early_stopping_patience": 3,
     }
-    data = {"val": [str(val_path)], "test_ratio": 0.0}
+    # Each val record differs from its train twin in one word of 11 (word 3-gram Jaccard 0.8): not a
+    # near-duplicate at threshold 0.9, so it stays in val to contradict train.
+    data = {"val": [str(val_path)], "test_ratio": 0.0, "dedup": {"threshold": 0.9}}
     run_file = write_run_file(tmp_path, tiny_models["chatml"], [train_path], data=data, train=schedule)
     result = runner.invoke(app, ["run", str(run_file)])
     assert result.exit_code == 0, result.output

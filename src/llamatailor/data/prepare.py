@@ -2,10 +2,12 @@
 
 Records are streamed through three passes so that memory stays flat with the data size:
 1. scan: each record is read, parsed, cleaned, PII-checked and rendered (see `scan.py`); accepted
-   samples go to a spool file, and only compact facts (kind, token count, hashes, MinHash signature)
-   stay in memory; rejected records go straight to `rejected.jsonl`.
-2. decide: exact and near-duplicate clusters, leaks (a val/test input record with a near-duplicate in
-   train), and the seeded split of the records drawn from the train inputs, cluster by cluster.
+   samples go to a spool file and their word 3-gram hashes to a second one, and only compact facts
+   (kind, token count, hashes, MinHash signature, spool offset) stay in memory; rejected records go
+   straight to `rejected.jsonl`.
+2. decide: exact and near-duplicate clusters (candidates verified against the spooled 3-grams, see
+   `dedup.py`), leaks (a val/test input record in a cluster with a train record), and the seeded split
+   of the records drawn from the train inputs, cluster by cluster.
 3. write: the spool is copied line by line into the split files.
 Bad records never stop the stage: each is kept in `data/rejected.jsonl` with file, line, field, reason.
 """
@@ -23,7 +25,15 @@ from typing import IO, Any
 import numpy as np
 
 from llamatailor.config import SPLITS, RunConfig
-from llamatailor.data.dedup import MinHasher, exact_key, near_duplicate_clusters
+from llamatailor.data.dedup import (
+    MinHasher,
+    ShingleSets,
+    exact_key,
+    near_duplicate_clusters,
+    normalize,
+    overlap,
+    shingle_hashes,
+)
 from llamatailor.data.formats import Sample
 from llamatailor.data.reader import detect_file_format, read_source
 from llamatailor.data.report import build_report, render_report_markdown
@@ -40,7 +50,10 @@ ProgressCallback = Callable[[str, int], None]
 KEPT, DUPLICATE, NEAR_DUPLICATE, LEAK = 0, 1, 2, 3
 DECISION_REASONS = {
     DUPLICATE: ("duplicate", "same normalised text as {other}"),
-    NEAR_DUPLICATE: ("near_duplicate", "near-duplicate (estimated Jaccard >= {threshold}) of {other}"),
+    NEAR_DUPLICATE: (
+        "near_duplicate",
+        "near-duplicate of {other}: word 3-gram Jaccard {shared}/{union} = {similarity:.3f} >= {threshold}",
+    ),
     LEAK: ("leak", "a near-duplicate of train record {other}: kept out of {split} to avoid leakage"),
 }
 
@@ -60,7 +73,7 @@ class PrepareResult:
 class Index:
     """What the decide pass needs per accepted record, in compact arrays (no text)."""
 
-    num_perm: int
+    hasher: MinHasher
     kind: array.array = field(default_factory=lambda: array.array("b"))
     input_split: array.array = field(default_factory=lambda: array.array("b"))
     exact: array.array = field(default_factory=lambda: array.array("Q"))
@@ -68,16 +81,20 @@ class Index:
     truncated: array.array = field(default_factory=lambda: array.array("b"))
     stratum: array.array = field(default_factory=lambda: array.array("l"))
     signatures: array.array = field(default_factory=lambda: array.array("I"))
+    shingle_ends: array.array = field(default_factory=lambda: array.array("Q"))  # in the shingle spool
     strata: dict[str, int] = field(default_factory=dict)
 
-    def add(self, accepted: Accepted, input_split: str, signature: np.ndarray) -> None:
+    def add(self, accepted: Accepted, input_split: str, normalized: str, shingles: np.ndarray) -> None:
+        """`normalized`: the dedup text as `dedup.normalize` gives it; `shingles`: its `shingle_hashes`,
+        which the caller writes to the shingle spool in the same order."""
         self.kind.append(KINDS.index(accepted.sample.kind))
         self.input_split.append(SPLIT_CODES[input_split])
-        self.exact.append(exact_key(accepted.dedup_text))
+        self.exact.append(exact_key(normalized))
         self.tokens.append(accepted.tokens)
         self.truncated.append(accepted.truncated)
         self.stratum.append(self.strata.setdefault(accepted.stratum, len(self.strata)))
-        self.signatures.frombytes(signature.tobytes())
+        self.signatures.frombytes(self.hasher.signature(shingles).tobytes())
+        self.shingle_ends.append((self.shingle_ends[-1] if self.shingle_ends else 0) + len(shingles))
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -90,8 +107,22 @@ class Index:
             "tokens": np.frombuffer(self.tokens, dtype=np.int64),
             "truncated": np.frombuffer(self.truncated, dtype=np.int8).astype(bool),
             "stratum": np.frombuffer(self.stratum, dtype=np.int64),
-            "signatures": np.frombuffer(self.signatures, dtype=np.uint32).reshape(-1, self.num_perm),
+            "signatures": np.frombuffer(self.signatures, dtype=np.uint32).reshape(-1, self.hasher.num_perm),
+            "shingle_ends": np.frombuffer(self.shingle_ends, dtype=np.uint64),
         }
+
+
+@dataclass(frozen=True)
+class Spool:
+    """The scan pass's two spool files: accepted samples as JSON lines, and each one's shingle hashes
+    (uint64, native byte order) end to end, found again through `Index.shingle_ends`."""
+
+    samples: IO[str]
+    shingles: IO[bytes]
+
+    def write(self, line: str, shingles: np.ndarray) -> None:
+        self.samples.write(line)
+        self.shingles.write(shingles.tobytes())
 
 
 @dataclass
@@ -113,20 +144,26 @@ def prepare(
     chat = chat or load_tokenizer(config.model)
     run = config.run_dir
     run.data.mkdir(parents=True, exist_ok=True)
-    index, tally = Index(config.data.dedup.num_perm), ScanTally()
-    spool = run.data / ".spool.jsonl"
+    index, tally = Index(MinHasher(config.data.dedup.num_perm, seed=config.seed)), ScanTally()
+    spool, shingle_spool = run.data / ".spool.jsonl", run.data / ".spool.shingles"
     try:
         with atomic_path(run.rejected) as rejected_tmp, rejected_tmp.open("w", encoding="utf-8") as rejected:
-            with spool.open("w", encoding="utf-8") as spool_out:
-                scan_inputs(config, chat, index, tally, spool_out, rejected, progress)
+            with spool.open("w", encoding="utf-8") as lines, shingle_spool.open("wb") as hashes:
+                scan_inputs(config, chat, index, tally, Spool(lines, hashes), rejected, progress)
             facts = index.arrays()
-            progress("deduplicating", len(index))
-            clusters, decision, other = decide(facts, config)
-            split_of = assign_splits(facts, clusters, decision, config)
-            progress("writing", len(index))
-            write_splits(run, spool, facts, decision, other, split_of, config, rejected, tally)
+            with shingle_spool.open("rb") as hashes:
+                shingles = ShingleSets.in_file(hashes, facts["shingle_ends"])
+                progress("deduplicating", len(index))
+                clusters, decision, other = decide(facts, shingles, config)
+                split_of = assign_splits(facts, clusters, decision, config)
+                progress("writing", len(index))
+                reason = rejection_reason(
+                    spool, facts, decision, other, shingles, config.data.dedup.threshold
+                )
+                write_splits(run, spool, facts, decision, split_of, reason, rejected, tally)
     finally:
         spool.unlink(missing_ok=True)
+        shingle_spool.unlink(missing_ok=True)
     report = build_report(config, chat, tally, facts, decision, split_of, index.strata)
     write_json(run.data_report, report)
     write_text(run.data / "report.md", render_report_markdown(report))
@@ -149,12 +186,11 @@ def scan_inputs(
     chat: ChatTokenizer,
     index: Index,
     tally: ScanTally,
-    spool: IO[str],
+    spool: "Spool",
     rejected: IO[str],
     progress: ProgressCallback,
 ) -> None:
     data = config.data
-    hasher = MinHasher(data.dedup.num_perm, seed=config.seed)
     # Every input is found and its format known before the long scan starts.
     inputs = [
         (split, source, detect_file_format(source, data.max_record_bytes)) for split, source in data.inputs()
@@ -172,11 +208,11 @@ def scan_inputs(
                 _write_rejection(rejected, tally, raw.where, outcome)
                 continue
             accepted += 1
-            index.add(outcome, input_split, hasher.signature(outcome.dedup_text))
-            spool.write(
-                json.dumps(outcome.sample.row(sample_id(outcome.sample), raw.where), ensure_ascii=False)
-                + "\n"
-            )
+            normalized = normalize(outcome.dedup_text, data.dedup.fold_case)
+            shingles = shingle_hashes(normalized)
+            index.add(outcome, input_split, normalized, shingles)
+            row = outcome.sample.row(sample_id(outcome.sample), raw.where)
+            spool.write(json.dumps(row, ensure_ascii=False) + "\n", shingles)
         tally.files.append(
             {
                 "input": source.label,
@@ -203,16 +239,23 @@ def _write_rejection(handle: IO[str], tally: ScanTally, where: str, rejection: R
         tally.first_rejections.append(f"{where}: {field_part}{rejection.reason}")
 
 
-def decide(facts: dict[str, np.ndarray], config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decide(
+    facts: dict[str, np.ndarray], shingles: ShingleSets, config: RunConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per record: its near-duplicate cluster, KEPT / DUPLICATE / NEAR_DUPLICATE / LEAK, and the record it
-    repeats (-1 if none). Reading order makes train inputs' records the earliest of their clusters."""
+    repeats (-1 if none): the earliest copy for a duplicate, the most similar record it was verified
+    against for a near-duplicate, the cluster's train record for a leak. Reading order makes train
+    inputs' records the earliest of their clusters."""
     dedup = config.data.dedup
     kinds = facts["kind"].astype(np.uint64)
-    clusters = near_duplicate_clusters(facts["signatures"], facts["kind"], dedup.threshold)
     _, first_index, inverse = np.unique(
         np.stack([facts["exact"], kinds]), axis=1, return_index=True, return_inverse=True
     )
     earliest = first_index[inverse.ravel()]
+    near_duplicates = near_duplicate_clusters(
+        facts["signatures"], facts["kind"], earliest, shingles, dedup.threshold
+    )
+    clusters = near_duplicates.cluster
     position = np.arange(len(clusters))
     from_train = facts["input_split"][clusters] == 0
     leak = (clusters != position) & from_train & (facts["input_split"] != 0)
@@ -223,7 +266,7 @@ def decide(facts: dict[str, np.ndarray], config: RunConfig) -> tuple[np.ndarray,
     for mask, code, repeated in (
         (leak, LEAK, clusters),
         (duplicate, DUPLICATE, earliest),
-        (near, NEAR_DUPLICATE, clusters),
+        (near, NEAR_DUPLICATE, near_duplicates.partner),
     ):
         decision[mask], other[mask] = code, repeated[mask]
     return clusters, decision, other
@@ -252,37 +295,61 @@ def write_splits(
     spool: Path,
     facts: dict[str, np.ndarray],
     decision: np.ndarray,
-    other: np.ndarray,
     split_of: np.ndarray,
-    config: RunConfig,
+    reason: Callable[[int], str],
     rejected: IO[str],
     tally: ScanTally,
 ) -> None:
+    """Copies the spool's kept lines into the split files and writes each removed record to `rejected`
+    with `reason(record)`."""
     has_preference = bool(np.any(facts["kind"] == 1)) or any(f["format"] == "preference" for f in tally.files)
     targets = {(0, name): run.split(name) for name in SPLITS}
     if has_preference:
         targets.update({(1, name): run.preference_split(name) for name in SPLITS})
-    sources: dict[int, str] = {}
-    needed = set(other[other >= 0].tolist())
     with contextlib.ExitStack() as stack, spool.open(encoding="utf-8") as lines:
         outputs = {
             key: stack.enter_context(stack.enter_context(atomic_path(path)).open("w", encoding="utf-8"))
             for key, path in targets.items()
         }
         for i, line in enumerate(lines):
-            row = json.loads(line) if decision[i] != KEPT or i in needed else None
-            if i in needed:
-                sources[i] = row["source"]
             if decision[i] == KEPT:
                 outputs[(int(facts["kind"][i]), SPLITS[split_of[i]])].write(line)
                 continue
-            kind, template = DECISION_REASONS[int(decision[i])]
-            reason = template.format(
-                other=sources[int(other[i])],
-                threshold=config.data.dedup.threshold,
-                split=SPLITS[facts["input_split"][i]],
-            )
-            _write_rejection(rejected, tally, row["source"], Rejected(kind, "", reason, row))
+            row = json.loads(line)
+            kind = DECISION_REASONS[int(decision[i])][0]
+            _write_rejection(rejected, tally, row["source"], Rejected(kind, "", reason(i), row))
+
+
+def rejection_reason(
+    spool: Path,
+    facts: dict[str, np.ndarray],
+    decision: np.ndarray,
+    other: np.ndarray,
+    shingles: ShingleSets,
+    threshold: float,
+) -> Callable[[int], str]:
+    """`reason(record)`: why a removed record went, naming the record it repeats by its source (read
+    from the spool first: a near-duplicate's most similar record may come after it) and, for a
+    near-duplicate, their exact word 3-gram Jaccard, computed again from the shingle spool."""
+    needed = set(other[other >= 0].tolist())
+    with spool.open(encoding="utf-8") as lines:
+        sources = {i: json.loads(line)["source"] for i, line in enumerate(lines) if i in needed}
+
+    def reason(i: int) -> str:
+        code = int(decision[i])
+        shared, union = (
+            overlap(shingles.of(i), shingles.of(int(other[i]))) if code == NEAR_DUPLICATE else (0, 1)
+        )
+        return DECISION_REASONS[code][1].format(
+            other=sources[int(other[i])],
+            threshold=threshold,
+            split=SPLITS[facts["input_split"][i]],
+            shared=shared,
+            union=union,
+            similarity=shared / union,
+        )
+
+    return reason
 
 
 def _lengths(

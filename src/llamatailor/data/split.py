@@ -1,8 +1,9 @@
 """Seeded splits that keep near-duplicates together and, optionally, each stratum's share.
 
-Records are split as groups (a near-duplicate cluster is one group), so no val or test record has a
-near-duplicate in train. Within each stratum the groups are shuffled with the seed and the first ones
-fill test, then val, up to the ratios' record counts; the rest is train. Same inputs and seed, same split.
+Records are split as groups (a near-duplicate cluster, see `dedup.py`, is one group), so no pair of
+records whose word 3-gram Jaccard reaches the threshold lands in two splits. Within each stratum the
+groups are shuffled with the seed and the first ones fill test, then val, up to the ratios' record
+counts; the rest is train. Same inputs and seed, same split.
 """
 
 import numpy as np

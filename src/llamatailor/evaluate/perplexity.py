@@ -4,7 +4,7 @@ sequences (every token after the first), exp of the mean negative log-likelihood
 import math
 from dataclasses import dataclass
 
-from llamatailor.data.formats import Message
+from llamatailor.data.formats import Message, Tool
 from llamatailor.data.templating import IGNORE_INDEX, render_for_training
 from llamatailor.generation.engines import Engine
 from llamatailor.models.loading import ChatTokenizer
@@ -19,9 +19,14 @@ class Perplexity:
 
 
 def perplexity(
-    engine: Engine, chat: ChatTokenizer, conversations: list[list[Message]], max_len: int
+    engine: Engine,
+    chat: ChatTokenizer,
+    conversations: list[tuple[list[Message], list[Tool] | None]],
+    max_len: int,
 ) -> Perplexity:
-    samples = [render_for_training(chat, messages, max_len) for messages in conversations]
+    """Perplexities of `conversations` (messages, and the tools offered, as in a split's rows), each
+    rendered and labelled as for training and cut to `max_len` tokens."""
+    samples = [render_for_training(chat, messages, max_len, tools) for messages, tools in conversations]
     answer_nll = sequence_nll = 0.0
     answer_tokens = tokens = 0
     for sample, logprobs in zip(samples, engine.token_logprobs([s.input_ids for s in samples]), strict=True):

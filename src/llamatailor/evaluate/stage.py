@@ -60,7 +60,9 @@ class Evaluation:
         self.records = run.read_split("test")[: config.eval.max_samples]
         self.prompts = [self.prompter.chat_ids(record["messages"][:-1]) for record in self.records]
         self.references = [record["messages"][-1]["content"] for record in self.records]
-        self.splits = {name: [r["messages"] for r in run.read_split(name)] for name in ("val", "test")}
+        self.splits = {
+            name: [(r["messages"], r.get("tools")) for r in run.read_split(name)] for name in ("val", "test")
+        }
 
     def answer(self, engine: Engine) -> Answers:
         done = 0
