@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llamatailor.config import ModelSection
-from llamatailor.data.templating import render_prompt
+from llamatailor.data.templating import IGNORE_INDEX, render_for_training, render_prompt
 from llamatailor.export.gguf_file import write_gguf
 from llamatailor.generation.answers import answer_all, stream_answer
 from llamatailor.generation.engines import GREEDY, LlamaCppEngine, TransformersEngine
@@ -66,6 +66,29 @@ def test_system_prompt_is_added_once_on_both_vocabularies(both_engines):
         assert prompter.chat_ids(user) == render_prompt(chat, run)  # as training rendered it
         assert prompter.chat_ids(own) == render_prompt(chat, own)  # a request's own system message wins
     assert TokenizerPrompter(chat).chat_ids(user) == render_prompt(chat, user)
+
+
+def test_tool_offering_prompts_are_rendered_as_in_training(both_engines):
+    """A test record that offered tools and called one is prompted with its tools on both vocabularies:
+    the prompt is exactly the training rendering's tokens before the final answer."""
+    kind, chat, _, llama = both_engines
+    if kind != "llama3":
+        pytest.skip("only Meta's Llama 3.1 template renders tools")
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "4 C"},
+        {"role": "assistant", "content": "4 C in Oslo."},
+    ]
+    sample = render_for_training(chat, messages, 512, [tool])
+    answer = len(sample.labels) - sample.labels[::-1].index(IGNORE_INDEX)  # the final answer's first token
+    for prompter in (TokenizerPrompter(chat), GGUFPrompter(llama.llm)):
+        prompt = prompter.chat_ids(messages[:-1], [tool])
+        assert prompt == sample.input_ids[:answer]
+        assert prompt != prompter.chat_ids(messages[:-1])  # without the tools, another prompt
+    assert '"name": "get_weather"' in chat.tokenizer.decode(sample.input_ids[:answer])
 
 
 def test_greedy_answers_equal_on_both_engines(both_engines):

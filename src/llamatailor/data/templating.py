@@ -82,16 +82,26 @@ class _Whole:
         return count if before == cut == after else None
 
 
-def chat_ids(chat: ChatTokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+def chat_ids(
+    chat: ChatTokenizer,
+    messages: list[Message],
+    add_generation_prompt: bool,
+    tools: list[Tool] | None = None,
+) -> list[int]:
     ids = chat.tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+        messages,
+        tools=tools or None,
+        tokenize=True,
+        add_generation_prompt=add_generation_prompt,
+        return_dict=False,
     )
     return list(ids)
 
 
-def render_prompt(chat: ChatTokenizer, messages: list[Message]) -> list[int]:
-    """Ids of a conversation up to the point where the assistant should answer."""
-    return chat_ids(chat, messages, add_generation_prompt=True)
+def render_prompt(chat: ChatTokenizer, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+    """Ids of a conversation up to the point where the assistant should answer, with the `tools` offered
+    (OpenAI's format) rendered as in training."""
+    return chat_ids(chat, messages, add_generation_prompt=True, tools=tools)
 
 
 def render_for_training(

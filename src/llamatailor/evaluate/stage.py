@@ -58,7 +58,9 @@ class Evaluation:
         self.config, self.chat, self.progress = config, chat, progress
         self.prompter = TokenizerPrompter(chat, config.data.system_prompt)
         self.records = run.read_split("test")[: config.eval.max_samples]
-        self.prompts = [self.prompter.chat_ids(record["messages"][:-1]) for record in self.records]
+        self.prompts = [
+            self.prompter.chat_ids(record["messages"][:-1], record.get("tools")) for record in self.records
+        ]
         self.references = [record["messages"][-1]["content"] for record in self.records]
         self.splits = {
             name: [(r["messages"], r.get("tools")) for r in run.read_split(name)] for name in ("val", "test")

@@ -120,12 +120,15 @@ def build_probe(config: RunConfig, chat: ChatTokenizer) -> Probe:
     records = config.run_dir.read_split("val")[: config.export.check_samples]
     if not records:
         records = config.run_dir.read_split("test")[: config.export.check_samples]
-    conversations = [record["messages"] for record in records]
-    samples = [render_for_training(chat, c, config.data.max_seq_len) for c in conversations]
+    prompter = TokenizerPrompter(chat, config.data.system_prompt)
+    rows = [(record["messages"], record.get("tools")) for record in records]
+    samples = [
+        render_for_training(chat, messages, config.data.max_seq_len, tools) for messages, tools in rows
+    ]
     return Probe(
         sequences=[sample.input_ids for sample in samples],
         labels=[sample.labels for sample in samples],
-        prompts=[TokenizerPrompter(chat, config.data.system_prompt).chat_ids(c[:-1]) for c in conversations],
+        prompts=[prompter.chat_ids(messages[:-1], tools) for messages, tools in rows],
     )
 
 

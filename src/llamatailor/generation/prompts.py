@@ -13,7 +13,7 @@ here once:
 
 from typing import Any, Protocol
 
-from llamatailor.data.formats import Message, with_system_prompt
+from llamatailor.data.formats import Message, Tool, with_system_prompt
 from llamatailor.data.templating import render_prompt
 from llamatailor.errors import ModelLoadError
 from llamatailor.models.loading import ChatTokenizer
@@ -24,8 +24,9 @@ class Prompter(Protocol):
 
     stop_ids: set[int]
 
-    def chat_ids(self, messages: list[Message]) -> list[int]:
-        """Ids of `messages` up to the point where the assistant answers (the generation prompt)."""
+    def chat_ids(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+        """Ids of `messages` up to the point where the assistant answers (the generation prompt), with the
+        `tools` offered (OpenAI's format) rendered by the template as in training."""
         ...
 
     def text_ids(self, text: str) -> list[int]:
@@ -54,8 +55,8 @@ class TokenizerPrompter:
         self.chat, self.system_prompt = chat, system_prompt
         self.stop_ids = set(chat.stop_ids)
 
-    def chat_ids(self, messages: list[Message]) -> list[int]:
-        return render_prompt(self.chat, with_system_prompt(messages, self.system_prompt))
+    def chat_ids(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+        return render_prompt(self.chat, with_system_prompt(messages, self.system_prompt), tools)
 
     def text_ids(self, text: str) -> list[int]:
         tokenizer = self.chat.tokenizer
@@ -79,7 +80,7 @@ class GGUFPrompter:
         self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.stop_ids = {llm.token_eos(), llama_cpp.llama_vocab_eot(vocab)} - {-1}
 
-    def chat_ids(self, messages: list[Message]) -> list[int]:
+    def chat_ids(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -88,7 +89,9 @@ class GGUFPrompter:
         formatter = Jinja2ChatFormatter(
             template, eos_token=self._text(self.llm.token_eos()), bos_token=self._text(self.bos)
         )
-        text = formatter(messages=with_system_prompt(messages, self.system_prompt)).prompt
+        text = formatter(
+            messages=with_system_prompt(messages, self.system_prompt), tools=tools or None
+        ).prompt
         ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return single_bos(ids, self.bos, self.adds_bos)
 
