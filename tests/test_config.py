@@ -311,3 +311,31 @@ def test_chat_template_file_with_a_byte_order_mark(tmp_path):
     template.write_bytes(b"\xff\xfe" + "{{ x }}".encode("utf-16-le"))
     with pytest.raises(EncodingError, match=rf"^{template}: the file is UTF-16 LE"):
         prepare_tokenizer(stock.tokenizer, ModelSection(chat_template=template))
+
+
+def test_the_demo_run_file_loads_and_its_data_matches_what_it_scores(monkeypatch):
+    """examples/demo.yaml (what `make demo` runs) validates, and its 420 records answer with exactly the
+    JSON keys its eval scores, the module and function taken from the signature in the input."""
+    import json
+
+    from llamatailor.models.source import EMBEDDED_MODELS
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    config = load_config(Path("examples/demo.yaml"))
+    assert config.model.base in EMBEDDED_MODELS and config.train.method == "lora"
+    assert config.train.save_steps % config.train.eval_steps == 0 and config.export.gguf == [
+        "f16",
+        "q8_0",
+        "q4_k_m",
+    ]
+    [(split, source)] = config.data.inputs()
+    lines = source.path.read_text(encoding="utf-8").splitlines()
+    assert split == "train" and len(lines) == 420
+    for line in lines:
+        record = json.loads(line)
+        answer = json.loads(record["output"])
+        assert list(answer) == config.eval.json_fields
+        name = f"{answer['module']}.{answer['function']}"
+        assert record["input"].startswith(f"{name}("), (record["input"], name)
+        assert all(isinstance(answer[key], list) for key in ("required", "optional"))

@@ -13,6 +13,7 @@ from helpers import alpaca_rows, read_rows, write_jsonl, write_run_file
 from llamatailor.cli import app
 from llamatailor.data.templating import render_prompt
 from llamatailor.evaluate.probes import MemorisationProbe, overfitting_verdict, runaway_share
+from llamatailor.evaluate.stage import candidate_folder
 from llamatailor.generation.answers import answer_all
 from llamatailor.generation.engines import TransformersEngine
 from llamatailor.generation.prompts import TokenizerPrompter
@@ -140,6 +141,29 @@ def test_eval_report_groups_and_judge(tmp_path, tiny_models):
     assert "| metric | base | tuned | delta |" in report and "## Worst tuned answers" in report
     assert "## Group `fr`" in report and "## Training curves" in report
     assert (run / "eval" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    for split in ("val", "test"):
+        expected = own_answer_perplexity(tiny_models["chatml"], run, split)
+        assert metrics["tuned"][f"answer_perplexity_{split}"] == pytest.approx(expected, rel=1e-4)
+
+
+def own_answer_perplexity(base, run, split):
+    """exp of the tuned model's own mean cross-entropy (transformers' loss) over a split's answer tokens."""
+    from peft import PeftModel
+
+    from llamatailor.config import ModelSection
+    from llamatailor.data.templating import render_for_training
+    from llamatailor.models.loading import load_saved_tokenizer
+
+    chat = load_saved_tokenizer(run / "adapter", ModelSection())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
+    total = tokens = 0.0
+    for record in read_rows(run / "data" / f"{split}.jsonl"):
+        sample = render_for_training(chat, record["messages"], 128, record.get("tools"))  # max_seq_len
+        count = sum(label != -100 for label in sample.labels[1:])
+        with torch.no_grad():
+            loss = model(torch.tensor([sample.input_ids]), labels=torch.tensor([sample.labels])).loss
+        total, tokens = total + float(loss) * count, tokens + count
+    return float(torch.exp(torch.tensor(total / tokens, dtype=torch.float64)))
 
 
 @pytest.mark.slow
@@ -162,13 +186,36 @@ def test_eval_runs_a_gguf_file_through_llama_cpp(tmp_path):
     for verb in ("prepare", "train"):
         assert runner.invoke(app, [verb, str(run_file)]).exit_code == 0
     gguf = embedded_gguf_path("smollm2-135m-instruct")  # the base model itself, quantized Q4_1
+    own = tmp_path / "runs" / "tiny" / "eval" / "metrics.json"  # the run's own results, as eval left them
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.write_text('{"headline": "rougeL"}')
+    manifest = (tmp_path / "runs" / "tiny" / "manifest.json").read_bytes()
     result = runner.invoke(app, ["eval", str(run_file), "--model", str(gguf)])
     assert result.exit_code == 0, result.output
+    assert own.read_text() == '{"headline": "rougeL"}'
+    assert (tmp_path / "runs" / "tiny" / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in own.parent.iterdir()) == ["candidates", "metrics.json"]
     metrics = json.loads(
         (tmp_path / "runs" / "tiny" / "eval" / "candidates" / gguf.stem / "metrics.json").read_text()
     )
-    assert metrics["tuned_source"] == str(gguf)
+    assert metrics["tuned_source"] == str(gguf.resolve())
     for split in ("val", "test"):
         ratio = metrics["tuned"][f"answer_perplexity_{split}"] / metrics["base"][f"answer_perplexity_{split}"]
         assert ratio == pytest.approx(1.0, abs=0.1), "llama.cpp's Q4_1 scores like the dequantized base"
     assert metrics["tuned"]["count"] == metrics["base"]["count"] == 3
+
+
+def test_candidate_evaluations_never_overwrite_one_another(tmp_path):
+    """Two files with one stem get folders of their own; the same file again gets its own folder back."""
+    candidates = tmp_path / "eval" / "candidates"
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    assert candidate_folder(candidates, first) == candidates / "model"
+    (candidates / "model").mkdir(parents=True)
+    (candidates / "model" / "metrics.json").write_text(json.dumps({"tuned_source": str(first)}))
+    assert candidate_folder(candidates, first) == candidates / "model"
+    assert candidate_folder(candidates, tmp_path / "b" / ".." / "a" / "model.gguf") == candidates / "model"
+    assert candidate_folder(candidates, second) == candidates / "model-2"
+    (candidates / "model-2").mkdir()
+    (candidates / "model-2" / "metrics.json").write_text(json.dumps({"tuned_source": str(second)}))
+    assert candidate_folder(candidates, second) == candidates / "model-2"
+    assert candidate_folder(candidates, tmp_path / "c" / "model.gguf") == candidates / "model-3"

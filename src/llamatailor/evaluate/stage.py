@@ -110,8 +110,25 @@ def evaluate_run(
             candidate.close()
         base_model = load_base_model(config.model).eval()
         base = evaluation.answer(TransformersEngine("base", base_model, chat.tokenizer.pad_token_id, batch))
-        folder, source = run.eval / "candidates" / model_path.stem, str(model_path)
+        source = str(model_path.resolve())  # one name per file, from wherever it is given
+        folder = candidate_folder(run.eval / "candidates", model_path)
     return write_results(config, chat, evaluation, {"base": base, "tuned": tuned}, folder, source)
+
+
+def candidate_folder(candidates: Path, model_path: Path) -> Path:
+    """Where an evaluation of `model_path` goes: candidates/<file stem>/, or <stem>-2, -3… when that name
+    holds the results of another file (two `model.gguf` from different folders), so no evaluation
+    overwrites another's; evaluating the same file again replaces its own results."""
+    source, number = str(model_path.resolve()), 1
+    while True:
+        folder = candidates / (model_path.stem if number == 1 else f"{model_path.stem}-{number}")
+        metrics = folder / "metrics.json"
+        if (
+            not metrics.is_file()
+            or json.loads(metrics.read_text(encoding="utf-8")).get("tuned_source") == source
+        ):
+            return folder
+        number += 1
 
 
 def candidate_engine(path: Path, chat: ChatTokenizer, config: RunConfig) -> Engine:
