@@ -339,3 +339,14 @@ def test_the_demo_run_file_loads_and_its_data_matches_what_it_scores(monkeypatch
         name = f"{answer['module']}.{answer['function']}"
         assert record["input"].startswith(f"{name}("), (record["input"], name)
         assert all(isinstance(answer[key], list) for key in ("required", "optional"))
+
+
+def test_phone_regions_are_checked_against_libphonenumber(tmp_path):
+    config = load_config(
+        write(tmp_path, GOOD.replace("data:\n", "data:\n  pii: {phone_regions: [AU, IN]}\n"))
+    )
+    assert config.data.pii.phone_regions == ["AU", "IN"]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD.replace("data:\n", "data:\n  pii:\n    phone_regions: [AU, uk]\n")))
+    assert "data.pii.phone_regions (run.yaml line 4)" in str(info.value)
+    assert "unknown region 'uk': expected ISO 3166 country codes" in str(info.value)

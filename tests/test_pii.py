@@ -183,3 +183,18 @@ def test_findings_do_not_depend_on_the_surrounding_text(filler):
         assert [(f.kind, f.start - len(filler), f.end - len(filler)) for f in inside] == [
             (f.kind, f.start, f.end) for f in alone
         ], row["text"]
+
+
+def test_phone_regions_decide_which_national_formats_count():
+    """Without +, a number counts in the plans of `phone_regions` only; with +, in its own country's plan."""
+    text = "Office (02) 9374 4000, Delhi 98765 43210, London 020 7946 0958, Berlin +49 151 2345 6789."
+
+    def phones(regions):
+        return [text[f.start : f.end] for f in find_pii(text, {"phone"}, regions)]
+
+    assert phones(("US", "GB")) == ["020 7946 0958", "+49 151 2345 6789"]
+    assert phones(("AU",)) == ["(02) 9374 4000", "+49 151 2345 6789"]
+    # London's 020 7946 0958 is also a valid Indian landline (Pune, 020): each plan is read on its own.
+    assert phones(("IN",)) == ["98765 43210", "020 7946 0958", "+49 151 2345 6789"]
+    assert phones(()) == ["+49 151 2345 6789"]
+    assert find_pii("the years 1999 2000 2001", ALL, ("AU", "IN", "DE")) == []

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llamatailor.errors import ConfigError, EncodingError
 from llamatailor.rundir import RunDir
@@ -114,11 +122,35 @@ class DedupSection(Section):
         return self
 
 
+def _default_phone_regions() -> list[str]:
+    from llamatailor.data.pii import DEFAULT_PHONE_REGIONS  # phonenumbers loads only when a run file does
+
+    return list(DEFAULT_PHONE_REGIONS)
+
+
 class PiiSection(Section):
     mode: Literal["report", "mask", "drop"] = Field(
         "report", description="report: count only; mask: replace with [KIND]; drop: reject the record."
     )
     kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
+    phone_regions: list[str] = Field(
+        default_factory=_default_phone_regions,
+        description="Countries (ISO 3166 codes) whose national phone formats count without a leading +; "
+        "a number written with + is checked in its own country's plan whatever this says.",
+    )
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, regions: list[str]) -> list[str]:
+        import phonenumbers  # only when a run file sets it: `--help` stays light
+
+        unknown = [region for region in regions if region not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(
+                f"unknown region {unknown[0]!r}: expected ISO 3166 country codes as libphonenumber knows them, "
+                "upper case (US, GB, AU, IN, DE, FR...)"
+            )
+        return regions
 
 
 class DataSection(Section):

@@ -5,7 +5,8 @@ what the kind's own rules say before it reports. What each one validates (docs/d
 
 - phone: Google's libphonenumber (the `phonenumbers` port): the number must be valid in its country's
   numbering plan, not merely have a plausible length. With a leading + any country is accepted; without one,
-  only the US/NANP and UK plans, and the digits must be grouped as that country writes them (`PHONE_PASSES`).
+  only the plans of `phone_regions` (default the US/NANP and UK), and the digits must be grouped as that
+  country writes them.
   An unbroken run of digits without + is a phone number only after a phone word (`call`, `tel`, `mobile`...),
   since bare runs are usually ids.
 - card: 13-19 digits, unbroken or grouped as cards are printed (4-4-4-4 with a shorter last group, 4-6-5,
@@ -21,11 +22,12 @@ what the kind's own rules say before it reports. What each one validates (docs/d
   Hugging Face keys.
 
 What it does not find: names, postal addresses, dates of birth, free-form identifiers (customer numbers,
-passport numbers, most national ids), national-format phone numbers of countries outside the US/NANP and
-the UK, cards of issuers outside the table, secrets without a known prefix, and anything inside images or
+passport numbers, most national ids), national-format phone numbers of countries outside `phone_regions`,
+cards of issuers outside the table, secrets without a known prefix, and anything inside images or
 encoded text (base64). Treat `report` counts as a floor, not a guarantee.
 """
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
@@ -157,14 +159,8 @@ def email_valid(match: re.Match[str]) -> bool:
     return match.group().rsplit(".", 1)[1].lower() not in IMAGE_EXTENSIONS
 
 
-# A number with + names its country, so the plan's rules suffice (VALID). Without +, the digits could be any
-# id: they are checked against the US/NANP ("US" covers every +1 country) and UK plans, and must also be
-# grouped as that country writes its numbers (STRICT_GROUPING: "650 253 0000", not "6502 530000").
-PHONE_PASSES = (
-    (None, phonenumbers.Leniency.VALID),
-    ("US", phonenumbers.Leniency.STRICT_GROUPING),
-    ("GB", phonenumbers.Leniency.STRICT_GROUPING),
-)
+# Without +, national numbers are read in these plans' formats ("US" covers every +1 country).
+DEFAULT_PHONE_REGIONS = ("US", "GB")
 # Seven digits or more with at most short punctuation between them: the fewest any numbering plan writes
 # (+683 4002). The matcher, slow per digit group, runs only on the stretches around these runs.
 PHONE_RUN = re.compile(r"\d(?:[^\w\n]{0,4}\d){6,}")
@@ -199,15 +195,20 @@ def phone_windows(text: str) -> Iterator[Span]:
         yield window
 
 
-def find_phones(text: str) -> Iterator[Span]:
-    """Spans of phone numbers that libphonenumber accepts, per PHONE_PASSES; spans may repeat across passes.
+def find_phones(text: str, regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS) -> Iterator[Span]:
+    """Spans of phone numbers that libphonenumber accepts; spans may repeat across passes.
 
-    An unbroken run of digits without + counts only after a phone word (PHONE_CUE) in the 20 characters
-    before it: bare runs are usually order or account numbers.
+    A number with + names its country, so its plan's rules suffice (Leniency.VALID). Without +, the digits
+    could be any id: they must be valid in one of `regions`' plans (ISO 3166 codes) and grouped as that
+    country writes its numbers (STRICT_GROUPING: "650 253 0000", not "6502 530000"). An unbroken run of
+    digits without + counts only after a phone word (PHONE_CUE) in the 20 characters before it: bare runs
+    are usually order or account numbers.
     """
+    passes = [(None, phonenumbers.Leniency.VALID)]
+    passes += [(region, phonenumbers.Leniency.STRICT_GROUPING) for region in regions]
     for left, right in phone_windows(text):
         window = text[left:right]
-        for region, leniency in PHONE_PASSES:
+        for region, leniency in passes:
             if region is None and not PLUS_SIGN.search(window):
                 continue  # that pass finds + numbers only
             for match in phonenumbers.PhoneNumberMatcher(window, region, leniency=leniency):
@@ -236,51 +237,60 @@ SECRET_PATTERNS = (
     r"\bhf_[A-Za-z0-9]{30,}",
 )
 
-# Order matters: an earlier detector claims its span first (a card number is not also a phone number).
-DETECTORS = (
-    Detector("secret", regex_finder("|".join(SECRET_PATTERNS))),
-    Detector(
-        "email",
-        regex_finder(
-            r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
-            email_valid,
+
+@functools.cache
+def detectors(phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS) -> tuple[Detector, ...]:
+    """Every kind's detector; order matters: an earlier detector claims its span first (a card number is not
+    also a phone number)."""
+    return (
+        Detector("secret", regex_finder("|".join(SECRET_PATTERNS))),
+        Detector(
+            "email",
+            regex_finder(
+                r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+                email_valid,
+            ),
         ),
-    ),
-    Detector(
-        "iban",
-        regex_finder(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", lambda match: iban_valid(match.group())),
-    ),
-    Detector("card", regex_finder(CARD, lambda match: card_valid(match.group()))),
-    Detector(
-        "national_id",
-        regex_finder(
-            r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"  # US SSN
-            r"|\b(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"  # UK NINO
+        Detector(
+            "iban",
+            regex_finder(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", lambda match: iban_valid(match.group())),
         ),
-    ),
-    Detector("ip", regex_finder(rf"(?<![\w.]){OCTET}(?:\.{OCTET}){{3}}(?!\w|\.\d)", ipv4_valid)),
-    Detector(
-        "ip",
-        regex_finder(
-            r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,7}(?::|(?::[0-9A-Fa-f]{1,4}){1,7}|[0-9A-Fa-f]{1,4})(?![\w:])",
-            ipv6_valid,
+        Detector("card", regex_finder(CARD, lambda match: card_valid(match.group()))),
+        Detector(
+            "national_id",
+            regex_finder(
+                r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"  # US SSN
+                r"|\b(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"  # UK NINO
+            ),
         ),
-    ),
-    Detector("phone", find_phones),
-)
+        Detector("ip", regex_finder(rf"(?<![\w.]){OCTET}(?:\.{OCTET}){{3}}(?!\w|\.\d)", ipv4_valid)),
+        Detector(
+            "ip",
+            regex_finder(
+                r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,7}(?::|(?::[0-9A-Fa-f]{1,4}){1,7}|[0-9A-Fa-f]{1,4})(?![\w:])",
+                ipv6_valid,
+            ),
+        ),
+        Detector("phone", functools.partial(find_phones, regions=phone_regions)),
+    )
+
+
 PLACEHOLDERS = {
     kind: f"[{kind.upper()}]" for kind in ("secret", "email", "iban", "card", "national_id", "ip", "phone")
 }
 
 
-def find_pii(text: str, kinds: set[str]) -> list[Finding]:
-    """Non-overlapping findings of the wanted kinds (names as in PLACEHOLDERS), in text order.
+def find_pii(
+    text: str, kinds: set[str], phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS
+) -> list[Finding]:
+    """Non-overlapping findings of the wanted kinds (names as in PLACEHOLDERS), in text order; phone numbers
+    without + are read in `phone_regions`' national formats (ISO 3166 codes, see find_phones).
 
     Spans are character offsets into `text`; where two detectors claim overlapping text, the one earlier in
-    DETECTORS keeps it.
+    `detectors` keeps it.
     """
     taken: list[Finding] = []
-    for detector in DETECTORS:
+    for detector in detectors(phone_regions):
         if detector.kind not in kinds:
             continue
         for start, end in detector.find(text):

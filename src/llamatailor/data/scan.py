@@ -92,9 +92,9 @@ def _cleaned(sample: Sample, data: DataSection, counts: ScanCounts) -> Sample:
 
 
 def _pii_checked(sample: Sample, data: DataSection, counts: ScanCounts) -> Sample:
-    kinds = set(data.pii.kinds)
+    kinds, regions = set(data.pii.kinds), tuple(data.pii.phone_regions)
     # Tool-call arguments too: an address or a number often sits in a call (send_email's `to`).
-    found = {name: find_pii(text, kinds) for name, text in sample.texts(arguments=True)}
+    found = {name: find_pii(text, kinds, regions) for name, text in sample.texts(arguments=True)}
     found_kinds = sorted({finding.kind for findings in found.values() for finding in findings})
     if not found_kinds:
         return sample
@@ -104,7 +104,7 @@ def _pii_checked(sample: Sample, data: DataSection, counts: ScanCounts) -> Sampl
         where = next(name for name, findings in found.items() if findings)
         raise RecordError(where, f"contains {', '.join(found_kinds)} (data.pii.mode is drop)", "pii")
     if data.pii.mode == "mask":
-        return sample.map_texts(lambda text: mask_pii(text, find_pii(text, kinds)), arguments=True)
+        return sample.map_texts(lambda text: mask_pii(text, find_pii(text, kinds, regions)), arguments=True)
     return sample
 
 
