@@ -75,7 +75,11 @@ def test_tool_offering_prompts_are_rendered_as_in_training(both_engines):
     if kind != "llama3":
         pytest.skip("only Meta's Llama 3.1 template renders tools")
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+    }
     messages = [
         {"role": "user", "content": "Weather in Oslo?"},
         {"role": "assistant", "content": "", "tool_calls": [call]},
@@ -167,3 +171,23 @@ def test_no_decoding_loop_outside_the_generation_engines():
                 if name in forbidden:
                     found.append(f"{path.relative_to(SOURCE)}:{node.lineno} {name}")
     assert found == []
+
+
+def test_an_answer_stopped_inside_a_character_ends_at_the_last_whole_one(both_engines):
+    """'🦙' is three or four byte tokens on every vocabulary here: an answer whose budget (or stop token)
+    falls between them ends at the last whole character, streamed or not, with its tokens all counted."""
+    _, chat, _, llama = both_engines
+    ids = chat.tokenizer.encode("ok🦙", add_special_tokens=False)
+    whole = len(chat.tokenizer.encode("ok", add_special_tokens=False))
+    assert len(ids) - whole >= 2, "the emoji must span several tokens"
+    stop = max(chat.stop_ids)
+    for prompter in (TokenizerPrompter(chat), GGUFPrompter(llama.llm)):
+        for budget in range(whole + 1, len(ids)):  # inside the emoji
+            assert "\ufffd" in prompter.decode(ids[:budget])  # what the decoders give there
+            deltas = list(text_deltas(ids, prompter.decode, set(), [], budget))
+            assert "".join(d.text for d in deltas) == prompter.decode(ids[:whole])
+            assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("length", budget)
+            assert finished(ids[:budget], prompter.decode, set()) == Generation("ok", budget, False)
+            stopped = list(text_deltas([*ids[:budget], stop], prompter.decode, {stop}, [], 100))
+            assert "".join(d.text for d in stopped) == prompter.decode(ids[:whole])
+            assert (stopped[-1].finish_reason, stopped[-1].completion_tokens) == ("stop", budget + 1)

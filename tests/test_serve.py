@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from helpers import KEY, Server
@@ -160,7 +162,7 @@ def test_bad_requests_get_openai_shaped_errors(server):
     cases = {
         b"{not json": "invalid JSON",
         b'{"model": "tiny", "messages": "hi"}': "messages",
-        b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {}}': "logit_bias",
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"7": 5}}': "logit_bias",
         b'{"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}': "role",
         b'{"model": "tiny", "messages": [], "max_tokens": 99999999999999999999999}': "",
     }
@@ -252,29 +254,6 @@ def test_fuzzed_requests_never_crash_the_server(server):
 
         check()
     assert 200 in seen and any(code >= 400 for code in seen)
-
-
-def test_disconnecting_client_cancels_its_generation(gguf_file, tmp_path):
-    running = Server(gguf_file, "--context", "4096", log=tmp_path / "server.log")
-    try:
-        body = {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": "go"}],
-            "max_tokens": 4000,
-            "temperature": 0,
-            "stream": True,
-        }
-        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body) as response:
-            lines = response.iter_lines()
-            next(lines), next(lines)  # a few tokens arrive, then the client goes away
-        deadline = time.monotonic() + 5
-        while httpx.get(f"{running.url}/health").json()["queue_depth"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert httpx.get(f"{running.url}/health").json()["queue_depth"] == 0
-        metrics = httpx.get(f"{running.url}/metrics").text
-        assert "llamatailor_generated_tokens_total 0.0" in metrics  # it never ran to its 4000 tokens
-    finally:
-        running.stop()
 
 
 def test_shutdown_finishes_in_flight_requests(gguf_file, tmp_path):
@@ -372,3 +351,299 @@ def test_chat_command_talks_to_a_running_server(server):
     assert result.returncode == 0, result.stderr
     expected = ask(running.client(), "Hello there", max_tokens=5).choices[0].message.content
     assert result.stdout.strip() == expected.strip()
+
+
+CHAT_DEFAULTS = {  # what LangChain and other clients send: none of it changes the answer
+    "frequency_penalty": 0,
+    "presence_penalty": 0.0,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "n": 1,
+    "logit_bias": {},
+    "user": "someone",
+    "seed": 11,
+    "store": False,
+    "stream_options": {"include_usage": True, "include_obfuscation": False},
+    "top_p": None,
+    "stop": None,
+}
+COMPLETION_DEFAULTS = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logprobs": None,
+    "n": 1,
+    "logit_bias": {},
+    "echo": False,
+    "best_of": 1,
+    "suffix": "",
+    "user": "someone",
+    "seed": 11,
+    "stream_options": {"include_usage": False},
+}
+PENALTY = "(this server applies no penalties); only 0 or null is accepted"
+LOGPROBS = "(this server returns no log-probabilities); only"
+ONE = "only 1 or null is accepted"
+REFUSED = [  # route, field, value, and the error message after "<field>: "
+    ("chat", "frequency_penalty", 0.5, f"0.5 is not supported {PENALTY}"),
+    ("chat", "presence_penalty", -1, f"-1.0 is not supported {PENALTY}"),
+    ("chat", "logprobs", True, f"true is not supported {LOGPROBS} false or null is accepted"),
+    ("chat", "top_logprobs", 2, f"2 is not supported {LOGPROBS} 0 or null is accepted"),
+    ("chat", "n", 2, f"2 is not supported (this server gives one choice per request); {ONE}"),
+    (
+        "chat",
+        "logit_bias",
+        {"42": 5},
+        '{"42": 5.0} is not supported (this server does not bias token logits); only {} or null is accepted',
+    ),
+    (
+        "chat",
+        "store",
+        True,
+        "true is not supported (this server stores no completions); only false or null is accepted",
+    ),
+    ("text", "frequency_penalty", -0.5, f"-0.5 is not supported {PENALTY}"),
+    ("text", "presence_penalty", 2, f"2.0 is not supported {PENALTY}"),
+    ("text", "logprobs", 0, f"0 is not supported {LOGPROBS} null is accepted"),
+    ("text", "n", 3, f"3 is not supported (this server gives one choice per request); {ONE}"),
+    (
+        "text",
+        "logit_bias",
+        {"1": -100},
+        '{"1": -100.0} is not supported (this server does not bias token '
+        "logits); only {} or null is accepted",
+    ),
+    (
+        "text",
+        "echo",
+        True,
+        "true is not supported (this server does not echo the prompt); only false or null is accepted",
+    ),
+    ("text", "best_of", 2, f"2 is not supported (this server generates one candidate per request); {ONE}"),
+    (
+        "text",
+        "suffix",
+        "}",
+        '"}" is not supported (this server does not insert text before a suffix); only "" '
+        "or null is accepted",
+    ),
+]
+
+
+def post(running, route: str, body: dict) -> httpx.Response:
+    path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
+    question = {"messages": [{"role": "user", "content": "Tell me a story"}]} if route == "chat" else {}
+    request = {"model": "tiny", "prompt": "Once upon", **question, "max_tokens": 2, "temperature": 0, **body}
+    if route == "chat":
+        request.pop("prompt")
+    return httpx.post(
+        f"{running.url}{path}", json=request, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
+
+
+def answer_text(response: httpx.Response) -> str:
+    choice = response.json()["choices"][0]
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def test_harmless_defaults_are_accepted_and_change_nothing(server):
+    """Each field at its neutral value, alone and all together, gets 200 and the very answer the request
+    without it gets, on both routes (and through the official client, as LangChain sends them)."""
+    running, _ = server
+    wrong = []
+    for route, defaults in (("chat", CHAT_DEFAULTS), ("text", COMPLETION_DEFAULTS)):
+        plain = answer_text(post(running, route, {}))
+        for body in [{field: value} for field, value in defaults.items()] + [defaults]:
+            response = post(running, route, body)
+            if response.status_code != 200 or answer_text(response) != plain:
+                wrong.append((route, body, response.status_code, response.text[:200]))
+    assert wrong == []
+    options = {k: v for k, v in CHAT_DEFAULTS.items() if k not in ("top_p", "stop")}
+    reply = ask(running.client(), "Tell me a story", max_tokens=2, **options)
+    assert reply.choices[0].message.content == answer_text(post(running, "chat", {}))
+
+
+def test_values_the_engine_would_not_honour_are_refused(server):
+    """A penalty, a logit bias, logprobs, n > 1, echo, best_of, suffix, store: 400 naming the field and
+    what is supported, with OpenAI's code for an unsupported value."""
+    running, _ = server
+    for route, field, value, message in REFUSED:
+        response = post(running, route, {field: value})
+        assert (response.status_code, response.json()) == (
+            400,
+            {
+                "error": {
+                    "message": f"{field}: {message}",
+                    "type": "invalid_request_error",
+                    "param": field,
+                    "code": "unsupported_value",
+                }
+            },
+        ), (route, field, value)
+    nested = post(running, "chat", {"stream": True, "stream_options": {"include_obfuscation": True}})
+    assert (
+        nested.status_code == 400 and nested.json()["error"]["param"] == "stream_options.include_obfuscation"
+    )
+
+
+def emoji_bigram_model(source: Path, folder: Path) -> Path:
+    """The tiny ChatML model rewired so that greedy decoding after a newline writes 😀 over and over: the
+    emoji is three byte-level tokens (F0 9F, 98, 80), so any max_tokens not a multiple of 3 ends inside a
+    character. Attention and MLP outputs are zeroed (the logits depend on the last token alone), the
+    chain's tokens get one-hot embeddings, and the head maps each to its successor with a margin of ~80
+    logits: newline -> F0 9F -> 98 -> 80 -> F0 9F ..."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    emoji = tokenizer.encode("😀", add_special_tokens=False)
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    assert len(emoji) == 3 and len(newline) == 1
+    chain, successors = [*newline, *emoji], [*emoji, emoji[0]]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for slot, (token, after) in enumerate(zip(chain, successors, strict=True)):
+            model.model.embed_tokens.weight[token] = 0.0
+            model.model.embed_tokens.weight[token, slot] = 1.0
+            model.lm_head.weight[after, slot] = 10.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def emoji_model(tmp_path_factory, tiny_models) -> tuple[Path, Path]:
+    """The emoji model as a folder (transformers) and as an f32 GGUF file (llama.cpp), both named emoji."""
+    folder = emoji_bigram_model(tiny_models["chatml"], tmp_path_factory.mktemp("emoji") / "emoji")
+    chat = load_saved_tokenizer(folder, ModelSection())
+    return folder, write_gguf(folder, folder.parent / "emoji.gguf", "f32", chat, "emoji")
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "transformers"])
+def test_answer_cut_inside_a_character_ends_at_the_last_whole_one(emoji_model, engine, tmp_path):
+    """max_tokens 5 ends two bytes into the second 😀: the answer is one 😀, streamed or not, chat or
+    completion, finish_reason "length" and 5 tokens counted; no U+FFFD anywhere."""
+    folder, gguf = emoji_model
+    running = Server(gguf if engine == "llama.cpp" else folder, log=tmp_path / "server.log")
+    try:
+        client = running.client(key=None)
+        chat = {"model": "emoji", "messages": [{"role": "user", "content": "Smile"}], "temperature": 0}
+        text = {"model": "emoji", "prompt": "Smile\n", "temperature": 0}
+        whole = client.chat.completions.create(**chat, max_tokens=6)
+        assert whole.choices[0].message.content == "😀😀"  # the model writes emoji, as built
+        cut = client.chat.completions.create(**chat, max_tokens=5)
+        assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("😀", "length")
+        assert cut.usage.completion_tokens == 5
+        chunks = list(client.chat.completions.create(**chat, max_tokens=5, stream=True))
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(pieces) == "😀" and all("\ufffd" not in piece for piece in pieces)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        completion = client.completions.create(**text, max_tokens=4)
+        assert (completion.choices[0].text, completion.choices[0].finish_reason) == ("😀", "length")
+        streamed = list(client.completions.create(**text, max_tokens=8, stream=True))
+        assert [c.choices[0].text for c in streamed] == ["", "😀", "😀", ""]
+        assert streamed[-1].choices[0].finish_reason == "length"
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def limited_server(gguf_file, tmp_path_factory):
+    """No key, a 2048-byte body cap; its metrics are read before and after each test (deltas)."""
+    running = Server(gguf_file, "--max-body-bytes", "2048", log=tmp_path_factory.mktemp("limited") / "s.log")
+    yield running
+    running.stop()
+
+
+def raw_request(port: int, head: str, body: bytes) -> socket.socket:
+    """Send one HTTP/1.1 request over a plain socket, in one write; the caller reads and closes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+    return sock
+
+
+def read_all(sock: socket.socket) -> tuple[int, bytes]:
+    """The status code and body of the response on `sock` (the server closes after it)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def test_chunked_body_over_the_cap_gets_413(limited_server):
+    """Transfer-Encoding: chunked carries no Content-Length: the body is counted as it arrives."""
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n"
+    )
+    small = json.dumps({"model": "tiny", "prompt": "Once upon", "max_tokens": 1}).encode()
+    status, body = read_all(raw_request(limited_server.port, head, chunked(small, 16)))
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 1
+    large = json.dumps({"model": "tiny", "prompt": "a " * 1500, "max_tokens": 1}).encode()
+    assert len(large) > 2048
+    status, body = read_all(raw_request(limited_server.port, head, chunked(large, 512)))
+    assert (status, json.loads(body)) == (
+        413,
+        {
+            "error": {
+                "message": "request body over 2048 bytes",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    )
+
+
+COUNTERS = (
+    "llamatailor_generated_tokens_total",
+    "llamatailor_cancelled_generations_total",
+    "llamatailor_tokens_after_cancel_total",
+)
+
+
+def counters(running) -> dict[str, float]:
+    lines = httpx.get(f"{running.url}/metrics").text.splitlines()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if not line.startswith("#")}
+    return {name: values[name] for name in COUNTERS}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnecting_client_stops_its_generation(limited_server, stream):
+    """A client asks for 4000 tokens and goes away once they are being generated. The engine's own token
+    counter shows the generation stopped: one cancel counted, at most the one token in flight generated
+    after it, and far fewer than 4000 generated in all."""
+    running = limited_server
+    before = counters(running)
+    body = json.dumps(
+        {"model": "tiny", "prompt": "story", "max_tokens": 4000, "temperature": 0, "stream": stream}
+    ).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    )
+    sock = raw_request(running.port, head, body)
+    deadline = time.monotonic() + 30
+    if stream:
+        received = b""
+        while received.count(b"data: ") < 3 and time.monotonic() < deadline:
+            received += sock.recv(4096)  # the first chunk, then two of text
+    else:
+        while counters(running)[COUNTERS[0]] == before[COUNTERS[0]] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    at_close = counters(running)[COUNTERS[0]] - before[COUNTERS[0]]
+    sock.close()
+    while httpx.get(f"{running.url}/health").json()["queue_depth"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    after = counters(running)
+    generated, cancels, late = (after[name] - before[name] for name in COUNTERS)
+    assert cancels == 1 and late in (0, 1), (generated, cancels, late)
+    assert 0 < at_close <= generated < 4000, (at_close, generated)

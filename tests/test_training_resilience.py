@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from helpers import alpaca_rows, prepared_run, read_rows, write_jsonl, write_run_file
 from llamatailor.cli import app
-from llamatailor.config import load_config
-from llamatailor.errors import TrainingDiverged
-from llamatailor.models.loading import load_tokenizer
-from llamatailor.train.checkpoints import MARKER, resumable_checkpoint
+from llamatailor.config import RunConfig, load_config
+from llamatailor.errors import StageError, TrainingDiverged
+from llamatailor.models.loading import load_saved_tokenizer, load_tokenizer, load_tuned_model
+from llamatailor.train.checkpoints import MARKER, resumable_checkpoint, step_of
+from llamatailor.train.launch import torchrun_command
 from llamatailor.train.model_setup import trainable_model
 from llamatailor.train.session import run_trainer, starting_checkpoint
 from llamatailor.train.sft import build_trainer, sft_checkpoint_key
@@ -97,10 +98,135 @@ def test_a_partial_or_damaged_newest_checkpoint_is_passed_over(tmp_path, tiny_mo
     ]
     assert starting_checkpoint(checkpoints, key, resume=True) == checkpoints / "checkpoint-2"
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert resumable_checkpoint(checkpoints, "another configuration") == (
-        None,
-        ["checkpoint-2: written by a different configuration or data"],
+    other = sft_checkpoint_key(load_config(run_file, ["train.learning_rate=0.001"]))
+    assert resumable_checkpoint(checkpoints, other) == (None, ["checkpoint-2: written under other settings"])
+
+    weights = checkpoints / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # nothing complete is left, and one is damaged
+    with pytest.raises(StageError) as refused:
+        starting_checkpoint(checkpoints, key, resume=True)
+    assert str(refused.value) == (
+        f"no complete checkpoint to resume from in {checkpoints}: checkpoint-2: its files no longer match "
+        "what was written (damaged or changed). Pass --fresh to delete them and start over."
     )
+    assert weights.is_file(), "a damaged checkpoint is kept for its owner to look at"
+    (checkpoints / "checkpoint-2" / MARKER).unlink()  # only a partial save: nothing to resume or keep
+    assert starting_checkpoint(checkpoints, key, resume=True) is None
+    assert list(checkpoints.glob("checkpoint-*")) == []
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (markers included), to compare before and after."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def loss_steps(run: Path) -> list[int]:
+    return [row["step"] for row in read_rows(run / "metrics.jsonl") if "loss" in row]
+
+
+def test_a_resume_may_change_logging_and_saving_and_continues_from_the_last_checkpoint(tmp_path, tiny_models):
+    run_file = prepared_run(
+        tmp_path,
+        tiny_models["chatml"],
+        alpaca_rows(32),
+        data={"val_ratio": 0.0},  # no val: the result is the last step's weights, not a best checkpoint
+        train={**RESUME_TRAIN, "max_steps": 8, "save_steps": 4, "logging_steps": 2},
+    )
+    run = tmp_path / "runs" / "tiny"
+    assert runner.invoke(app, ["train", str(run_file)]).exit_code == 0
+    uninterrupted = adapter_weights(run)
+    (run / "checkpoints" / "checkpoint-8" / MARKER).unlink()  # killed while saving its last checkpoint
+
+    neutral = ["train.logging_steps=1", "train.save_steps=2", "train.gradient_checkpointing=true"]
+    result = runner.invoke(app, ["train", str(run_file), "--resume", *neutral])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "manifest.json").read_text())["stages"]["train"]["summary"]
+    assert summary["resumed_from"] == str(run / "checkpoints" / "checkpoint-4")
+    assert loss_steps(run) == [1, 2, 4, 5, 6, 7, 8], "the first run's log to step 4, then every step"
+    saved = sorted(step_of(p) for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert saved == [4, 6, 8], "after the resume, a checkpoint every 2 steps"
+    resumed = adapter_weights(run)
+    worst = max(float((uninterrupted[k] - resumed[k]).abs().max()) for k in uninterrupted)
+    assert worst < 1e-5, worst
+
+
+def test_resuming_a_finished_training_takes_no_extra_step_and_keeps_the_result(tmp_path, tiny_models):
+    """What `run --force`, or `run` after a change of logging, does: the last checkpoint is the end."""
+    # 7 steps an epoch: step 4 ends the training inside an epoch, where transformers would take a 5th.
+    schedule = {"max_steps": 4, "batch_size": 2}
+    run_file = prepared_run(tmp_path, tiny_models["chatml"], alpaca_rows(24), train=schedule)
+    run = tmp_path / "runs" / "tiny"
+    assert runner.invoke(app, ["train", str(run_file)]).exit_code == 0
+    assert len(read_rows(run / "data" / "train.jsonl")) == 14
+    finished, log = adapter_weights(run), read_rows(run / "metrics.jsonl")
+    result = runner.invoke(app, ["train", str(run_file), "--resume"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "manifest.json").read_text())["stages"]["train"]["summary"]
+    assert summary["resumed_from"] == str(run / "checkpoints" / "checkpoint-4") and summary["steps"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert read_rows(run / "metrics.jsonl") == log
+    again = adapter_weights(run)
+    assert all(torch.equal(finished[name], again[name]) for name in finished)
+
+
+def test_a_resume_under_other_settings_names_each_and_keeps_every_checkpoint(tmp_path, tiny_models):
+    run_file = prepared_run(
+        tmp_path, tiny_models["chatml"], alpaca_rows(16), train={"max_steps": 4, "save_total_limit": 3}
+    )
+    assert runner.invoke(app, ["train", str(run_file)]).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    checkpoints = run / "checkpoints"
+    before = files_of(checkpoints)
+    assert {name.split("/")[0] for name in before} >= {"checkpoint-2", "checkpoint-4"}
+
+    changed = ["train.learning_rate=0.001", "train.lora.dropout=0.1", "train.logging_steps=2"]
+    for command in (["train", str(run_file), "--resume"], ["run", str(run_file)]):
+        result = runner.invoke(app, [*command, *changed])
+        assert result.exit_code == 1, result.output
+        assert f"the newest complete checkpoint, {checkpoints / 'checkpoint-4'} (step 4)" in result.output
+        assert "train.learning_rate: checkpoint 0.005, now 0.001" in result.output
+        assert "train.lora.dropout: checkpoint 0.0, now 0.1" in result.output
+        assert "logging_steps:" not in result.output, "a resume may change logging_steps"
+        assert "--fresh" in result.output and "No checkpoint was deleted" in result.output
+        assert files_of(checkpoints) == before
+
+
+def test_training_over_checkpoints_asks_for_resume_or_fresh_and_fresh_starts_over(tmp_path, tiny_models):
+    run_file = prepared_run(tmp_path, tiny_models["chatml"], alpaca_rows(16), train={"max_steps": 4})
+    assert runner.invoke(app, ["train", str(run_file)]).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    checkpoints = run / "checkpoints"
+    before = files_of(checkpoints)
+
+    again = runner.invoke(app, ["train", str(run_file)])
+    assert again.exit_code == 1
+    assert (
+        f"{checkpoints} already holds checkpoints of an earlier training (checkpoint-2, checkpoint-4; the "
+        "newest complete one is checkpoint-4). Pass --resume to continue from the newest complete one, or "
+        "--fresh to delete them and start over."
+    ) in again.output
+    assert files_of(checkpoints) == before
+    both = runner.invoke(app, ["train", str(run_file), "--resume", "--fresh"])
+    assert both.exit_code == 2 and "--resume and --fresh exclude each other" in both.output
+
+    (checkpoints / "checkpoint-2" / "note.txt").write_text("from the earlier training")
+    fresh = runner.invoke(app, ["train", str(run_file), "--fresh"])
+    assert fresh.exit_code == 0, fresh.output
+    summary = json.loads((run / "manifest.json").read_text())["stages"]["train"]["summary"]
+    assert summary["resumed_from"] is None and summary["steps"] == 4
+    assert not (checkpoints / "checkpoint-2" / "note.txt").exists(), "--fresh deleted the old checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert loss_steps(run) == [1, 2, 3, 4]
+
+
+def test_nproc_passes_resume_and_fresh_to_each_process():
+    fresh = torchrun_command("train", Path("run.yaml"), ["train.max_steps=2"], 2, resume=False, fresh=True)
+    assert fresh[-4:] == ["train", "run.yaml", "train.max_steps=2", "--fresh"]
+    resume = torchrun_command("dpo", Path("run.yaml"), [], 2, resume=True)
+    assert resume[-3:] == ["dpo", "run.yaml", "--resume"] and "--fresh" not in resume
 
 
 def test_nan_stops_the_run_keeps_the_last_good_checkpoint_and_says_what_to_change(tmp_path, tiny_models):
@@ -161,10 +287,29 @@ def test_rising_val_loss_stops_early_warns_and_is_in_the_manifest(tmp_path, tiny
     assert summary["warnings"] and summary["warnings"][0].startswith("possible overfitting at step")
     assert "warning: possible overfitting" in result.output
     rows = read_rows(tmp_path / "runs" / "tiny" / "metrics.jsonl")
-    best = min(row["eval_loss"] for row in rows if "eval_loss" in row)
-    assert summary["eval_loss"] == pytest.approx(best), "the result is the best checkpoint's weights"
+    evaluated = [row["eval_loss"] for row in rows if "eval_loss" in row]
+    # Early stopping ended on a worse evaluation, farther from the best than the tolerance used below.
+    assert evaluated[-1] > min(evaluated) * (1 + 1e-4)
     events = list((tmp_path / "runs" / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    assert saved_val_loss(load_config(run_file)) == pytest.approx(min(evaluated), rel=1e-5), (
+        "the saved adapter is the best checkpoint's weights"
+    )
+    run = tmp_path / "runs" / "tiny"
+    stopped = adapter_weights(run)
+    resumed = runner.invoke(app, ["train", str(run_file), "--resume"])  # what `run --force` does
+    assert resumed.exit_code == 0, resumed.output
+    again = json.loads((run / "manifest.json").read_text())["stages"]["train"]["summary"]
+    assert again["steps"] == summary["steps"], "the early stop stands: no more training"
+    assert all(torch.equal(stopped[name], tensor) for name, tensor in adapter_weights(run).items())
+
+
+def saved_val_loss(config: RunConfig) -> float:
+    """The val loss of the saved adapter on the base, computed by the stage's own trainer (answer tokens,
+    the same batches) as it did at each evaluation during training."""
+    chat = load_saved_tokenizer(config.run_dir.adapter, config.model)
+    model = load_tuned_model(config.model, config.run_dir.adapter)
+    return build_trainer(config, chat, model, "fp32").evaluate()["eval_loss"]
 
 
 def test_a_tracker_that_is_not_installed_is_named(tmp_path, tiny_models):

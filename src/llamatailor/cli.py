@@ -97,18 +97,25 @@ def _run_stage(name: str, config: RunConfig, **kwargs: Any) -> None:
         console.print(views.train_view(result) if name == "train" else views.dpo_view(result))
 
 
-def _train_stage(name: str, config_path: Path, overrides: list[str] | None, resume: bool, nproc: int) -> None:
+def _train_stage(
+    name: str, config_path: Path, overrides: list[str] | None, resume: bool, fresh: bool, nproc: int
+) -> None:
     """Run train or dpo here, or under torchrun in `nproc` processes (DDP) that this process waits for."""
     from llamatailor.distributed import world_size
     from llamatailor.train.launch import launch_distributed
 
+    if resume and fresh:
+        raise ConfigError(
+            "--resume and --fresh exclude each other: --resume continues from the newest complete "
+            "checkpoint, --fresh deletes this stage's checkpoints and starts over"
+        )
     if nproc > 1 and world_size() == 1:
         console.rule(f"[bold]{name}[/] · {nproc} processes (torchrun)")
-        code = launch_distributed(name, config_path, overrides or [], nproc, resume)
+        code = launch_distributed(name, config_path, overrides or [], nproc, resume, fresh)
         if code:
             raise typer.Exit(code)
         return
-    _run_stage(name, _load(config_path, overrides), resume=resume)
+    _run_stage(name, _load(config_path, overrides), resume=resume, fresh=fresh)
 
 
 def _answer_progress(progress: Progress) -> Callable[[str, int, int], None]:
@@ -140,29 +147,45 @@ def prepare(config: ConfigArg, overrides: OverridesArg = None) -> None:
 
 
 ResumeOption = Annotated[
-    bool, typer.Option("--resume", help="Continue from the newest complete checkpoint of this configuration.")
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue from the newest complete checkpoint; it must have been written under the same settings "
+        "(logging, evaluation, saving, tracking, threads, early stopping and gradient checkpointing may differ).",
+    ),
 ]
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Delete this stage's checkpoints and start over.")]
 NprocOption = Annotated[int, typer.Option("--nproc", min=1, help="Processes to train in (torchrun, DDP).")]
 
 
 @app.command()
 @user_errors
 def train(
-    config: ConfigArg, overrides: OverridesArg = None, resume: ResumeOption = False, nproc: NprocOption = 1
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    resume: ResumeOption = False,
+    fresh: FreshOption = False,
+    nproc: NprocOption = 1,
 ) -> None:
-    """Fine-tune (LoRA, QLoRA or full) on the prepared data; writes adapter/ (or model/), metrics.jsonl, loss.png."""
-    _train_stage("train", config, overrides, resume, nproc)
+    """Fine-tune (LoRA, QLoRA or full) on the prepared data; writes adapter/ (or model/), metrics.jsonl, loss.png.
+    Where checkpoints/ already holds checkpoints, say --resume or --fresh."""
+    _train_stage("train", config, overrides, resume, fresh, nproc)
 
 
 @app.command()
 @user_errors
 def dpo(
-    config: ConfigArg, overrides: OverridesArg = None, resume: ResumeOption = False, nproc: NprocOption = 1
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    resume: ResumeOption = False,
+    fresh: FreshOption = False,
+    nproc: NprocOption = 1,
 ) -> None:
-    """Preference optimisation (DPO) continuing the SFT adapter; writes dpo/adapter/. Needs dpo.enabled."""
+    """Preference optimisation (DPO) continuing the SFT adapter; writes dpo/adapter/. Needs dpo.enabled.
+    Where dpo/checkpoints/ already holds checkpoints, say --resume or --fresh."""
     if not _load(config, overrides).dpo.enabled:
         raise ConfigError(f"{config}: dpo.enabled is false; set it (or pass dpo.enabled=true) to run DPO")
-    _train_stage("dpo", config, overrides, resume, nproc)
+    _train_stage("dpo", config, overrides, resume, fresh, nproc)
 
 
 @app.command(name="eval")
@@ -217,11 +240,21 @@ def export(config: ConfigArg, overrides: OverridesArg = None) -> None:
 def run(
     config: ConfigArg,
     overrides: OverridesArg = None,
-    force: Annotated[bool, typer.Option("--force", help="Run every stage, even those up to date.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Run every stage, even those up to date (training still resumes; see --fresh)."
+        ),
+    ] = False,
+    fresh: Annotated[
+        bool,
+        typer.Option("--fresh", help="Training stages that run delete their checkpoints and start over."),
+    ] = False,
     nproc: NprocOption = 1,
 ) -> None:
-    """Run all stages in order, skipping those whose outputs are complete for this config and inputs;
-    an interrupted training resumes from its newest complete checkpoint."""
+    """Run all stages in order, skipping those whose outputs are complete for this config and inputs.
+    A training stage that runs resumes from its newest complete checkpoint (and stops, deleting nothing,
+    if that was written under other settings); with --fresh it deletes its checkpoints and starts over."""
     from llamatailor import views
     from llamatailor.evaluate.stage import load_eval_result
     from llamatailor.pipeline import STAGES, is_up_to_date
@@ -235,7 +268,7 @@ def run(
             if stage.name == "eval":
                 console.print(views.eval_view(load_eval_result(loaded.run_dir), loaded.eval.show))
         elif stage.name in ("train", "dpo"):
-            _train_stage(stage.name, config, overrides, resume=not force, nproc=nproc)
+            _train_stage(stage.name, config, overrides, resume=not fresh, fresh=fresh, nproc=nproc)
         else:
             _run_stage(stage.name, loaded)
 

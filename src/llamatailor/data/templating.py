@@ -21,9 +21,11 @@ and the sample is refused.
 import functools
 import re
 from bisect import bisect_left
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from jinja2 import TemplateError, TemplateSyntaxError
+from transformers import PreTrainedTokenizerBase
 
 from llamatailor.data.formats import Message, Tool, json_strings
 from llamatailor.models.loading import ChatTokenizer
@@ -102,6 +104,14 @@ def render_prompt(chat: ChatTokenizer, messages: list[Message], tools: list[Tool
     """Ids of a conversation up to the point where the assistant should answer, with the `tools` offered
     (OpenAI's format) rendered as in training."""
     return chat_ids(chat, messages, add_generation_prompt=True, tools=tools)
+
+
+def render_prompt_text(chat: ChatTokenizer, messages: list[Message], tools: list[Tool] | None = None) -> str:
+    """The text `render_prompt` tokenizes: the template's rendering up to the assistant's answer."""
+    text = chat.tokenizer.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=True
+    )
+    return str(text)
 
 
 def render_for_training(
@@ -298,16 +308,26 @@ def _reject_special_token_text(
 ) -> None:
     """Text such as '<|im_end|>' in a message (or in a tool call or definition) would be read as the real
     control token."""
-    tokenizer = chat.tokenizer
-    added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
-    pattern = _any_of(tuple(sorted({*tokenizer.all_special_tokens, *added} - {""}, key=len, reverse=True)))
+    pattern = token_pattern(special_token_texts(chat.tokenizer))
     strings = [pair for i, message in enumerate(messages) for pair in json_strings(message, f"messages[{i}]")]
     for where, text in [*strings, *json_strings(tools or [], "tools")]:
         if found := pattern.search(text):
             raise RenderError(f"{where} contains the special token text {found.group()!r}")
 
 
+def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """The text of every special token: the named ones (bos, eos, ...) and the added tokens marked special,
+    which the tokenizer reads as one control token wherever the text spells them."""
+    added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return {*tokenizer.all_special_tokens, *added} - {""}
+
+
+def token_pattern(tokens: Iterable[str]) -> re.Pattern[str]:
+    """One pattern matching any of `tokens`, longest first (so that '<|eot_id|>' wins over a shorter token
+    at the same place, as the tokenizers' own leftmost-longest matching does)."""
+    return _any_of(tuple(sorted(tokens, key=lambda token: (-len(token), token))))
+
+
 @functools.lru_cache(maxsize=8)
 def _any_of(tokens: tuple[str, ...]) -> re.Pattern[str]:
-    """One pattern for all the tokens, longest first (so that '<|eot_id|>' wins over a shorter token)."""
     return re.compile("|".join(re.escape(token) for token in tokens) or "(?!)")  # (?!): matches nothing

@@ -32,10 +32,13 @@ GREEDY = Sampling()
 
 
 class Engine(Protocol):
-    """Token ids in, token ids out; `context_length` in tokens."""
+    """Token ids in, token ids out; `context_length` in tokens. `tokens_generated` counts every token
+    `stream` has computed since the engine was made, a cancelled generation's included (the server's
+    metrics read it, to show that a generation whose client left stopped)."""
 
     label: str
     context_length: int
+    tokens_generated: int
 
     def stream(self, prompt: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[int]:
         """Generated ids one at a time, without end: the caller stops at a stop id or its budget."""
@@ -64,6 +67,7 @@ class TransformersEngine:
         self.label, self.model, self.batch_size = label, model, batch_size
         self.pad_id = pad_id if pad_id is not None else 0
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.tokens_generated = 0
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +90,7 @@ class TransformersEngine:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             token = sample(out.logits[0, -1].float().cpu(), sampling, generator)
+            self.tokens_generated += 1
             yield token
             ids = torch.tensor([[token]], device=self.device)
 
@@ -166,6 +171,7 @@ class LlamaCppEngine:
             model_path=str(path), n_ctx=context, n_threads=threads, logits_all=scores, verbose=False, seed=0
         )
         self.context_length = self.llm.n_ctx()
+        self.tokens_generated = 0
 
     def stream(self, prompt: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[int]:
         self.llm.set_seed(sampling.seed % 2**31 if sampling.seed is not None else torch.seed() % 2**31)
@@ -177,6 +183,7 @@ class LlamaCppEngine:
             top_k=1 if greedy else 0,
             reset=True,
         ):
+            self.tokens_generated += 1  # computed even when the check below drops it
             if cancelled.is_set():
                 return
             yield token

@@ -1,5 +1,12 @@
 """From generated token ids to text: the cut at the first stop token, stop strings cut out of the text,
-incremental decoding that never sends half a UTF-8 character, and the finish reason."""
+incremental decoding that never sends half a UTF-8 character, and the finish reason.
+
+A byte-level vocabulary spells a character it has no token for (most emoji) with several byte tokens;
+until the last of them comes, the decoders give U+FFFD for the incomplete bytes. Such bytes are held back
+while streaming, and an answer that stops there (at its token budget or a stop token) ends at its last
+whole character: no answer, streamed or not, ends in U+FFFD. The decoders take ids, not bytes, so a
+trailing U+FFFD is read as incomplete bytes (invalid bytes at the very end are dropped the same way).
+"""
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +37,9 @@ def finished(new_ids: list[int], decode: Decode, stop_ids: set[int]) -> Generati
     end = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
     kept = new_ids if end is None else new_ids[:end]
     return Generation(
-        text=decode(kept).strip(), tokens=len(new_ids) if end is None else end + 1, stopped=end is not None
+        text=whole(decode(kept)).strip(),
+        tokens=len(new_ids) if end is None else end + 1,
+        stopped=end is not None,
     )
 
 
@@ -43,7 +52,7 @@ def text_deltas(
     sent = 0  # characters of the decoded text already sent
     for token in tokens:
         if token in stop_ids:
-            yield Delta(decode(ids)[sent:], "stop", len(ids) + 1)
+            yield Delta(whole(decode(ids))[sent:], "stop", len(ids) + 1)
             return
         ids.append(token)
         text = decode(ids)
@@ -52,13 +61,18 @@ def text_deltas(
             yield Delta(text[sent:cut], "stop", len(ids))
             return
         if len(ids) >= max_tokens:
-            yield Delta(text[sent:], "length", len(ids))
+            yield Delta(whole(text)[sent:], "length", len(ids))
             return
         ready = safe_end(text, stop_strings)
         if ready > sent:
             yield Delta(text[sent:ready])
             sent = ready
-    yield Delta(decode(ids)[sent:], "length", len(ids))
+    yield Delta(whole(decode(ids))[sent:], "length", len(ids))
+
+
+def whole(text: str) -> str:
+    """`text` up to its last whole character: without the U+FFFD that decoding gives trailing bytes."""
+    return text.rstrip("\ufffd")
 
 
 def first_stop(text: str, stop_strings: list[str]) -> int | None:
@@ -69,7 +83,7 @@ def first_stop(text: str, stop_strings: list[str]) -> int | None:
 
 def safe_end(text: str, stop_strings: list[str]) -> int:
     """How much of `text` can be sent: not a trailing partial character, nor a possible stop's prefix."""
-    end = len(text.rstrip("\ufffd"))
+    end = len(whole(text))
     held = 0
     for stop in stop_strings:
         held = max(

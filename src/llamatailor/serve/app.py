@@ -1,9 +1,11 @@
 """The HTTP API: OpenAI's routes over the served models, with limits that keep it up under load and bad requests.
 
 * API key: with one set, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise).
-* Body size cap (413), prompt + max_tokens checked against the context (400), a bounded queue (429 with
-  Retry-After when full), unknown models (404); every error is OpenAI-shaped JSON.
-* A client that disconnects cancels its generation.
+* Body size cap (413, chunked bodies counted as they arrive), prompt + max_tokens checked against the
+  context (400), a bounded queue (429 with Retry-After when full), unknown models (404); every error is
+  OpenAI-shaped JSON.
+* A client that disconnects cancels its generation as soon as the server hears of it: a streaming
+  response through Starlette's disconnect listener, a non-streaming one through `until_disconnected`.
 """
 
 import asyncio
@@ -18,16 +20,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2 import TemplateError, TemplateSyntaxError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llamatailor.data.templating import RenderError
 from llamatailor.generation.engines import Sampling
 from llamatailor.generation.text import Delta
 from llamatailor.serve.metrics import ServerMetrics
 from llamatailor.serve.models import ServedModels
 from llamatailor.serve.protocol import (
     ERROR_TYPES,
+    UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
     error_body,
@@ -105,7 +110,8 @@ class Guard:
         return None
 
     def _capped(self, receive: Receive) -> Receive:
-        """Chunked bodies carry no length: count as they arrive."""
+        """Chunked bodies carry no length: count as they arrive. FastAPI turns an error while it reads the
+        body into 400, except an HTTPException, which it passes on (to `http_error`: 413)."""
         seen = 0
         limit = self.settings.max_body_bytes
 
@@ -115,7 +121,7 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise ApiError(413, f"request body over {limit} bytes")
+                    raise HTTPException(413, f"request body over {limit} bytes")
             return message
 
         return capped
@@ -123,7 +129,12 @@ class Guard:
 
 def create_app(served: ServedModels, settings: ServerSettings) -> FastAPI:
     scheduler = Scheduler(served, settings.max_queue)
-    metrics = ServerMetrics(lambda: scheduler.depth)
+    metrics = ServerMetrics(
+        lambda: scheduler.depth,
+        lambda: served.engine.tokens_generated,
+        lambda: scheduler.cancelled,
+        lambda: scheduler.tokens_after_cancel,
+    )
     log = RequestLog(settings.request_log) if settings.request_log else None
     app = FastAPI(title="llamatailor", version="1", docs_url=None, redoc_url=None)
     register_errors(app)
@@ -153,7 +164,7 @@ def create_app(served: ServedModels, settings: ServerSettings) -> FastAPI:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
         ]
-        prompt = served.chat_prompt(messages)
+        prompt = chat_prompt(served, messages)
         return await service.respond(request, body, prompt, chat=True, logged_input=messages)
 
     @app.post("/v1/completions")
@@ -163,6 +174,22 @@ def create_app(served: ServedModels, settings: ServerSettings) -> FastAPI:
         return await service.respond(request, body, prompt, chat=False, logged_input=body.prompt)
 
     return Guard(app, settings, metrics)  # type: ignore[return-value]
+
+
+def chat_prompt(served: ServedModels, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt ids of a chat request; a conversation the chat template refuses (its raise_exception, e.g.
+    roles that do not alternate) or cannot render safely is the client's error, a 400 in the template's
+    words. A template with a syntax error is the server's, left to the 500 handler."""
+    try:
+        return served.chat_prompt(messages)
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as exc:
+        raise ApiError(
+            400, f"messages: the chat template refuses this conversation: {exc}", "messages"
+        ) from None
+    except RenderError as exc:
+        raise ApiError(400, f"messages: {exc}", "messages") from None
 
 
 def register_errors(app: FastAPI) -> None:
@@ -177,7 +204,8 @@ def register_errors(app: FastAPI) -> None:
         message = "invalid JSON body" if first["type"] == "json_invalid" else first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"unsupported field {location!r}"
-        return error_response(400, f"{location}: {message}" if location else message, location or None)
+        code = UNSUPPORTED if first["type"] == UNSUPPORTED else None
+        return error_response(400, f"{location}: {message}" if location else message, location or None, code)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -277,7 +305,6 @@ class Service:
                     first = time.perf_counter()
                     self.metrics.first_token.observe(first - started)
                 if delta.finish_reason:
-                    self.metrics.tokens.inc(delta.completion_tokens)
                     elapsed = time.perf_counter() - (first or started)
                     if delta.completion_tokens > 1 and elapsed > 0:
                         self.metrics.speed.observe((delta.completion_tokens - 1) / elapsed)
@@ -297,11 +324,12 @@ class Service:
                     finish, tokens = delta.finish_reason, delta.completion_tokens
 
         task = asyncio.create_task(consume())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        gone = asyncio.create_task(until_disconnected(request))
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if gone in done and gone.exception() is None:  # the client left: stop before the next token
+            task.cancel()
+        gone.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
         if task.cancelled():
             raise ApiError(499, "client closed the request")
         task.result()
@@ -333,6 +361,13 @@ class Service:
     def record(self, shape: "ResponseShape", logged_input: Any, text: str, finish: str, tokens: int) -> None:
         if self.log:
             self.log.write(shape.kind, shape.model, logged_input, text, finish, shape.prompt_tokens, tokens)
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has gone away. The body is read already, so the server's next message is
+    the disconnect; it arrives as soon as the connection closes (no polling between tokens)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def event(payload: dict[str, Any]) -> str:

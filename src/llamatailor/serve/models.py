@@ -36,9 +36,12 @@ class ServedModels:
         return list(self.adapters)
 
     def chat_prompt(self, messages: list[Message]) -> list[int]:
+        """A chat request's prompt: the template's markup as control tokens, the messages as plain text
+        (a message that spells `<|im_end|>` cannot close its turn; `generation.prompts`)."""
         return self.prompter.chat_ids(messages)
 
     def text_prompt(self, text: str) -> list[int]:
+        """A raw prompt, the client's own text: special-token text in it is read as control tokens."""
         return self.prompter.text_ids(text)
 
     def deltas(

@@ -1,18 +1,51 @@
 """The OpenAI request bodies the server accepts, and the error shape it answers with.
 
-Unknown fields are refused with 400 naming the field, as OpenAI's API does: a parameter the server would
-ignore (a penalty, n > 1, logprobs) must not look as if it had been applied.
+A field OpenAI has but the engine does not implement (penalties, logit_bias, logprobs, n, echo, ...) is
+accepted at the value that leaves the output as it is (0, {}, false, 1, or null), as clients such as
+LangChain send them; any other value is refused with 400 naming the field and saying what is supported
+(`code` "unsupported_value", as OpenAI answers for a value a model does not support), so that a
+parameter the server would ignore never looks as if it had been applied. Unknown fields are refused with
+400 naming the field. A null stands for the field's default.
 """
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
+UNSUPPORTED = "unsupported_value"  # pydantic error type and OpenAI error code of a refused value
+
+
+def neutral_only(neutral: Any, reason: str) -> AfterValidator:
+    """Accept `neutral` (the value that changes nothing; None: no value does) or null, after the field's
+    type and range checks; refuse anything else, saying `reason`."""
+    accepted = "null" if neutral is None else f"{json.dumps(neutral)} or null"
+
+    def check(value: Any) -> Any:
+        if value is None or value == neutral:
+            return value
+        raise PydanticCustomError(
+            UNSUPPORTED, f"{json.dumps(value)} is not supported ({reason}); only {accepted} is accepted"
+        )
+
+    return AfterValidator(check)
+
+
+Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0)]
+NO_PENALTIES = "this server applies no penalties"
+NO_LOGPROBS = "this server returns no log-probabilities"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI reads null as "not given": nulls are dropped, so that each field's default applies."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class TextPart(Strict):
@@ -31,6 +64,9 @@ class ChatMessage(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: Annotated[
+        bool | None, neutral_only(False, "this server adds no obfuscation padding to its chunks")
+    ] = None
 
 
 class Sampling(Strict):
@@ -42,8 +78,13 @@ class Sampling(Strict):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
     user: str | None = None
+    n: Annotated[int | None, Field(ge=1), neutral_only(1, "this server gives one choice per request")] = None
+    frequency_penalty: Annotated[Penalty, neutral_only(0, NO_PENALTIES)] = None
+    presence_penalty: Annotated[Penalty, neutral_only(0, NO_PENALTIES)] = None
+    logit_bias: Annotated[
+        dict[str, float] | None, neutral_only({}, "this server does not bias token logits")
+    ] = None
 
     @field_validator("stop")
     @classmethod
@@ -60,6 +101,9 @@ class Sampling(Strict):
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    logprobs: Annotated[bool | None, neutral_only(False, NO_LOGPROBS)] = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=20), neutral_only(0, NO_LOGPROBS)] = None
+    store: Annotated[bool | None, neutral_only(False, "this server stores no completions")] = None
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -67,6 +111,12 @@ class ChatCompletionRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str
+    logprobs: Annotated[int | None, Field(ge=0, le=5), neutral_only(None, NO_LOGPROBS)] = None
+    echo: Annotated[bool | None, neutral_only(False, "this server does not echo the prompt")] = None
+    best_of: Annotated[
+        int | None, Field(ge=1), neutral_only(1, "this server generates one candidate per request")
+    ] = None
+    suffix: Annotated[str | None, neutral_only("", "this server does not insert text before a suffix")] = None
 
     def token_budget(self) -> int | None:
         return self.max_tokens

@@ -2,7 +2,9 @@
 
 Generation runs in a worker thread and hands text deltas to the event loop; a client that goes away closes
 its stream, which sets the cancel flag the engine checks before each token. The engine is released only
-when its thread has finished, so a cancelled request never overlaps the next one.
+when its thread has finished, so a cancelled request never overlaps the next one. Each such cancel is
+counted, with the tokens the engine generated after it (read from the engine's own counter): at most the
+one token in flight when the flag was set.
 """
 
 import asyncio
@@ -35,6 +37,8 @@ class Scheduler:
         self.served, self.max_queue = served, max_queue
         self.waiting = 0
         self.running = 0
+        self.cancelled = 0  # generations stopped because their client went away
+        self.tokens_after_cancel = 0  # tokens the engine generated after those stops were asked for
         self._lock = asyncio.Lock()
 
     @property
@@ -52,9 +56,12 @@ class Scheduler:
         self.running = 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        cancelled = threading.Event()
+        cancelled, worker_done = threading.Event(), threading.Event()
+        at_cancel: list[int] = []  # the engine's token count when the cancel was asked for
 
-        def release() -> None:
+        def release() -> None:  # on the loop, once the worker has finished
+            if at_cancel:
+                self.tokens_after_cancel += self.served.engine.tokens_generated - at_cancel[0]
             self.running = 0
             self._lock.release()
 
@@ -67,17 +74,23 @@ class Scheduler:
             except Exception as exc:  # handed to the request that asked for it
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
+                worker_done.set()
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
                 loop.call_soon_threadsafe(release)
 
         threading.Thread(target=work, daemon=True, name="llamatailor-generate").start()
+        ended = False
         try:
             while True:
                 item = await queue.get()
+                ended = item is _DONE or isinstance(item, Exception)
                 if item is _DONE:
                     return
                 if isinstance(item, Exception):
                     raise item
                 yield item  # type: ignore[misc]
         finally:
+            if not ended and not worker_done.is_set():  # the consumer left mid-generation
+                at_cancel.append(self.served.engine.tokens_generated)
+                self.cancelled += 1
             cancelled.set()

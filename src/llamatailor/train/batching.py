@@ -7,17 +7,21 @@ budget, and optionally padding-free rows.
 * `micro_batches`: a batch whose padded size exceeds the token budget is run as several forward/backward
   passes over groups of rows, each trimmed to its own longest row. The loss of each is normalised by the
   whole batch's answer-token count, so the summed gradient is the batch's gradient; only the activation
-  memory of one group is alive at a time.
+  memory of one group is alive at a time. Every pass but the last runs under `accumulating`, so a process
+  syncs its gradients once per batch however many passes its batch needs (see there).
 * `padding_free`: the rows of a (micro-)batch joined into one row, position ids restarting at every sample.
   transformers keeps the samples apart from those position ids: a block-diagonal mask for sdpa and eager
   attention, variable-length kernels for flash attention. No padding is computed, but with a mask the
   attention spans the joined row, which on CPU costs more than the padding it saves (bench/README.md).
 """
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch.utils.data import Sampler
 
 from llamatailor.data.templating import IGNORE_INDEX
@@ -61,6 +65,27 @@ def micro_batches(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
         else:
             groups.append([row])
     return [_rows(inputs, group, int(lengths[group[0]])) for group in groups]
+
+
+@contextlib.contextmanager
+def accumulating(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[None]:
+    """A forward/backward pass whose gradients are only accumulated: no all-reduce (DDP and FSDP `no_sync`)
+    and not a gradient-accumulation boundary (DeepSpeed steps its engine at each boundary). This is how
+    transformers' `Trainer._run_epoch` runs every accumulated batch but the last (transformers 5.23, which
+    also leaves DeepSpeed out of `no_sync`). Under DDP each backward outside it all-reduces, so processes
+    whose batches split into different numbers of passes would otherwise run different numbers of
+    collectives, and hang or add unrelated gradients. Nested in the Trainer's own `no_sync`, it restores it."""
+    state = accelerator.gradient_state
+    syncing = state.sync_gradients
+    state._set_sync_gradients(False)
+    try:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            yield
+        else:
+            with accelerator.no_sync(model):
+                yield
+    finally:
+        state._set_sync_gradients(syncing)
 
 
 def _rows(inputs: dict[str, Any], rows: list[int], width: int) -> dict[str, Any]:

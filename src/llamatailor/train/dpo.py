@@ -24,9 +24,9 @@ from llamatailor.models.loading import (
     resolve_precision,
     torch_dtype,
 )
-from llamatailor.rundir import RunDir, read_jsonl, sha256_file
+from llamatailor.rundir import RunDir, read_jsonl
 from llamatailor.train.arguments import trainer_arguments
-from llamatailor.train.checkpoints import checkpoint_key, step_of
+from llamatailor.train.checkpoints import CheckpointKey, computation_key, step_of
 from llamatailor.train.launch import check_launch
 from llamatailor.train.model_setup import quantized_base
 from llamatailor.train.session import (
@@ -55,7 +55,7 @@ class DpoResult:
     warnings: list[str]
 
 
-def train_dpo(config: RunConfig, resume: bool = False) -> DpoResult:
+def train_dpo(config: RunConfig, resume: bool = False, fresh: bool = False) -> DpoResult:
     run, dpo = config.run_dir, config.dpo
     check_launch()
     sft = run.trained
@@ -71,7 +71,7 @@ def train_dpo(config: RunConfig, resume: bool = False) -> DpoResult:
     chat = load_saved_tokenizer(sft, config.model)
     key = dpo_checkpoint_key(config)
     checkpoints = run.dpo / "checkpoints"
-    resume_from = starting_checkpoint(checkpoints, key, resume)
+    resume_from = starting_checkpoint(checkpoints, key, resume, fresh)
     model = policy_with_reference(config, sft, precision)
     trainer = build_dpo_trainer(config, chat, model, precision, step_of(resume_from) if resume_from else None)
     outcome = run_trainer(trainer, "dpo", key, resume_from, run.dpo / "metrics.jsonl")
@@ -96,15 +96,17 @@ def train_dpo(config: RunConfig, resume: bool = False) -> DpoResult:
     )
 
 
-def dpo_checkpoint_key(config: RunConfig) -> str:
+def dpo_checkpoint_key(config: RunConfig) -> CheckpointKey:
+    """What DPO checkpoints depend on: the seed, the model, data.max_seq_len, train.method (and
+    train.quantization for qlora: the base is loaded as SFT's was), the dpo section (less the resume-neutral
+    keys), and by hash the preference splits and every file of the SFT adapter folder (weights, adapter
+    config, the tokenizer and template DPO trains with). The rest of `train` reaches DPO through those files."""
     run = config.run_dir
-    inputs = [
-        run.preference_split("train"),
-        run.preference_split("val"),
-        run.trained / "adapter_model.safetensors",
-    ]
-    hashes = [sha256_file(path) for path in inputs if path.is_file()]
-    return checkpoint_key(config.section_hash("seed", "model", "data", "train", "dpo"), *hashes)
+    splits = [run.preference_split(name) for name in ("train", "val")]
+    sft = sorted(path for path in run.trained.iterdir() if path.is_file()) if run.trained.is_dir() else []
+    files = {str(path.relative_to(run.root)): path for path in [*splits, *sft]}
+    parts = ("seed", "model", "data.max_seq_len", "train.method", "train.quantization", "dpo")
+    return computation_key(config, parts, files)
 
 
 def policy_with_reference(config: RunConfig, sft: Path, precision: Precision) -> PeftModel:

@@ -15,17 +15,27 @@ import torch
 from llamatailor.errors import StageError
 
 
-def torchrun_command(verb: str, config: Path, overrides: list[str], nproc: int, resume: bool) -> list[str]:
+def torchrun_command(
+    verb: str, config: Path, overrides: list[str], nproc: int, resume: bool, fresh: bool = False
+) -> list[str]:
+    """The torchrun command line that runs `llamatailor VERB` in `nproc` processes, with --resume or --fresh
+    passed on (each process decides where training starts; the main one alone deletes)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, "-m", "llamatailor", verb, str(config), *overrides, *(["--resume"] if resume else [])]
+    start = [*(["--resume"] if resume else []), *(["--fresh"] if fresh else [])]
+    return [*launcher, "-m", "llamatailor", verb, str(config), *overrides, *start]
 
 
-def launch_distributed(verb: str, config: Path, overrides: list[str], nproc: int, resume: bool) -> int:
+def launch_distributed(
+    verb: str, config: Path, overrides: list[str], nproc: int, resume: bool, fresh: bool = False
+) -> int:
+    """Run `llamatailor VERB` under torchrun in `nproc` processes and wait; returns torchrun's exit status.
+    Raises StageError when more processes than GPUs are asked for."""
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise StageError(
             f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} GPUs here"
         )
-    return subprocess.run(torchrun_command(verb, config, overrides, nproc, resume), check=False).returncode
+    command = torchrun_command(verb, config, overrides, nproc, resume, fresh)
+    return subprocess.run(command, check=False).returncode
 
 
 def check_launch() -> None:

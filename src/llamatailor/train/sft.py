@@ -4,6 +4,7 @@ Samples arrive already rendered with labels (see `data.templating`): TRL keeps p
 are, so the loss covers exactly the assistant answers and their end-of-turn tokens.
 """
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +17,16 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from llamatailor.config import RunConfig
-from llamatailor.data.templating import IGNORE_INDEX, RenderError, render_for_training
+from llamatailor.data.templating import RenderError, render_for_training
 from llamatailor.distributed import world_size
 from llamatailor.errors import StageError
 from llamatailor.models.loading import ChatTokenizer, Precision, load_tokenizer, resolve_precision
 from llamatailor.plan.run_setup import available_memory, fit_warning, planned_peak
-from llamatailor.rundir import RunDir, sha256_file
+from llamatailor.rundir import RunDir
 from llamatailor.train.answer_loss import add_answer_loss
 from llamatailor.train.arguments import micro_batch_tokens, trainer_arguments
-from llamatailor.train.batching import LengthBuckets, micro_batches, padding_free
-from llamatailor.train.checkpoints import checkpoint_key, step_of
+from llamatailor.train.batching import LengthBuckets, accumulating, micro_batches, padding_free
+from llamatailor.train.checkpoints import CheckpointKey, computation_key, step_of
 from llamatailor.train.launch import check_launch
 from llamatailor.train.model_setup import trainable_model
 from llamatailor.train.session import (
@@ -57,7 +58,7 @@ class TrainResult:
     warnings: list[str]
 
 
-def train_sft(config: RunConfig, resume: bool = False) -> TrainResult:
+def train_sft(config: RunConfig, resume: bool = False, fresh: bool = False) -> TrainResult:
     run, train = config.run_dir, config.train
     check_launch()
     if train.threads:
@@ -70,7 +71,7 @@ def train_sft(config: RunConfig, resume: bool = False) -> TrainResult:
         log.warning(too_big)
     chat = load_tokenizer(config.model)
     key = sft_checkpoint_key(config)
-    resume_from = starting_checkpoint(run.checkpoints, key, resume)
+    resume_from = starting_checkpoint(run.checkpoints, key, resume, fresh)
     model = trainable_model(config, chat, precision)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -103,10 +104,15 @@ def train_sft(config: RunConfig, resume: bool = False) -> TrainResult:
     )
 
 
-def sft_checkpoint_key(config: RunConfig) -> str:
+def sft_checkpoint_key(config: RunConfig) -> CheckpointKey:
+    """What SFT checkpoints depend on: the seed, the model, data.max_seq_len (samples are rendered and
+    truncated here), the train section (less the resume-neutral keys), and by hash the rendered splits and
+    the chat template file. Data keys read only by `prepare` reach training through the splits' hashes."""
     run = config.run_dir
-    data_hashes = [sha256_file(run.split(name)) for name in ("train", "val") if run.split(name).is_file()]
-    return checkpoint_key(config.section_hash("seed", "model", "data", "train"), *data_hashes)
+    files = {str(run.split(name).relative_to(run.root)): run.split(name) for name in ("train", "val")}
+    if config.model.chat_template:
+        files["model.chat_template"] = config.model.chat_template
+    return computation_key(config, ("seed", "model", "data.max_seq_len", "train"), files)
 
 
 def build_trainer(
@@ -165,14 +171,25 @@ class AnswerLossTrainer(SFTTrainer):
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
+        """Forward and backward over one batch, as one pass or as several under the token budget (see
+        `batching.micro_batches`); returns the batch's loss, detached. Every pass is normalised by the
+        whole batch's answer-token count, and all passes but the last only accumulate gradients
+        (`batching.accumulating`): each process syncs once per call, as with an unsplit batch, whatever
+        the number of passes its own batch needs."""
+        if num_items_in_batch is None:
+            # The count the Trainer's loop passes (transformers 5.23): labels[:, 1:] of the whole batch,
+            # summed over processes with average_tokens_across_devices (compute_loss scales to match). A
+            # local count there would make each process's gradient N times too large under DDP.
+            num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
         parts = micro_batches(inputs, self.micro_batch_tokens) if self.micro_batch_tokens else [inputs]
         if self.packing:
             parts = [padding_free(part) for part in parts]
-        if len(parts) == 1:
-            return super().training_step(model, parts[0], num_items_in_batch)
-        if num_items_in_batch is None:
-            num_items_in_batch = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
-        return sum(super(AnswerLossTrainer, self).training_step(model, p, num_items_in_batch) for p in parts)  # type: ignore[return-value]
+        losses = []
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            with contextlib.nullcontext() if last else accumulating(self.accelerator, model):
+                losses.append(super().training_step(model, part, num_items_in_batch))
+        return torch.stack(losses).sum()
 
     def compute_loss(
         self,
