@@ -255,7 +255,7 @@ def test_unwritable_output_dir_loads_but_no_stage_starts(tmp_path):
     with pytest.raises(
         ConfigError, match=r"^output_dir \(run.yaml line 2\) is '/proc/llamatailor-runs', but"
     ):
-        run_stage(STAGE_BY_NAME["prepare"], config)
+        run_stage(STAGE_BY_NAME["train"], config)  # (prepare first finds its data file missing)
 
 
 def test_writable_output_dir_is_created_for_a_stage(tmp_path):
@@ -350,3 +350,32 @@ def test_phone_regions_are_checked_against_libphonenumber(tmp_path):
         load_config(write(tmp_path, GOOD.replace("data:\n", "data:\n  pii:\n    phone_regions: [AU, uk]\n")))
     assert "data.pii.phone_regions (run.yaml line 4)" in str(info.value)
     assert "unknown region 'uk': expected ISO 3166 country codes" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "mark", "note"),
+    [
+        (
+            "name: demo\noutput_dir: !!python/object/apply:os.getcwd []\n",
+            "line 2, column 13",
+            "Python tags are not allowed in a run file: !!python/object/apply:os.getcwd (line 2) would build "
+            "a Python object; a run file holds plain data (text, numbers, lists, mappings), so remove the tag",
+        ),
+        (
+            "name: demo\ndata:\n\ttrain: [data/a.jsonl]\n",
+            "line 3, column 1",
+            "YAML indents with spaces, not tabs: replace the tab on line 3 with spaces",
+        ),
+    ],
+    ids=["python-tag", "tab"],
+)
+def test_python_tags_and_tabs_say_what_to_change(tmp_path, text, mark, note):
+    """PyYAML's own words ("could not determine a constructor", "found character '\\t'") end with what to do,
+    and its marks name the run file rather than "<unicode string>"."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML: ")
+    assert f'in "{path}", {mark}:' in message
+    assert message.endswith(f"\n{note}")

@@ -285,6 +285,11 @@ def test_calls_answered_out_of_order_by_id_then_a_second_call_then_the_answer():
             "not valid JSON: Unterminated string starting at: line 1 column 8 (char 7)",
         ),
         (
+            {"messages": tool_messages(call(arguments='{"limit": NaN}'))},
+            "messages[1].tool_calls[0].function.arguments",
+            "not valid JSON: NaN is not a JSON value",
+        ),
+        (
             {"messages": tool_messages(call(arguments="[1, 2]"))},
             "messages[1].tool_calls[0].function.arguments",
             "expected a JSON object of arguments by name, got array",

@@ -304,3 +304,32 @@ def test_bare_checkpoint_without_lm_head_refused_after_load(tmp_path):
         f"model.base '{tmp_path}': not a whole model: 1 weight the model needs is not in its files "
         "(lm_head.weight); transformers would initialize it at random"
     )
+
+
+def test_gguf_cut_inside_its_header_is_refused_by_name(tmp_path, empty_cache):
+    """An interrupted download that ends before the tensor table does (here at 30, 100, 200 and 400 bytes,
+    and halfway through the header) is refused naming the file, not with struct's raw error."""
+    from llamatailor.models.base_check import _gguf_table, check_gguf
+
+    embedded = embedded_gguf_path("smollm2-135m-instruct")
+    header_bytes = _gguf_table(embedded)[2]
+    with embedded.open("rb") as handle:
+        whole = handle.read(header_bytes)
+    for size in (30, 100, 200, 400, header_bytes // 2):
+        cut = tmp_path / f"cut-{size}.gguf"
+        cut.write_bytes(whole[:size])
+        with pytest.raises(ModelLoadError) as refused:
+            resolve_source(str(cut))
+        assert str(refused.value) == (
+            f"{cut}: cut short: the file ends at byte {size:,}, inside its header (metadata and tensor "
+            "table), so it is not a whole GGUF file (an interrupted download or copy?)"
+        )
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError) as refused:
+        check_gguf(empty)
+    assert (
+        str(refused.value)
+        == f"{empty}: the file is empty (0 bytes), not a GGUF model (an interrupted download?)"
+    )
+    assert not (empty_cache / "models").exists()

@@ -178,3 +178,60 @@ def test_bom_unclosed_csv_quote_and_deep_nesting_cost_one_record_each(tmp_path, 
     assert sorted(int(source.rsplit(":", 1)[1]) for source in samples if source.startswith(str(table))) == [
         n for n in range(2, 23) if n != 8
     ]
+
+
+def strict_json(line):
+    """json.loads as strict readers (RFC 8259) read: NaN, Infinity and -Infinity refused."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+SPLIT_FILES = ("train", "val", "test", "rejected")
+
+
+def test_every_line_written_is_strict_json(tmp_path, tiny_models):
+    """NaN in a JSON input is invalid JSON; NaN from Parquet (a float column) reaches no output bare."""
+    jsonl = tmp_path / "nan.jsonl"
+    good = [json.dumps({"instruction": f"Question {n}?", "output": f"Answer {n}."}) for n in range(6)]
+    jsonl.write_text("\n".join([*good, '{"instruction": "nan", "output": NaN}']) + "\n", encoding="utf-8")
+    parquet_path = tmp_path / "scores.parquet"
+    rows = [
+        {"instruction": f"Parquet question {n}?", "output": f"Parquet answer {n}.", "score": float(n)}
+        for n in range(4)
+    ]
+    rows[1]["score"] = float("nan")  # kept under meta: the sample cannot be written as JSON
+    rows[2]["instruction"], rows[2]["score"] = None, float("-inf")  # rejected; its record keeps "-Infinity"
+    pq.write_table(pa.Table.from_pylist(rows), parquet_path)
+    result, data = prepare(
+        tmp_path,
+        tiny_models["chatml"],
+        [jsonl, parquet_path],
+        data={"meta_fields": ["score"], "val_ratio": 0, "test_ratio": 0},
+    )
+    assert result.exit_code == 0, result.output
+    lines = {name: (data / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() for name in SPLIT_FILES}
+    parsed = {name: [strict_json(line) for line in found] for name, found in lines.items()}
+    rejected = {row["source"]: row for row in parsed["rejected"]}
+    assert {source: (row["kind"], row["field"], row["reason"]) for source, row in rejected.items()} == {
+        f"{jsonl}:7": ("unreadable", "", "invalid JSON: NaN is not a JSON value: line 1 column 34 (char 33)"),
+        f"{parquet_path}:row 2": (
+            "invalid",
+            "meta.score",
+            "NaN is not a JSON value (the split files are JSON)",
+        ),
+        f"{parquet_path}:row 3": ("invalid", "instruction", "missing"),
+    }
+    assert rejected[f"{jsonl}:7"]["record"] == '{"instruction": "nan", "output": NaN}'
+    assert rejected[f"{parquet_path}:row 2"]["record"]["score"] == "NaN"
+    assert rejected[f"{parquet_path}:row 3"]["record"]["score"] == "-Infinity"
+    assert len(parsed["train"]) == 8 and [row["meta"]["score"] for row in parsed["train"][6:]] == [0.0, 3.0]
+
+
+def test_a_missing_data_file_stops_prepare_before_the_model_loads_or_data_is_written(tmp_path):
+    result, data = prepare(tmp_path, tmp_path / "no-model", [tmp_path / "missing.jsonl"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'missing.jsonl'}: data file not found" in " ".join(result.output.split())
+    assert not data.parent.exists()  # no run directory, config.yaml or manifest.json left behind

@@ -5,6 +5,7 @@ import codecs
 import json
 import tracemalloc
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from llamatailor.errors import DataError, EncodingError
 from llamatailor.textfiles import PROBE_BYTES
 
 TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+WESTERN = "its bytes look like Windows-1252 (cp1252) or Latin-1 (ISO-8859-1), which read them the same"
 # A blank line past the start that textfiles checks whole: bad bytes after it are one line's fault only.
 PAST_PROBE = b" " * PROBE_BYTES + b"\n"
 
@@ -84,8 +86,12 @@ def test_json_file_with_a_syntax_error_names_its_line_and_column(tmp_path):
 def test_unsupported_or_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
         list(read_records_of(tmp_path / "d.txt"))
-    with pytest.raises(DataError, match="data file not found"):
+    with pytest.raises(DataError) as info:
         list(read_records_of(tmp_path / "nope.jsonl"))
+    assert str(info.value) == (
+        f"{tmp_path / 'nope.jsonl'}: data file not found (working directory: {Path.cwd()}; a relative data "
+        "path in a run file is read from the working directory, not from the run file's folder)"
+    )
     scalar = tmp_path / "s.json"
     scalar.write_text('{"a": 1}', encoding="utf-8")
     with pytest.raises(DataError, match="expected a JSON array of records"):
@@ -142,12 +148,14 @@ def test_utf8_with_a_byte_order_mark_reads_like_without(tmp_path):
         ("d.jsonl", "utf-16", "the file is UTF-16 LE (byte-order mark found)"),
         ("d.csv", "utf-16-le", "the file looks like UTF-16 without a byte-order mark"),
         ("d.json", "utf-16", "the file is UTF-16 LE (byte-order mark found)"),
-        ("d.csv", "latin-1", "not UTF-8 (byte 22: b'\\xe9'); its bytes look like"),
-        ("d.jsonl", "latin-1", "not UTF-8 (byte 20: b'\\xe9'); its bytes look like"),
-        ("d.json", "latin-1", "not UTF-8 (byte 21: b'\\xe9'); its bytes look like"),
+        ("d.csv", "latin-1", f"not UTF-8 (byte 3: b'\\xe9') on line 2; {WESTERN}"),
+        ("d.jsonl", "latin-1", f"not UTF-8 (byte 20: b'\\xe9') on line 1; {WESTERN}"),
+        ("d.json", "latin-1", f"not UTF-8 (byte 21: b'\\xe9') on line 1; {WESTERN}"),
     ],
 )
 def test_other_encodings_are_refused_whole_naming_file_and_encoding(tmp_path, name, encoding, found):
+    """Judged from the first 64 KiB (here the whole file): its line and byte, and the encoding it looks like
+    (charset-normalizer alone says cp1250, an arbitrary pick among encodings that read these bytes alike)."""
     path = tmp_path / name
     text = {
         ".csv": "instruction,output\ncafé,crème\n",
@@ -304,3 +312,198 @@ def test_records_nested_too_deeply_are_rejected_and_the_rest_go_on(tmp_path):
         (f"{table}:3", None),
     ]
     assert records[0].error.reason.startswith(TOO_DEEP) and records[1].value == {"messages": []}
+
+
+def test_windows_1252_with_utf8_looking_pairs_on_every_other_line_is_refused_whole(tmp_path):
+    """`ß“` in Windows-1252 is DF 93, a well-formed UTF-8 pair: before, it passed the file as UTF-8 and half
+    its records were rejected one by one."""
+    lines = [
+        {"instruction": f"Frage {n}: Wie „groß“ ist das?" if n % 2 == 0 else f"Question {n}", "output": "ok"}
+        for n in range(20)
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines).encode("cp1252"))
+    with pytest.raises(EncodingError) as info:
+        read_records_of(path)
+    assert str(info.value) == (
+        f"{path}: not UTF-8 (byte 30: b'\\x84') on line 1; its bytes look like Windows-1252 (cp1252); "
+        "save it as UTF-8 (with or without a byte-order mark) and run again"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "why"),
+    [
+        ("d.jsonl", b"", "the file is empty (0 bytes)"),
+        ("d.csv", b"", "the file is empty (0 bytes)"),
+        ("d.json", b"", "the file is empty (0 bytes)"),
+        ("d.jsonl", b"\n\n   \n", "the file holds only blank lines"),
+        ("d.json", b" \r\n\t\n", "the file holds only blank lines"),
+        ("d.csv", codecs.BOM_UTF8, "the file holds only a byte-order mark"),
+        (
+            "d.csv",
+            b"instruction,output\n",
+            "the CSV file has a header row (instruction, output) but no rows under it",
+        ),
+        (
+            "d.csv",
+            b"\ninstruction;output\n\n",
+            "the CSV file has a header row (instruction, output) but no rows under it",
+        ),
+        ("d.json", b"[ ]\n", "the JSON array is empty"),
+    ],
+    ids=[
+        "empty-jsonl",
+        "empty-csv",
+        "empty-json",
+        "blank-jsonl",
+        "blank-json",
+        "bom-only",
+        "header-only",
+        "semicolon-header-only",
+        "empty-array",
+    ],
+)
+def test_an_input_without_records_says_why(tmp_path, name, data, why):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        detect_file_format(DataFile(path=path), 10**6)
+    assert str(info.value) == f"{path}: no records: {why}"
+
+
+@pytest.mark.parametrize(
+    ("header", "separator"),
+    [("instruction;output", ";"), ("instruction\toutput", "\t"), ("instruction, output ", ",")],
+)
+def test_csv_separated_by_semicolons_or_tabs_and_spaced_header_names_are_read(tmp_path, header, separator):
+    """Excel saves `;`-separated "CSV" where the decimal separator is a comma; cells keep their commas."""
+    path = tmp_path / "d.csv"
+    cells = ["What is 1,5 plus 1?", "It is 2,5."] if separator != "," else ["Hi", '"A, b"']
+    path.write_text(f"{header}\n" + separator.join(cells) + "\n", encoding="utf-8")
+    assert detect_file_format(DataFile(path=path), 10**6).name == "alpaca"
+    [record] = read_records_of(path)
+    output = "A, b" if separator == "," else cells[1]
+    assert (record.where, record.error, record.value) == (
+        f"{path}:2",
+        None,
+        {"instruction": cells[0], "output": output},
+    )
+
+
+EXPECTED_FORMATS = (
+    " Expected one of: preference: chosen, rejected, and a prompt (text or messages); prompt_completion: "
+    "prompt, completion (text or messages); alpaca: instruction, output, optional input and system; "
+    "sharegpt: conversations: [{from, value}, ...]; openai: messages: [{role, content}, ...]."
+)
+
+
+@pytest.mark.parametrize(
+    ("header", "hint", "columns"),
+    [
+        (
+            "instrution,output",
+            "found records with keys ['instrution', 'output']. Found 'instrution': did you mean "
+            "'instruction'? Rename it in the file, or map it in the input's entry: "
+            "`{path: PATH, columns: {instruction: instrution}}`.",
+            {"instruction": "instrution"},
+        ),
+        (
+            "Instruction,Output",
+            "found records with keys ['Instruction', 'Output']. Field names are case-sensitive: "
+            "'Instruction' is not 'instruction', 'Output' is not 'output'. Rename them in the file, or map "
+            "them in the input's entry: `{path: PATH, columns: {instruction: Instruction, output: Output}}`.",
+            {"instruction": "Instruction", "output": "Output"},
+        ),
+        (
+            "question,answer",
+            "found records with keys ['answer', 'question']. Map differently named fields with `columns` "
+            "(e.g. {output: answer}).",
+            None,
+        ),
+    ],
+    ids=["typo", "case", "other-names"],
+)
+def test_keys_that_nearly_name_a_format_get_a_did_you_mean_and_the_mapping(tmp_path, header, hint, columns):
+    path = tmp_path / "d.csv"
+    path.write_text(f"{header}\nWhat is 2+2?,4\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        detect_file_format(DataFile(path=path), 10**6)
+    found = hint.replace("PATH", str(path))
+    assert str(info.value) == f"{path}: matches no known format; {found}{EXPECTED_FORMATS}"
+    if columns is not None:  # the mapping the message proposes reads the file
+        assert detect_file_format(DataFile(path=path, columns=columns), 10**6).name == "alpaca"
+
+
+def test_nan_and_infinity_are_not_json(tmp_path):
+    """Python's json reads NaN, Infinity and -Infinity; JSON has no such values, so the record is rejected,
+    with where the constant is; a string holding the word is text like any other."""
+    lines = tmp_path / "d.jsonl"
+    lines.write_text(
+        '{"instruction": "nan", "output": NaN}\n'
+        '{"instruction": "NaN", "output": "Infinity"}\n'
+        '{"instruction": "x", "output": [1, -Infinity]}\n',
+        encoding="utf-8",
+    )
+    kept, rejected = kept_and_rejected(read_records_of(lines))
+    assert kept == [(f"{lines}:2", {"instruction": "NaN", "output": "Infinity"})]
+    assert rejected == [
+        (f"{lines}:1", "unreadable", "invalid JSON: NaN is not a JSON value: line 1 column 34 (char 33)"),
+        (
+            f"{lines}:3",
+            "unreadable",
+            "invalid JSON: -Infinity is not a JSON value: line 1 column 36 (char 35)",
+        ),
+    ]
+    array = tmp_path / "a.json"
+    array.write_text(
+        '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", "output": Infinity},\n'
+        '  {"instruction": "e", "output": "f"}\n]\n',
+        encoding="utf-8",
+    )
+    kept, rejected = kept_and_rejected(read_records_of(array))
+    assert [where for where, _ in kept] == [f"{array}:1", f"{array}:3"]
+    assert rejected == [
+        (f"{array}:2", "unreadable", "invalid JSON: Infinity is not a JSON value: line 3 column 34 (char 74)")
+    ]
+    table = tmp_path / "d.csv"
+    table.write_text('messages\n"[{""role"": ""user"", ""content"": NaN}]"\n', encoding="utf-8")
+    [record] = read_records_of(table)
+    assert (record.error.field, record.error.reason) == (
+        "messages",
+        "invalid JSON: NaN is not a JSON value: line 1 column 30 (char 29)",
+    )
+
+
+def test_a_trailing_comma_is_pointed_out(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text('[\n  {"instruction": "a", "output": "b"},\n]\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_records_of(array)
+    assert str(info.value) == (
+        f"{array}: invalid JSON at line 3, column 1: Expecting value (a trailing comma before it?); "
+        "expected a JSON array of records (or JSON Lines)"
+    )
+    array.write_text('[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "c"}]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 3, column 3: Expecting ',' delimiter; expected"):
+        read_records_of(array)  # no comma before it: no hint
+    lines = tmp_path / "d.jsonl"
+    lines.write_text(
+        '{"instruction": "a", "output": "b",}\n{"instruction": "a", "output": "b"}\n', encoding="utf-8"
+    )
+    [(_, _, reason)] = kept_and_rejected(read_records_of(lines))[1]
+    assert reason == (
+        "invalid JSON: Expecting property name enclosed in double quotes (a trailing comma before it?): "
+        "line 1 column 36 (char 35)"
+    )
+
+
+def test_csv_quote_left_open_on_the_last_line_says_unclosed_quote(tmp_path):
+    rows = [alpaca_row(n) for n in range(1, 4)] + ['"Explain the last item, never closed,Answer']
+    path = tmp_path / "d.csv"
+    path.write_text(alpaca_csv(rows), encoding="utf-8")
+    kept, rejected = kept_and_rejected(read_records_of(path))
+    assert len(kept) == 3
+    assert rejected == [
+        (f"{path}:5", "invalid", "unclosed quote starting at line 5: the file ends before it closes")
+    ]

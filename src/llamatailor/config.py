@@ -519,6 +519,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def __init__(self, text: str, source: Path | str) -> None:
         super().__init__(text)
+        self.name = str(source)  # PyYAML's marks say `in "<unicode string>"` for text; name the file instead
         self.source = source
         self.sizes: dict[int, int] = {}  # id(node) -> nodes in its expansion, for finished nodes
         self.through_aliases = 0
@@ -571,15 +572,39 @@ def load_yaml(text: str, source: Path | str) -> Any:
     """The data of one YAML document, read by the bounded loader; `source` (a file, or a label such as an
     override) is named in messages, with the line for a file.
 
-    Raises yaml.YAMLError for bad syntax or a Python tag (the safe constructor builds plain data only), and
+    Raises yaml.YAMLError for bad syntax or a Python tag (the safe constructor builds plain data only; its
+    note says why a Python tag or a tab is refused, and how to fix it), and
     ConfigError for aliases expanding past ALIAS_NODES_LIMIT nodes, a recursive alias, or nesting deeper
     than NESTING_LIMIT.
     """
     loader = _BoundedLoader(text, source)
     try:
         return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        exc.note = _yaml_note(exc) or exc.note
+        raise
     finally:
         loader.dispose()
+
+
+YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+
+
+def _yaml_note(exc: yaml.MarkedYAMLError) -> str | None:
+    """What PyYAML's words leave unsaid, for the errors a run file's author meets: a Python tag (the safe
+    loader knows no constructor for it) and a tab (YAML indents with spaces only)."""
+    problem, mark = exc.problem or "", exc.problem_mark
+    line = f" (line {mark.line + 1})" if mark is not None else ""
+    if problem.startswith(f"could not determine a constructor for the tag '{YAML_TAG_PREFIX}python/"):
+        tag = "!!" + problem.split("'")[1].removeprefix(YAML_TAG_PREFIX)
+        return (
+            f"Python tags are not allowed in a run file: {tag}{line} would build a Python object; a run file "
+            "holds plain data (text, numbers, lists, mappings), so remove the tag"
+        )
+    if "'\\t'" in problem:
+        on_line = f" on line {mark.line + 1}" if mark is not None else ""
+        return f"YAML indents with spaces, not tabs: replace the tab{on_line} with spaces"
+    return None
 
 
 def resolve_config_path(path: Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 from llamatailor import __version__
 from llamatailor.config import SPLITS, RunConfig
-from llamatailor.data.prepare import prepare
+from llamatailor.data.prepare import check_inputs, prepare
 from llamatailor.distributed import is_main_process
 from llamatailor.evaluate.stage import evaluate_run
 from llamatailor.export.merge import merge_run
@@ -39,6 +39,8 @@ class Stage:
     outputs: Callable[[RunConfig], list[Path]]
     action: Callable[..., Any]
     enabled: Callable[[RunConfig], bool] = lambda config: True
+    # Checks that can fail before the run directory is created or touched (raise a user error).
+    precheck: Callable[[RunConfig], Any] = lambda config: None
 
 
 def _prepare_inputs(config: RunConfig) -> list[Path]:
@@ -68,6 +70,7 @@ STAGES: tuple[Stage, ...] = (
             config.run_dir.data_report,
         ],
         prepare,
+        precheck=check_inputs,
     ),
     Stage(
         "train",
@@ -159,6 +162,7 @@ def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
     if not is_main_process():
         return stage.action(config, **kwargs)
     run = config.run_dir
+    stage.precheck(config)
     start_run(config)
     inputs = input_hashes(stage, config)
     record: dict[str, Any] = {

@@ -13,8 +13,9 @@ canonical form keeps `content` a string ("" for a call without text) and `argume
 Hugging Face chat templates expect (OpenAI sends it as a JSON string).
 """
 
+import difflib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -273,15 +274,29 @@ def _tool_call(call: Any, at: str, tool_names: set[str] | None) -> dict[str, Any
     return {"id": _name(call["id"], f"{at}.id"), **parsed} if call.get("id") is not None else parsed
 
 
+class NotJson(ValueError):
+    """NaN, Infinity or -Infinity met while parsing: Python's json reads them, JSON has no such values."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NotJson(name)
+
+
+# Strict (RFC 8259): a record is JSON as any other reader of it (the outputs, other tools) understands it.
+STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def _arguments(value: Any, where: str) -> dict[str, Any]:
     """A call's arguments as a JSON object: given as one, or as the JSON text OpenAI sends."""
     if value is None:
         raise RecordError(where, "missing")
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = STRICT_JSON.decode(value)
         except json.JSONDecodeError as exc:
             raise RecordError(where, f"not valid JSON: {exc}") from None
+        except NotJson as exc:
+            raise RecordError(where, f"not valid JSON: {exc} is not a JSON value") from None
     if not isinstance(value, dict):
         raise RecordError(where, f"expected a JSON object of arguments by name, got {_json_type(value)}")
     return value
@@ -436,6 +451,27 @@ FORMATS = (
     Format("openai", ("messages",), "messages: [{role, content}, ...]", parse_openai),
 )
 FORMAT_BY_NAME = {fmt.name: fmt for fmt in FORMATS}
+
+
+# Every field name a format reads: a record's keys are checked against these for near misses.
+FIELD_NAMES = tuple(
+    dict.fromkeys([*(key for fmt in FORMATS for key in fmt.keys), "input", "system", "tools"])
+)
+NEAR_MISS_CUTOFF = 0.8  # difflib's ratio: catches `instrution`, `ouptut`, `message`; not `answer`, `question`
+
+
+def near_misses(keys: Iterable[str]) -> list[tuple[str, str]]:
+    """`(key, field)` for each of `keys` that is not a field name of ours but nearly is: the same but for
+    case (`Instruction`), or close by difflib's ratio (`instrution`); fields `keys` already hold are skipped."""
+    keys = list(keys)
+    misses = []
+    for key in keys:
+        if key in FIELD_NAMES:
+            continue
+        close = difflib.get_close_matches(key.lower(), FIELD_NAMES, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if close and close[0] not in keys:
+            misses.append((key, close[0]))
+    return misses
 
 
 def detect_format(record: Any) -> Format | None:

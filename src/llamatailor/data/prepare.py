@@ -10,12 +10,16 @@ Records are streamed through three passes so that memory stays flat with the dat
    of the records drawn from the train inputs, cluster by cluster.
 3. write: the spool is copied line by line into the split files.
 Bad records never stop the stage: each is kept in `data/rejected.jsonl` with file, line, field, reason.
+Every input is found and its format detected before anything is loaded or written (`check_inputs`). Every
+line written (splits, rejections) is strict JSON: no bare NaN or Infinity, which Python's json would write
+and strict readers refuse.
 """
 
 import array
 import contextlib
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from llamatailor.config import SPLITS, RunConfig
+from llamatailor.config import SPLITS, DataFile, RunConfig
 from llamatailor.data.dedup import (
     MinHasher,
     ShingleSets,
@@ -34,8 +38,8 @@ from llamatailor.data.dedup import (
     overlap,
     shingle_hashes,
 )
-from llamatailor.data.formats import Sample
-from llamatailor.data.reader import detect_file_format, read_source
+from llamatailor.data.formats import Format, Sample
+from llamatailor.data.reader import RawRecord, detect_file_format, read_source
 from llamatailor.data.report import build_report, render_report_markdown
 from llamatailor.data.scan import Accepted, Rejected, ScanCounts, scan_record
 from llamatailor.data.split import SPLIT_CODES, split_groups
@@ -141,6 +145,7 @@ def prepare(
 ) -> PrepareResult:
     """`progress(phase, records)` is called as work goes on: scanning, deduplicating, writing."""
     progress = progress or (lambda phase, done: None)
+    inputs = check_inputs(config)  # a missing or unreadable input stops the stage before any work
     chat = chat or load_tokenizer(config.model)
     run = config.run_dir
     run.data.mkdir(parents=True, exist_ok=True)
@@ -149,7 +154,7 @@ def prepare(
     try:
         with atomic_path(run.rejected) as rejected_tmp, rejected_tmp.open("w", encoding="utf-8") as rejected:
             with spool.open("w", encoding="utf-8") as lines, shingle_spool.open("wb") as hashes:
-                scan_inputs(config, chat, index, tally, Spool(lines, hashes), rejected, progress)
+                scan_inputs(config, inputs, chat, index, tally, Spool(lines, hashes), rejected, progress)
             facts = index.arrays()
             with shingle_spool.open("rb") as hashes:
                 shingles = ShingleSets.in_file(hashes, facts["shingle_ends"])
@@ -181,8 +186,22 @@ def prepare(
     )
 
 
+def check_inputs(config: RunConfig) -> list[tuple[str, DataFile, Format]]:
+    """`(input split, source, format)` for every input of `config.data`, in reading order.
+
+    Each input is found and its format detected from its first records, so that the long scan starts only
+    when all of them can be read. Raises DataError (a file missing, unsupported, empty or of no known
+    format) or EncodingError (a text file that is not UTF-8); loads and writes nothing.
+    """
+    data = config.data
+    return [
+        (split, source, detect_file_format(source, data.max_record_bytes)) for split, source in data.inputs()
+    ]
+
+
 def scan_inputs(
     config: RunConfig,
+    inputs: list[tuple[str, DataFile, Format]],
     chat: ChatTokenizer,
     index: Index,
     tally: ScanTally,
@@ -190,11 +209,9 @@ def scan_inputs(
     rejected: IO[str],
     progress: ProgressCallback,
 ) -> None:
+    """Each record of `inputs` (as `check_inputs` gives them) scanned: accepted samples to `index` and
+    `spool`, rejections to `rejected`, counts to `tally`."""
     data = config.data
-    # Every input is found and its format known before the long scan starts.
-    inputs = [
-        (split, source, detect_file_format(source, data.max_record_bytes)) for split, source in data.inputs()
-    ]
     for input_split, source, fmt in inputs:
         accepted = rejected_count = 0
         for raw in read_source(source, data.max_record_bytes):
@@ -202,17 +219,18 @@ def scan_inputs(
             if tally.read.total() % PROGRESS_EVERY == 0:
                 progress("scanning", tally.read.total())
             outcome = scan_record(raw, fmt, data, chat, tally.checks)
-            if isinstance(outcome, Rejected):
+            line = _sample_line(outcome, raw) if isinstance(outcome, Accepted) else outcome
+            if isinstance(line, Rejected):
                 rejected_count += 1
-                tally.rejected[input_split][outcome.kind] += 1
-                _write_rejection(rejected, tally, raw.where, outcome)
+                tally.rejected[input_split][line.kind] += 1
+                _write_rejection(rejected, tally, raw.where, line)
                 continue
+            assert isinstance(outcome, Accepted)
             accepted += 1
             normalized = normalize(outcome.dedup_text, data.dedup.fold_case)
             shingles = shingle_hashes(normalized)
             index.add(outcome, input_split, normalized, shingles)
-            row = outcome.sample.row(sample_id(outcome.sample), raw.where)
-            spool.write(json.dumps(row, ensure_ascii=False) + "\n", shingles)
+            spool.write(line, shingles)
         tally.files.append(
             {
                 "input": source.label,
@@ -231,9 +249,59 @@ def sample_id(sample: Sample) -> str:
     return hashlib.sha256(json.dumps(body, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
+def json_line(value: Any) -> str:
+    """`value` as one line of strict JSON (RFC 8259), newline included; ValueError for a NaN or an infinity
+    (Python's json would write them bare, and strict readers refuse the line), TypeError for a value JSON
+    has no type for."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _sample_line(accepted: Accepted, raw: RawRecord) -> "str | Rejected":
+    """The accepted sample's line for the split files, or its rejection (`invalid`) when it holds a float
+    JSON cannot write: NaN or an infinity, from a Parquet or hub record (JSON inputs are read strictly)."""
+    row = accepted.sample.row(sample_id(accepted.sample), raw.where)
+    try:
+        return json_line(row)
+    except ValueError:
+        field, value = _non_finite(row)
+        return Rejected(
+            "invalid", field, f"{value} is not a JSON value (the split files are JSON)", raw.value
+        )
+
+
+def _non_finite(value: Any, where: str = "") -> tuple[str, str]:
+    """`(field path, "NaN" | "Infinity" | "-Infinity")` of the first such float in a sample's row; the row's
+    top-level `meta` or `tools` is named like any field (`meta.score`, `messages[1].content`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found[1]:
+            return found
+    return where, ""
+
+
+def _plain(value: Any) -> Any:
+    """`value` with what JSON cannot hold written as text: NaN and infinities as "NaN", "Infinity",
+    "-Infinity"; bytes, dates and other Parquet or hub values as Python prints them. For rejected records,
+    kept to be read by people."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _non_finite(value)[1]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value if value is None or isinstance(value, str | int | float) else str(value)
+
+
 def _write_rejection(handle: IO[str], tally: ScanTally, where: str, rejection: Rejected) -> None:
     row = {"source": where, "kind": rejection.kind, "field": rejection.field, "reason": rejection.reason}
-    handle.write(json.dumps({**row, "record": rejection.record}, ensure_ascii=False) + "\n")
+    try:
+        line = json_line({**row, "record": rejection.record})
+    except (ValueError, TypeError):  # a Parquet or hub record's NaN, infinity, bytes or timestamp
+        line = json_line({**row, "record": _plain(rejection.record)})
+    handle.write(line)
     if len(tally.first_rejections) < SHOWN_REJECTIONS:
         field_part = f"{rejection.field}: " if rejection.field else ""
         tally.first_rejections.append(f"{where}: {field_part}{rejection.reason}")

@@ -1,11 +1,16 @@
 """Read inputs record by record (JSONL, JSON, CSV, Parquet, hub datasets), keeping where each came from.
 
-Text files are UTF-8, with or without a byte-order mark; any other encoding is refused whole by
-`llamatailor.textfiles`. Line-based files (JSONL, CSV) are streamed; a JSON array is parsed whole, element
-by element; Parquet is read in batches; hub datasets are streamed by `datasets`. A record that cannot be
-read becomes a RawRecord with an error and the reading goes on. `where` is the physical line in the file
-(the element's number in a JSON array, the row in Parquet). A column mapping renames the input's fields
-to ours before anything else.
+Text files are UTF-8, with or without a byte-order mark; a file whose first 64 KiB are not is refused
+whole by `llamatailor.textfiles`. Line-based files (JSONL, CSV) are streamed; a JSON array is parsed whole,
+element by element; Parquet is read in batches; hub datasets are streamed by `datasets`. A record that
+cannot be read becomes a RawRecord with an error and the reading goes on. `where` is the physical line in
+the file (the element's number in a JSON array, the row in Parquet). A column mapping renames the input's
+fields to ours before anything else.
+
+JSON is read strictly (RFC 8259): Python's json also reads NaN, Infinity and -Infinity, which no JSON
+reader elsewhere accepts, so a record holding them is rejected (`unreadable`) like any other invalid JSON.
+A CSV file is comma-separated unless its header row holds no comma but semicolons or tabs (Excel saves
+`;`-separated "CSV" where the decimal separator is a comma); the header's names are stripped of spaces.
 
 Two rules guard the rest of `prepare` from hostile input. A record parsed from JSON text (a JSONL line, a
 JSON array's element, a CSV cell) whose arrays and objects nest more than MAX_DEPTH levels is rejected
@@ -17,18 +22,27 @@ reading restarts on the next line, so one stray quote cannot swallow the rows af
 
 import csv
 import io
+import itertools
 import json
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from llamatailor.config import DataFile
-from llamatailor.data.formats import FORMATS, Format, RecordError, detect_format
+from llamatailor.data.formats import (
+    FORMATS,
+    STRICT_JSON,
+    Format,
+    NotJson,
+    RecordError,
+    detect_format,
+    near_misses,
+)
 from llamatailor.errors import DataError
-from llamatailor.textfiles import bom_length, check_utf8
+from llamatailor.textfiles import PROBE_BYTES, bom_length, check_utf8
 
 SUPPORTED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 FORMAT_PROBE_RECORDS = 100
@@ -43,6 +57,13 @@ JSON_SPACE = " \t\n\r"
 JSON_SPACES = re.compile(f"[{JSON_SPACE}]*")
 # A JSON string or a bracket: enough to find where a value too deep to parse ends.
 JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*+"|[\[\]{}]', re.DOTALL)
+# A JSON string, or one of the constants Python's json reads but JSON has not: finds where the latter is.
+NON_JSON_CONSTANT = re.compile(r'"(?:[^"\\]|\\.)*+"|(-?Infinity|NaN)', re.DOTALL)
+CSV_DELIMITERS = ";\t"  # besides the comma, chosen from the header row
+CSV_END_OF_DATA = "unexpected end of data"  # the csv module's words for a quote open at the end of the file
+
+
+PYTHON_JSON = json.JSONDecoder()  # to find where an element with NaN ends, and go on after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +118,10 @@ def _checked_path(source: DataFile) -> Path:
             f"{path}: unsupported file type {path.suffix!r}; expected {', '.join(SUPPORTED_SUFFIXES)}"
         )
     if not path.is_file():
-        raise DataError(f"{path}: data file not found (working directory: {Path.cwd()})")
+        raise DataError(
+            f"{path}: data file not found (working directory: {Path.cwd()}; a relative data path in a run "
+            "file is read from the working directory, not from the run file's folder)"
+        )
     return path
 
 
@@ -113,8 +137,12 @@ def _file(path: Path, max_record_bytes: int) -> Iterable[RawRecord]:
 
 
 def _json(path: Path) -> Iterable[RawRecord]:
-    """A .json file: a JSON array of records, or JSON Lines under a .json name (a common misnomer)."""
+    """A .json file: a JSON array of records, or JSON Lines under a .json name (a common misnomer).
+
+    An empty or blank file has no records (`detect_file_format` says which it is)."""
     data = path.read_bytes()[bom_length(path) :]
+    if not data.strip():
+        return []
     try:
         text = data.decode("utf-8")
         if text.lstrip(JSON_SPACE).startswith("["):
@@ -144,8 +172,32 @@ def _json_failure(path: Path, exc: Exception) -> str:
     """The message for a .json file that is not valid as a whole (a syntax error, or nesting too deep)."""
     expected = "expected a JSON array of records (or JSON Lines)"
     if isinstance(exc, json.JSONDecodeError):
-        return f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; {expected}"
+        return (
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {_json_problem(exc)}; {expected}"
+        )
     return f"{path}: the JSON value is {TOO_DEEP}; {expected}"
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """The parser's message, with a hint where the value it expected is missing after a comma, before a
+    closing bracket (`[{...},]`, `{"a": 1,}`): JavaScript and Python allow that trailing comma, JSON does not."""
+    before = exc.doc[max(0, exc.pos - PREVIEW_CHARS) : exc.pos].rstrip(JSON_SPACE)
+    if before.endswith(",") and exc.doc[exc.pos : exc.pos + 1] in ("]", "}"):
+        return f"{exc.msg} (a trailing comma before it?)"
+    return exc.msg
+
+
+def _json_record_error(exc: json.JSONDecodeError) -> str:
+    """A record's JSON error, as json words it (`msg: line L column C (char P)`), with `_json_problem`'s hint."""
+    return f"invalid JSON: {_json_problem(exc)}: line {exc.lineno} column {exc.colno} (char {exc.pos})"
+
+
+def _not_json(exc: NotJson, text: str, start: int) -> json.JSONDecodeError:
+    """The error for a NaN, Infinity or -Infinity met parsing text[start:], placed where it is."""
+    position = next(
+        (match.start() for match in NON_JSON_CONSTANT.finditer(text, start) if match.group(1)), start
+    )
+    return json.JSONDecodeError(f"{exc} is not a JSON value", text, position)
 
 
 def _json_array(path: Path, text: str) -> list[RawRecord]:
@@ -154,19 +206,24 @@ def _json_array(path: Path, text: str) -> list[RawRecord]:
     The whole array is parsed before any record is returned: DataError names the line and column of a
     syntax error, and no record of a broken file reaches `prepare`.
     """
-    decoder = json.JSONDecoder()
     records: list[RawRecord] = []
     index = _after_space(text, text.index("[") + 1)
     closed = text.startswith("]", index)
+    if closed:  # an empty array
+        index = _after_space(text, index + 1)
     while not closed:
         where = f"{path}:{len(records) + 1}"
         try:
-            value, end = decoder.raw_decode(text, index)
+            value, end = STRICT_JSON.raw_decode(text, index)
         except RecursionError:
             end = _value_end(path, text, index)
             records.append(_too_deep_element(where, text, index, end))
         except json.JSONDecodeError as exc:
             raise DataError(_json_failure(path, exc)) from None
+        except NotJson as exc:  # valid but for the constant: the element alone is rejected
+            end = _python_value_end(path, text, index)
+            error = RecordError("", _json_record_error(_not_json(exc, text, index)), "unreadable")
+            records.append(RawRecord(where, error=error, raw=text[index : min(end, index + PREVIEW_CHARS)]))
         else:
             deep = _too_deep(value, text, index, end)
             size = len(text[index:end].encode("utf-8"))  # bytes as read, as for a JSONL line
@@ -183,6 +240,16 @@ def _json_array(path: Path, text: str) -> list[RawRecord]:
     if index < len(text):
         raise DataError(_json_failure(path, json.JSONDecodeError("Extra data", text, index)))
     return records
+
+
+def _python_value_end(path: Path, text: str, start: int) -> int:
+    """Where the value at `start`, which holds NaN or Infinity, ends (Python's json reads those)."""
+    try:
+        return PYTHON_JSON.raw_decode(text, start)[1]
+    except RecursionError:
+        return _value_end(path, text, start)
+    except json.JSONDecodeError as exc:  # broken past the constant too: the file is
+        raise DataError(_json_failure(path, exc)) from None
 
 
 def _too_deep_element(where: str, text: str, start: int, end: int) -> RawRecord:
@@ -225,18 +292,21 @@ def _jsonl_record(where: str, raw_line: bytes) -> RawRecord:
     try:
         return RawRecord(where, value=_loads(text), size=len(raw_line))
     except json.JSONDecodeError as exc:
-        error = RecordError("", f"invalid JSON: {exc}", "unreadable")
+        error = RecordError("", _json_record_error(exc), "unreadable")
     except RecordError as exc:
         error = exc
     return RawRecord(where, error=error, raw=text[:PREVIEW_CHARS])
 
 
 def _loads(text: str, field: str = "") -> Any:
-    """json.loads, but RecordError (`unreadable`, naming `field`) for a value nested too deeply."""
+    """json.loads, strict (JSONDecodeError for bad syntax), but RecordError (`unreadable`, naming `field`) for
+    NaN, Infinity or -Infinity, or for a value nested too deeply."""
     try:
-        value = json.loads(text)
+        value = STRICT_JSON.decode(text)
     except RecursionError:
         raise RecordError(field, TOO_DEEP, "unreadable") from None
+    except NotJson as exc:
+        raise RecordError(field, _json_record_error(_not_json(exc, text, 0)), "unreadable") from None
     if _too_deep(value, text, 0, len(text)):
         raise RecordError(field, TOO_DEEP, "unreadable")
     return value
@@ -304,12 +374,7 @@ class _Lines:
 
 def _csv(path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
     with path.open("rb") as handle:
-        handle.seek(bom_length(path))
-        # surrogateescape keeps bad bytes visible per cell instead of failing the whole file.
-        text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
-        lines = _Lines(text, max_record_bytes)
-        rows = csv.reader(lines, strict=True)
-        header = _csv_header(path, rows)
+        lines, rows, header = _csv_table(handle, path, max_record_bytes)
         if header is None:
             return
         while True:
@@ -332,12 +397,45 @@ def _csv(path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
                 yield _csv_record(f"{path}:{first}", row, header, lines.taken)
 
 
+def _csv_table(
+    handle: IO[bytes], path: Path, max_record_bytes: int
+) -> tuple[_Lines, Iterator[list[str]], list[str] | None]:
+    """The lines and rows of an open CSV file, read past its header; the header is None in a blank file."""
+    start = bom_length(path)
+    handle.seek(start)
+    header_line = handle.readline(max_record_bytes)
+    while header_line and not header_line.strip():  # blank lines before the header
+        header_line = handle.readline(max_record_bytes)
+    delimiter = _csv_delimiter(header_line)
+    handle.seek(start)
+    # surrogateescape keeps bad bytes visible per cell instead of failing the whole file.
+    text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
+    lines = _Lines(text, max_record_bytes)
+    rows = csv.reader(lines, strict=True, delimiter=delimiter)
+    return lines, rows, _csv_header(path, rows)
+
+
+def _csv_delimiter(first_line: bytes) -> str:
+    """The comma, unless the header row has none but semicolons or tabs: then the more frequent of those.
+
+    Excel saves "CSV" with `;` wherever the decimal separator is a comma (German, French, ... settings),
+    and offers no per-file choice; the header, of plain column names, tells the separator reliably."""
+    header = first_line.decode("utf-8", "replace")
+    if "," in header:
+        return ","
+    counts = {delimiter: header.count(delimiter) for delimiter in CSV_DELIMITERS}
+    best = max(counts, key=lambda delimiter: counts[delimiter])
+    return best if counts[best] else ","
+
+
 def _csv_header(path: Path, rows: Iterator[list[str]]) -> list[str] | None:
+    """The first row that is not blank, its names stripped (`instruction, output` names `output`)."""
     try:
-        return next(rows, None)
+        header = next((row for row in rows if row), None)
     except (csv.Error, _RunsOn) as exc:
         why = "it runs on past data.max_record_bytes" if isinstance(exc, _RunsOn) else str(exc)
         raise DataError(f"{path}: the header row is not valid CSV ({why})") from None
+    return None if header is None else [name.strip() for name in header]
 
 
 def _malformed(path: Path, lines: _Lines, why: str, kind: str = "invalid") -> RawRecord:
@@ -349,6 +447,8 @@ def _malformed(path: Path, lines: _Lines, why: str, kind: str = "invalid") -> Ra
     first, last = lines.taken[0][0], lines.taken[-1][0]
     if last > first:
         reason = f"unclosed quote starting at line {first}: read as one record up to line {last}, {why}"
+    elif why == CSV_END_OF_DATA:  # the last line opens a quote that nothing closes
+        reason = f"unclosed quote starting at line {first}: the file ends before it closes"
     else:
         reason = f"malformed CSV row: {why}"
     raw = _text(lines.taken)
@@ -447,21 +547,77 @@ def _preview(record: RawRecord) -> str:
 
 
 def detect_file_format(source: DataFile, max_record_bytes: int) -> Format:
-    """The format of an input from its first records; DataError naming what was found if none fits."""
+    """The format of an input from its first records.
+
+    Raises DataError naming the input and what was found when no format fits: that it holds no records
+    (empty, blank, a CSV header without rows, an empty array), or the first records' keys with the field
+    names they nearly match (a typo, another case), or the first unreadable record's reason.
+    """
     if source.format != "auto":
         return next(fmt for fmt in FORMATS if fmt.name == source.format)
     seen_keys: list[str] | None = None
-    for index, record in enumerate(read_source(source, max_record_bytes)):
-        if index >= FORMAT_PROBE_RECORDS:
-            break
+    first_error = ""
+    records = 0
+    for record in itertools.islice(read_source(source, max_record_bytes), FORMAT_PROBE_RECORDS):
+        records += 1
         fmt = detect_format(record.value)
         if fmt is not None:
             return fmt
         if seen_keys is None and isinstance(record.value, dict):
             seen_keys = sorted(record.value)
-    found = f"records with keys {seen_keys}" if seen_keys is not None else "no readable object records"
+        if not first_error and record.error is not None:
+            first_error = f" (the first, {record.where}: {record.error})"
+    if records == 0:
+        raise DataError(f"{source.label}: no records: {_no_records(source)}")
     expected = "; ".join(f"{fmt.name}: {fmt.expects}" for fmt in FORMATS)
-    hint = " Map differently named fields with `columns` (e.g. {output: answer})."
+    if seen_keys is None:
+        found = f"no readable object records{first_error}"
+    else:
+        found = f"records with keys {seen_keys}"
+    hint = _near_miss_hint(source, seen_keys or [])
     raise DataError(
-        f"{source.label}: matches no known format; found {found}. Expected one of: {expected}.{hint}"
+        f"{source.label}: matches no known format; found {found}.{hint} Expected one of: {expected}."
     )
+
+
+def _near_miss_hint(source: DataFile, keys: list[str]) -> str:
+    """What to change, for keys that nearly name our fields (`instrution`, `Instruction`), else where to map
+    names of another vocabulary (`answer`)."""
+    misses = near_misses(keys)
+    if not misses:
+        return " Map differently named fields with `columns` (e.g. {output: answer})."
+    typos = [f"{theirs!r}: did you mean {ours!r}?" for theirs, ours in misses if theirs.lower() != ours]
+    cases = [f"{theirs!r} is not {ours!r}" for theirs, ours in misses if theirs.lower() == ours]
+    said = [f" Found {' '.join(typos)}"] if typos else []
+    if cases:
+        said.append(f" Field names are case-sensitive: {', '.join(cases)}.")
+    mapping = ", ".join(f"{ours}: {theirs}" for theirs, ours in misses)
+    entry = (
+        f"{{path: {source.label}, columns: {{{mapping}}}}}"
+        if source.path is not None
+        else f"columns: {{{mapping}}}"
+    )
+    them = "it" if len(misses) == 1 else "them"
+    return "".join(said) + f" Rename {them} in the file, or map {them} in the input's entry: `{entry}`."
+
+
+def _no_records(source: DataFile) -> str:
+    """Why an input yielded no record at all (read again: only files without records come here)."""
+    if source.path is None:
+        return f"the split {source.hub_split!r} has no rows"
+    path = source.path
+    if path.suffix.lower() == ".parquet":
+        return "the Parquet file has no rows"
+    start = bom_length(path)
+    if path.stat().st_size == start:
+        return "the file is empty (0 bytes)" if start == 0 else "the file holds only a byte-order mark"
+    with path.open("rb") as handle:
+        handle.seek(start)
+        blank = all(not chunk.strip() for chunk in iter(lambda: handle.read(PROBE_BYTES), b""))
+    if blank:
+        return "the file holds only blank lines"
+    if path.suffix.lower() == ".csv":
+        with path.open("rb") as handle:
+            header = _csv_table(handle, path, PROBE_BYTES)[2] or []
+        return f"the CSV file has a header row ({', '.join(header)}) but no rows under it"
+    return "the JSON array is empty"

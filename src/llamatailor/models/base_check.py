@@ -14,6 +14,7 @@ Shapes are written in PyTorch order (rows first); ggml lists dimensions the othe
 
 import json
 import pickle
+import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -79,16 +80,39 @@ def _gguf_table(path: Path) -> tuple[dict[str, Any], dict[str, tuple[Shape, int,
     """`(metadata, {name: (shape, ggml type, offset)}, where the data section starts)`.
 
     transformers' reader, whose public `GgufHeader` also computes byte counts and so refuses types its own
-    dequantizer lacks (Q5_0, Q5_1) that the llama loader still reads: its table walk is used instead."""
+    dequantizer lacks (Q5_0, Q5_1) that the llama loader still reads: its table walk is used instead.
+    Raises ModelLoadError naming the file when it is empty, ends inside its header (a download cut short:
+    the walk runs past the end), or is not GGUF."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(
+            f"{path}: the file is empty (0 bytes), not a GGUF model (an interrupted download?)"
+        )
     try:
         blob = gguf_reader._mapped(str(path))
         metadata, count, position = gguf_reader._read_metadata(blob, str(path))
         entries, position = gguf_reader._read_tensor_table(blob, count, position)
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:  # struct.error is a ValueError
+    except (struct.error, UnicodeDecodeError) as exc:
+        if not _ran_past_end(exc):
+            raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from None
+        raise ModelLoadError(
+            f"{path}: cut short: the file ends at byte {size:,}, inside its header (metadata and tensor "
+            "table), so it is not a whole GGUF file (an interrupted download or copy?)"
+        ) from None
+    except (ValueError, IndexError) as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from None
     alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     data_start = (position + alignment - 1) // alignment * alignment
     return metadata, {name: (shape, kind, offset) for name, shape, kind, offset in entries}, data_start
+
+
+def _ran_past_end(exc: Exception) -> bool:
+    """Whether the header walk failed for want of bytes: a fixed-size field read past the end of the file
+    (struct's "unpack_from requires a buffer of at least N bytes"), or a string whose last character the end
+    of the file cuts ("unexpected end of data"). struct.error is no ValueError: both are caught here."""
+    if isinstance(exc, struct.error):
+        return "requires a buffer" in str(exc)
+    return isinstance(exc, UnicodeDecodeError) and exc.reason == "unexpected end of data"
 
 
 def _check_gguf_length(path: Path, table: dict[str, tuple[Shape, int, int]], data_start: int) -> None:
