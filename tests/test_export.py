@@ -260,6 +260,29 @@ def test_serve_picks_the_runs_checked_gguf(exported, tmp_path):
     assert "llama.cpp over tiny-f16.gguf" in (tmp_path / "server.log").read_text()
 
 
+def test_serve_passes_over_a_merge_and_export_older_than_the_adapter(exported, caplog):
+    """After a new training (the adapter's weights changed, merge and export not rerun), `serve <run>`
+    serves the adapter itself, on either engine choice, and says why; the old merge is never served."""
+    from safetensors.torch import save_file
+
+    from llamatailor.serve.target import run_served
+
+    config, _ = exported
+    run = config.run_dir
+    assert run_served(config, "auto", {}, 512, 1).description == "llama.cpp over tiny-f16.gguf"
+    adapter = run.adapter / "adapter_model.safetensors"
+    original = adapter.read_bytes()
+    try:
+        save_file({name: t + 0.01 for name, t in load_file(adapter).items()}, adapter)  # "trained again"
+        for engine in ("auto", "transformers"):
+            served = run_served(config, engine, {}, 512, 1)
+            assert served.description == f"transformers over {config.model.base} with tiny", engine
+        assert "the merge stage's output is not up to date with the run" in caplog.text
+    finally:
+        adapter.write_bytes(original)
+    assert run_served(config, "transformers", {}, 512, 1).description == f"transformers over {run.merged}"
+
+
 @pytest.mark.parametrize("engine", ["llama.cpp", "transformers"])
 def test_serve_renders_the_training_ids_on_both_engines(exported, tmp_path, engine):
     """The run's system prompt when a request has none, a request's own when it has one, and a raw prompt

@@ -24,10 +24,9 @@ from helpers import conversation, labelled_runs, write_jsonl, write_run_file
 from llamatailor.config import RunConfig, load_config
 from llamatailor.data.prepare import prepare
 from llamatailor.data.templating import render_for_training, render_prompt
-from llamatailor.export.merge import merge_run
-from llamatailor.export.stage import export_run
 from llamatailor.models.loading import load_saved_tokenizer
 from llamatailor.models.tiny import TINY_SHAPE, llama_cpp_model_file, real_tokenizer, save_random_llama
+from llamatailor.pipeline import STAGE_BY_NAME, run_stage
 from llamatailor.serve.target import run_served
 from llamatailor.train.dpo import train_dpo
 from llamatailor.train.sft import train_sft
@@ -141,10 +140,10 @@ def test_every_hand_off(family, method, family_models, tmp_path):
         train_dpo(config)
     for dtype in ("fp32", "bf16"):
         checked = with_export(config, dtype)
-        merged = merge_run(checked)  # raises when the merged model is not the adapter model
+        merged = run_stage(STAGE_BY_NAME["merge"], checked)  # raises when the merge is not the adapter model
         assert merged.greedy_identical == merged.greedy_compared
         assert merged.max_abs_logit_diff <= 1e-3
-        exported = export_run(checked)  # raises on any failed gate
+        exported = run_stage(STAGE_BY_NAME["export"], checked)  # raises on any failed gate; in the manifest
         (row,) = exported.files
         assert row["tokenizer_mismatches"] == 0 and row["metadata_problems"] == []
         assert row["chat_finish_reason"] == "stop" and row["chat_answer"].strip() == "ok", row

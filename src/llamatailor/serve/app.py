@@ -200,8 +200,10 @@ def register_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # its location is a character offset, not a field
+            return error_response(400, f"invalid JSON body: {first['ctx']['error']}")
         location = ".".join(str(part) for part in first["loc"] if part != "body")
-        message = "invalid JSON body" if first["type"] == "json_invalid" else first["msg"]
+        message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"unsupported field {location!r}"
         code = UNSUPPORTED if first["type"] == UNSUPPORTED else None

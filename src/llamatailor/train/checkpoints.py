@@ -13,6 +13,7 @@ resume (`RESUME_NEUTRAL_KEYS`).
 """
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from llamatailor.config import RunConfig
 from llamatailor.distributed import barrier, world_size
 from llamatailor.rundir import remove_path, sha256_file, write_json
 
+log = logging.getLogger(__name__)
 MARKER = "llamatailor-checkpoint.json"
 TRAINER_STATE = "trainer_state.json"  # transformers' name for the trainer's state in a checkpoint
 HASHED_UP_TO_BYTES = 64 * 2**20
@@ -195,6 +197,9 @@ def drop_checkpoints_after(checkpoints: Path, step: int) -> None:
     """Newer checkpoints than the one resumed from are not trustworthy: remove them before training on."""
     for folder in checkpoints.glob("checkpoint-*"):
         if step_of(folder) > step:
+            log.warning(
+                "Deleting %s: newer than the checkpoint resumed from, and training writes it again", folder
+            )
             remove_path(folder)
 
 

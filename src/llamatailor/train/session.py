@@ -82,12 +82,16 @@ def starting_checkpoint(
     if resume and fresh:
         raise ValueError("resume and fresh exclude each other")
     if fresh:
-        if is_main_process():
+        if is_main_process() and checkpoints.exists():
+            names = ", ".join(folder.name for folder in checkpoint_folders(checkpoints)) or "no checkpoint"
+            log.warning("--fresh: deleting %s (%s); training starts at step 0", checkpoints, names)
             remove_path(checkpoints)
         barrier()
         return None
     folders = checkpoint_folders(checkpoints)
     if not folders:
+        if resume:
+            log.info("No checkpoint to resume from in %s: training starts at step 0", checkpoints)
         return None
     if not resume:
         raise StageError(_checkpoints_there(checkpoints, folders))
