@@ -121,7 +121,7 @@ def _map_message(message: Message, change: Callable[[str], str], arguments: bool
                 **call,
                 "function": {
                     **call["function"],
-                    "arguments": _map_strings(call["function"]["arguments"], change),
+                    "arguments": map_strings(call["function"]["arguments"], change),
                 },
             }
             for call in message["tool_calls"]
@@ -129,13 +129,14 @@ def _map_message(message: Message, change: Callable[[str], str], arguments: bool
     return changed
 
 
-def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` (JSON-like: lists, tuples, dicts) with `change` applied to every string in it, dict keys aside."""
     if isinstance(value, str):
         return change(value)
     if isinstance(value, dict):
-        return {key: _map_strings(item, change) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_map_strings(item, change) for item in value]
+        return {key: map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(map_strings(item, change) for item in value)
     return value
 
 

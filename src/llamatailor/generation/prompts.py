@@ -16,10 +16,9 @@ here once:
 import functools
 import re
 from bisect import bisect_left
-from collections.abc import Callable
 from typing import Any, Protocol
 
-from llamatailor.data.formats import Message, Tool, json_strings, with_system_prompt
+from llamatailor.data.formats import Message, Tool, json_strings, map_strings, with_system_prompt
 from llamatailor.data.templating import (
     RenderError,
     render_prompt,
@@ -97,7 +96,7 @@ def plain_content_ids(
         spelled.append(found.group())
         return f"{marker}{len(spelled) - 1}x"
 
-    masked = vocabulary.render(*_map_strings((messages, tools), lambda text: pattern.sub(hide, text)))
+    masked = vocabulary.render(*map_strings((messages, tools), lambda text: pattern.sub(hide, text)))
     text = vocabulary.render(messages, tools)
     restored, forged = _put_back(masked, marker, spelled)
     if restored == text:
@@ -118,17 +117,6 @@ def _free_marker(strings: list[str]) -> str:
     while any(marker in text for text in strings):
         marker += "q"
     return marker
-
-
-def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
-    """`value` (JSON-like: lists, tuples, dicts) with `change` applied to every string in it, dict keys aside."""
-    if isinstance(value, str):
-        return change(value)
-    if isinstance(value, dict):
-        return {key: _map_strings(item, change) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_map_strings(item, change) for item in value)
-    return value
 
 
 def _put_back(masked: str, marker: str, spelled: list[str]) -> tuple[str, list[tuple[int, int]]]:
