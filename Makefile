@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml requirements.lock scripts/install_llama_cpp.sh
 	scripts/install_llama_cpp.sh $(PY) $(CACHE)
 	touch $(STAMP)
 
+# --fresh: when the demo's training has to run again (new settings, or checkpoints from an older llamatailor),
+# it starts over instead of stopping to ask; up-to-date stages are still skipped.
 demo: setup
-	$(VENV)/bin/llamatailor run examples/demo.yaml
+	$(VENV)/bin/llamatailor run examples/demo.yaml --fresh
 
 # Tests run on one torch thread per pytest worker: on 2 cores, 2 threads under contention ran 10-17x slower
 # than 1, while 2 workers of 1 thread each ran the suite in about half the time of one.
