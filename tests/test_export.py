@@ -91,7 +91,7 @@ def test_merge_refuses_when_the_merged_model_differs(exported):
     from llamatailor.export.merge import MergeResult, check_merge
 
     config, _ = exported
-    broken = MergeResult(config.run_dir.merged, "x", "float32", 3e-2, 3e-2, 7, 8, 1e-3)
+    broken = MergeResult(config.run_dir.merged, "x", "float32", 3e-2, 3e-2, 0.0, 7, 8, 1e-3)
     with pytest.raises(
         CheckFailed, match=r"3\.00e-02 exceeds export.merge_tolerance 1e-03.*differ on 1 of 8"
     ):
@@ -316,3 +316,26 @@ def test_serve_renders_the_training_ids_on_both_engines(exported, tmp_path, engi
         running.stop()
     assert completion.usage.prompt_tokens == 16
     assert f"{engine} over" in (tmp_path / "server.log").read_text()
+
+
+def test_a_bf16_stored_base_merges_into_bf16_and_passes_its_own_check(tmp_path, tiny_models):
+    """Llama checkpoints are stored in bf16: `merge_dtype: auto` keeps bf16 (the base's config.json, not the
+    fp32 the merge loads it in), and the merge's check passes although W + ΔW must be rounded to bf16."""
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_models["chatml"], dtype=torch.bfloat16).save_pretrained(base)
+    load_saved_tokenizer(
+        tiny_models["chatml"], ModelSection(base=str(tiny_models["chatml"]))
+    ).tokenizer.save_pretrained(base)
+    rows = [conversation(f"Question number {n}?", "ok") for n in range(24)]
+    run_file = prepared_run(tmp_path / "run", base, rows, train={"max_steps": 6, "learning_rate": 2e-2})
+    for verb in ("train", "merge"):
+        result = runner.invoke(app, [verb, str(run_file)])
+        assert result.exit_code == 0, result.output
+    merged = load_config(run_file).run_dir.merged
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(merged / "model.safetensors").values()} == {torch.bfloat16}
+    # The rounding to bf16 moved the logits (so the check had something to allow) ...
+    assert report["rounding_max_abs_logit_diff"] > 1e-4
+    # ... and merged/ reloads to the very weights it was saved from.
+    assert report["reload_max_abs_logit_diff"] < 1e-5, report

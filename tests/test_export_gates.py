@@ -92,8 +92,10 @@ def test_a_bf16_merge_may_move_no_more_than_the_adapter_on_a_bf16_base():
     from llamatailor.errors import CheckFailed
     from llamatailor.export.merge import MergeResult, check_merge
 
-    def merged(saved: float, rounding: float | None, dtype: str = "bfloat16") -> MergeResult:
-        return MergeResult(Path("merged"), "adapter", dtype, 1e-5, saved, 8, 8, 1e-3, rounding)
+    def merged(
+        saved: float, rounding: float | None, dtype: str = "bfloat16", reload: float = 1e-6
+    ) -> MergeResult:
+        return MergeResult(Path("merged"), "adapter", dtype, 1e-5, saved, reload, 8, 8, 1e-3, rounding)
 
     check_merge(merged(0.016, 0.026))  # the rsLoRA cell of the fidelity matrix: within 1e-3 + 4 x 0.026
     check_merge(merged(0.015, 0.0058))  # LoRA then DPO: within 1e-3 + 4 x 0.0058
@@ -101,3 +103,6 @@ def test_a_bf16_merge_may_move_no_more_than_the_adapter_on_a_bf16_base():
         check_merge(merged(0.11, 0.026))
     with pytest.raises(CheckFailed, match=r"differs by 2\.00e-03"):
         check_merge(merged(0.002, None, "float32"))  # fp32: the tolerance alone
+    # Whatever rounding allows, merged/ must reload to the very weights it was saved from.
+    with pytest.raises(CheckFailed, match=r"reloaded differs by 5\.00e-03 from the merged model"):
+        check_merge(merged(0.016, 0.026, reload=5e-3))

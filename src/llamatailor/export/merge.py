@@ -3,9 +3,12 @@
 The base is always loaded unquantized in fp32 (for a QLoRA run too: merging into 4-bit weights would round
 the update away). The check compares logits on val conversations and greedy answers on val prompts, before
 and after the merge, then reloads the saved folder with plain transformers and compares again: within the
-tolerance when saved in fp32; saved in bf16 or fp16, within the tolerance plus ROUNDING_FACTOR times how far
-the adapter model itself moves when its base is loaded in that dtype (the yardstick for rounding, measured on the same
-conversations: a merge in bf16 may not be less faithful than running the adapter on a bf16 base).
+tolerance when saved in fp32; saved in bf16 or fp16, within the tolerance plus ROUNDING_FACTOR times the
+yardstick for rounding, measured on the same conversations: the larger of how far the adapter model itself
+moves when its base is loaded in that dtype (a merge in bf16 may not be less faithful than running the adapter
+on a bf16 base) and how far the merged model moves when its own weights are rounded to that dtype. The second
+is the only rounding there is when the base is already stored in that dtype (Llama checkpoints are bf16): its
+adapter model moves not at all on a bf16 base, while W + ΔW must still be rounded to bf16.
 """
 
 import gc
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from llamatailor.config import RunConfig
 from llamatailor.data.templating import render_for_training
@@ -23,7 +26,8 @@ from llamatailor.errors import CheckFailed
 from llamatailor.generation.answers import answer_all
 from llamatailor.generation.engines import TransformersEngine
 from llamatailor.generation.prompts import TokenizerPrompter
-from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tuned_model
+from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tuned_model, torch_dtype
+from llamatailor.models.source import resolve_source
 from llamatailor.rundir import atomic_path, write_json
 
 ANSWER_TOKENS = 48  # greedy tokens compared per val prompt
@@ -40,10 +44,13 @@ class MergeResult:
     dtype: str
     max_abs_logit_diff: float  # adapter model vs merged model, fp32, in memory
     saved_max_abs_logit_diff: float  # adapter model vs merged/ reloaded by plain transformers
+    # merged/ reloaded vs the merged model in memory with its weights rounded to `dtype`: the save itself
+    reload_max_abs_logit_diff: float
     greedy_identical: int
     greedy_compared: int
     tolerance: float
-    rounding_max_abs_logit_diff: float | None = None  # adapter model on an fp32 vs a `dtype` base (not fp32)
+    # The larger of: the adapter model on an fp32 vs a `dtype` base; the merged model vs its weights in `dtype`.
+    rounding_max_abs_logit_diff: float | None = None  # (not fp32)
 
     @property
     def saved_tolerance(self) -> float:
@@ -80,14 +87,18 @@ def merge_run(config: RunConfig) -> MergeResult:
         model = model.merge_and_unload()
     after = logits_of(model, probe.sequences)
     answers_after = greedy_answers(model, chat, probe.prompts, config.eval.batch_size)
-    dtype = merged_dtype(settings.merge_dtype, model)
+    dtype = merged_dtype(settings.merge_dtype, config, final)
+    rounded = after if dtype == torch.float32 else logits_of(round_weights(model, dtype), probe.sequences)
     save_merged(model.to(dtype), chat, run.merged, final)
     del model
     gc.collect()
     reloaded = AutoModelForCausalLM.from_pretrained(run.merged, dtype=torch.float32).eval()
     saved = logits_of(reloaded, probe.sequences)
     del reloaded
-    rounding = None if dtype == torch.float32 else rounding_yardstick(config, dtype, probe.sequences, before)
+    rounding = None
+    if dtype != torch.float32:
+        on_rounded_base = rounding_yardstick(config, dtype, probe.sequences, before)
+        rounding = max(on_rounded_base, max_abs_diff(before, rounded))
     identical = sum(a == b for a, b in zip(answers_before, answers_after, strict=True))
     result = MergeResult(
         folder=run.merged,
@@ -95,6 +106,7 @@ def merge_run(config: RunConfig) -> MergeResult:
         dtype=str(dtype).removeprefix("torch."),
         max_abs_logit_diff=max_abs_diff(before, after),
         saved_max_abs_logit_diff=max_abs_diff(before, saved),
+        reload_max_abs_logit_diff=max_abs_diff(rounded, saved),
         greedy_identical=identical,
         greedy_compared=len(probe.prompts),
         tolerance=settings.merge_tolerance,
@@ -114,6 +126,16 @@ def rounding_yardstick(
     final = config.run_dir.final(config.dpo.enabled)
     rounded = load_tuned_model(config.model, final, dtype).float().eval()
     return max_abs_diff(expected, logits_of(rounded, sequences))
+
+
+@torch.no_grad()
+def round_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """`model` with every weight rounded to `dtype` in place, still held in its own dtype: what the weights
+    saved in `dtype` compute when loaded back in fp32. Buffers (RoPE's frequencies) are left alone, as a
+    reloaded model recomputes them."""
+    for param in model.parameters():
+        param.copy_(param.to(dtype))
+    return model
 
 
 def build_probe(config: RunConfig, chat: ChatTokenizer) -> Probe:
@@ -139,11 +161,21 @@ def greedy_answers(
     return [g.text for g in answer_all(engine, TokenizerPrompter(chat), prompts, ANSWER_TOKENS)]
 
 
-def merged_dtype(requested: str, model: PreTrainedModel) -> torch.dtype:
-    if requested == "auto":
-        stored = getattr(model.config, "dtype", None) or torch.float32
-        return stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored))
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+def merged_dtype(requested: str, config: RunConfig, final: Path) -> torch.dtype:
+    """The dtype of merged/: the one asked for, or for auto the dtype in which the weights merged into are
+    stored: the base's config.json (a fully fine-tuned model's own). The merged model's config cannot say:
+    loading the base in fp32 for the merge rewrites its dtype (transformers 5.23)."""
+    if requested != "auto":
+        return torch_dtype(requested)  # type: ignore[arg-type]
+    if (final / "config.json").is_file():
+        stored = AutoConfig.from_pretrained(final).dtype
+    else:
+        source = resolve_source(config.model.base)
+        revision = config.model.revision if source.kind == "hub" else None
+        stored = AutoConfig.from_pretrained(source.location, revision=revision).dtype
+    if stored is None:
+        return torch.float32
+    return stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored))
 
 
 def save_merged(model: PreTrainedModel, chat: ChatTokenizer, folder: Path, source: Path) -> None:
@@ -182,6 +214,11 @@ def check_merge(result: MergeResult) -> None:
         problems.append(
             f"the saved folder differs by {result.saved_max_abs_logit_diff:.2e} after reloading; "
             f"allowed {result.saved_tolerance:.2e}{yardstick}"
+        )
+    if result.reload_max_abs_logit_diff > result.tolerance:
+        problems.append(
+            f"merged/ reloaded differs by {result.reload_max_abs_logit_diff:.2e} from the merged model it was "
+            f"saved from (tolerance {result.tolerance:.0e}): the save lost or changed weights"
         )
     if result.greedy_identical != result.greedy_compared:
         problems.append(
