@@ -48,12 +48,12 @@ gpu-check: bench-setup
 	bench/gpu_check.sh --python $(PY) runs/gpu-check
 
 lint: setup
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples bench scripts
+	$(VENV)/bin/ruff format --check src tests examples bench scripts
 
 format: setup
-	$(VENV)/bin/ruff format src tests examples
-	$(VENV)/bin/ruff check --fix src tests examples
+	$(VENV)/bin/ruff format src tests examples bench scripts
+	$(VENV)/bin/ruff check --fix src tests examples bench scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,8 +1,8 @@
 """Benchmark: the planner's predicted peak memory against measured training runs.
 
-Trains real configurations (LoRA, QLoRA and full fine-tuning, each with gradient checkpointing on and off,
-at two sequence lengths, on a tiny random Llama and on the embedded SmolLM2-135M) for two steps through
-llamatailor's own trainer, each in a fresh process, and prints predicted against measured peak memory.
+Trains real configurations (LoRA, QLoRA and full fine-tuning at two sequence lengths) for two steps through
+llamatailor's own trainer, each in a fresh process, and prints predicted against measured peak memory, with
+whether each row is within ±10% (the planner's goal).
 
 The measurement is the peak of memory held by tensors, which is what the planner predicts: on CUDA
 `torch.cuda.max_memory_allocated()`; on CPU, where torch keeps no such counter, the peak of the torch
@@ -10,29 +10,71 @@ profiler's memory timeline (parameters, gradients, optimizer states, activations
 the table also shows the process's peak resident memory (Linux VmHWM from the model load on, over the
 resident memory before it): the C allocator keeps freed heap memory, so it runs above the tensor peak.
 
-    .venv/bin/python bench/plan_memory.py            # all configurations
+    .venv/bin/python bench/plan_memory.py            # tiny and smollm2-135m (CPU here)
     .venv/bin/python bench/plan_memory.py --quick    # the tiny model only
     .venv/bin/python bench/plan_memory.py --embedded # the embedded model only
+    python bench/plan_memory.py --device cuda --model llama-3.2-1b-shaped --jobs 3 --markdown plan.md
 
-Each measurement holds the torch profiler's records of two steps: up to about 18 GB of resident memory for
-the embedded model at sequence 1024, so run nothing large beside it on a 24 GB machine.
+Models (`--model`, repeatable), each with its own batch, sequence lengths and gradient checkpointing:
+- tiny: a 2-layer hidden-64 Llama with the SmolLM2 tokenizer; batch 4, sequences 256 and 1024, checkpointing
+  off and on;
+- smollm2-135m: the embedded SmolLM2-135M-Instruct, the same grid at batch 2;
+- tiny-llama3: the tiny Llama with the Llama 3 tokenizer (vocabulary 128,256); batch 2, sequences 128 and
+  256, checkpointing as a run gets it (auto: off on CPU, on on CUDA) — the smallest run of the GPU's grid;
+- llama-3.2-1b-shaped: built as bench/train_throughput.py builds it (the same folder under `--work`); batch
+  2 at sequences 1024 and 4096, checkpointing auto (on on CUDA: what a user's run gets) and off (where the
+  saved activations, about 12 GB at 4096 for LoRA, outgrow the weights: the planner's activation terms on
+  CUDA). Each run is two steps of at most 8,192 tokens, well under a second of H200 compute, so a row costs
+  its process start and model load (about 15-20 s).
+
+Each CPU measurement holds the torch profiler's records of two steps: up to about 18 GB of resident memory for
+the embedded model at sequence 1024, so run nothing large beside it on a 24 GB machine. `--jobs N` measures N
+configurations at once; on CUDA each process's `max_memory_allocated` counts its own tensors only, so the
+numbers do not change (any six shaped rows at once need at most about 75 GiB of GPU memory by the planner's
+estimates).
 """
 
 import argparse
 import ctypes
-import itertools
 import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import yaml
 
 MIB = 2**20
+SHAPED, TINY_LLAMA3 = "llama-3.2-1b-shaped", "tiny-llama3"
+GOAL = 0.10  # the planner's goal: within ±10% of the measured peak
+
+
+class Grid(NamedTuple):
+    batch: int
+    seq_lens: tuple[int, ...]
+    checkpointing: tuple[bool | str, ...]
+
+
+GRIDS = {
+    "tiny": Grid(4, (256, 1024), (False, True)),
+    "smollm2-135m": Grid(2, (256, 1024), (False, True)),
+    TINY_LLAMA3: Grid(2, (128, 256), ("auto",)),
+    SHAPED: Grid(2, (1024, 4096), ("auto", False)),
+}
+
+
+class Row(NamedTuple):
+    label: str
+    model: str  # what the run file's model.base says
+    method: str
+    checkpointing: bool | str
+    seq_len: int
+    batch: int
 
 
 def process_memory(field: str) -> int:
@@ -87,30 +129,32 @@ def setup_for(config_path: Path) -> tuple:
     return arch, setup_from_config(config, arch)
 
 
-def write_run(folder: Path, model: str, method: str, checkpointing: bool, seq_len: int, batch: int) -> Path:
+def write_run(folder: Path, row: Row) -> Path:
+    """A run file training `row` for two steps on samples that are all cut to exactly `row.seq_len`."""
     from llamatailor.config import load_config
     from llamatailor.data.prepare import prepare
 
+    folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data.jsonl"
-    words = " ".join(["alpha beta gamma delta"] * 1000)  # every sample is truncated to exactly seq_len
-    rows = [{"instruction": f"Repeat item {n}.", "output": words} for n in range(batch * 3)]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    words = " ".join(["alpha beta gamma delta"] * max(1000, row.seq_len // 2))  # > seq_len tokens
+    rows = [{"instruction": f"Repeat item {n}.", "output": words} for n in range(row.batch * 3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     run = {
         "name": "bench",
         "output_dir": str(folder / "runs"),
-        "model": {"base": model},
+        "model": {"base": row.model},
         "data": {
             "train": [str(data)],
             "val_ratio": 0,
             "test_ratio": 0,
-            "max_seq_len": seq_len,
+            "max_seq_len": row.seq_len,
             "dedup": {"exact": False, "near": False},
         },
         "train": {
-            "method": method,
+            "method": row.method,
             "max_steps": 2,
-            "batch_size": batch,
-            "gradient_checkpointing": checkpointing,
+            "batch_size": row.batch,
+            "gradient_checkpointing": row.checkpointing,
             "save_steps": 1000,
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         },
@@ -121,59 +165,142 @@ def write_run(folder: Path, model: str, method: str, checkpointing: bool, seq_le
     return path
 
 
-def main() -> None:
+def model_base(label: str, work: Path) -> str:
+    """What a run file names as model.base for `label`, the model built first where it is a random one."""
+    if label == "smollm2-135m":
+        return "smollm2-135m-instruct"
+    if label == "tiny":
+        from llamatailor.cache import cache_dir
+        from llamatailor.models.tiny import build_tiny_model
+
+        return str(build_tiny_model("chatml", cache_dir() / "bench" / "tiny-chatml"))
+    from train_throughput import model_folder  # bench/ is this script's folder: one builder for both benches
+
+    return model_folder(label, work)
+
+
+def run_child(run_file: Path) -> dict[str, Any]:
+    """`measure(run_file)` in a fresh process; {"error": its stderr's tail} when it fails."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--measure", str(run_file)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+    if child.returncode != 0:
+        return {"error": child.stderr[-3000:]}
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model only")
     parser.add_argument("--embedded", action="store_true", help="the embedded model only")
+    parser.add_argument("--model", action="append", choices=list(GRIDS), help="repeatable; see above")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when torch sees one")
+    parser.add_argument(
+        "--work", type=Path, default=Path("bench/.train_throughput"), help="random models' folders"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        action="append",
+        help="repeatable: these sequence lengths instead of the grid's",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="configurations measured at once")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model is None:
+        args.model = (
+            ["tiny"] if args.quick else ["smollm2-135m"] if args.embedded else ["tiny", "smollm2-135m"]
+        )
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch first asks; the children inherit it
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return
-    from llamatailor.cache import cache_dir
-    from llamatailor.models.tiny import build_tiny_model
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [
+        Row(label, model_base(label, args.work), method, checkpointing, seq_len, GRIDS[label].batch)
+        for label in args.model
+        for method in ("lora", "qlora", "full")
+        for checkpointing in GRIDS[label].checkpointing
+        for seq_len in args.seq_len or GRIDS[label].seq_lens
+    ]
+    lines = [environment(device), "", *table_head(device)]
+    print("\n".join(lines), flush=True)
+    errors: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        measuring = []
+        for n, row in enumerate(rows):  # each measurement starts while the next run is prepared
+            run_file = write_run(Path(tmp) / str(n), row)
+            measuring.append((row, run_file, pool.submit(run_child, run_file)))
+        for row, run_file, measured in measuring:
+            lines.append(table_row(row, run_file, measured.result(), device, errors))
+            print(lines[-1], flush=True)
+            write_markdown(args.markdown, lines)  # row by row: a run stopped midway keeps its rows
+    failed = len(rows) - len(errors)
+    verdict = "yes" if not failed and max(errors) <= GOAL else "no"
+    largest = f"{max(errors):.1%}" if errors else "-"
+    lines += [
+        "",
+        f"Largest error {largest} over {len(errors)} configurations; within ±10% on every row: {verdict}"
+        + (f" ({failed} failed)" if failed else ""),
+    ]
+    print("\n" + lines[-1])
+    write_markdown(args.markdown, lines)
+    if failed:
+        raise SystemExit(f"{failed} of {len(rows)} measurements failed")
+
+
+def write_markdown(path: Path | None, lines: list[str]) -> None:
+    if path is not None:
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def environment(device: str) -> str:
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} cores"
+    return (
+        f"{platform.machine()}, {where}, device {device}, torch threads 1, torch {torch.__version__}; "
+        f"measured: {'torch.cuda.max_memory_allocated' if device == 'cuda' else 'profiler tensor peak'}, "
+        "two training steps"
+    )
+
+
+def table_head(device: str) -> list[str]:
+    extra = " peak RSS above start MiB |" if device == "cpu" else ""
+    return [
+        f"| model | method | ckpt | seq | batch | predicted MiB | measured MiB | error | within ±10% |{extra}",
+        "|---|---|---|---:|---:|---:|---:|---:|---|" + ("---:|" if device == "cpu" else ""),
+    ]
+
+
+def table_row(row: Row, run_file: Path, measured: dict[str, Any], device: str, errors: list[float]) -> str:
+    """One markdown row; appends the row's absolute relative error to `errors` unless it failed."""
     from llamatailor.plan.memory import estimate
 
-    tiny = str(build_tiny_model("chatml", cache_dir() / "bench" / "tiny-chatml"))
-    models = [("tiny", tiny, 4), ("smollm2-135m", "smollm2-135m-instruct", 2)]
-    if args.quick or args.embedded:
-        models = models[:1] if args.quick else models[1:]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, device {device}, torch threads 1, torch {torch.__version__}"
+    arch, setup = setup_for(run_file)
+    predicted = estimate(arch, setup).total
+    head = f"| {row.label} | {row.method} | {setup.gradient_checkpointing} | {row.seq_len} | {row.batch} "
+    if "error" in measured:
+        print(f"{row}: the measurement failed:\n{measured['error']}", file=sys.stderr)
+        return head + f"| {predicted / MIB:,.0f} | failed | - | - |" + (" - |" if device == "cpu" else "")
+    error = (predicted - measured["tensors"]) / measured["tensors"]
+    errors.append(abs(error))
+    resident = f" {measured['resident'] / MIB:,.0f} |" if device == "cpu" else ""
+    return (
+        head + f"| {predicted / MIB:,.0f} | {measured['tensors'] / MIB:,.0f} | {error:+.1%} | "
+        f"{'yes' if abs(error) <= GOAL else 'no'} |{resident}"
     )
-    print(
-        f"{'model':<13} {'method':<6} {'ckpt':<5} {'seq':>5} {'batch':>5} {'predicted MiB':>14} {'measured MiB':>13} {'error':>7}"
-    )
-    errors = []
-    for (label, model, batch), method, checkpointing, seq_len in itertools.product(
-        models, ("lora", "qlora", "full"), (False, True), (256, 1024)
-    ):
-        with tempfile.TemporaryDirectory() as tmp:
-            run_file = write_run(Path(tmp), model, method, checkpointing, seq_len, batch)
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            child = subprocess.run(
-                [sys.executable, __file__, "--measure", str(run_file)],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
-            if child.returncode != 0:
-                raise SystemExit(child.stderr[-3000:])
-            measured = json.loads(child.stdout.strip().splitlines()[-1])
-            resident = measured["resident"]
-            measured = measured["tensors"]
-            arch, setup = setup_for(run_file)
-            predicted = estimate(arch, setup).total
-        error = (predicted - measured) / measured
-        errors.append(abs(error))
-        print(
-            f"{label:<13} {method:<6} {checkpointing!s:<5} {seq_len:>5} {batch:>5} "
-            f"{predicted / MIB:>14,.0f} {measured / MIB:>13,.0f} {error:>+7.1%} "
-            f"{resident / MIB if resident else 0:>16,.0f}"
-        )
-    print(f"largest error: {max(errors):.1%} over {len(errors)} configurations")
 
 
 if __name__ == "__main__":
