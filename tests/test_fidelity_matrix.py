@@ -3,7 +3,11 @@
 Families: ChatML (SmolLM2's vocabulary), Llama 2 (32k SentencePiece), Llama 3.1, 3.2 and 3.3 (Meta's own
 templates on the 128k vocabulary, on a base with Llama 3's RoPE scaling). Methods: LoRA, DoRA, rsLoRA,
 QLoRA (4-bit NF4 base), full fine-tuning, LoRA then DPO. Each cell trains a tiny model for a few steps to
-answer "ok" and stop, then merges it in fp32 and in bf16 and exports each merge to GGUF:
+answer "ok" and stop, then merges it in fp32 and in bf16 and exports each merge to GGUF. ChatML and Llama 2 run
+every method. The three Llama 3.x families share one vocabulary, RoPE scaling and random weights and differ only
+in their template, which no method sees (methods train on rendered ids): each runs two of the methods
+(LLAMA3_METHODS), so every method runs on the 128k vocabulary and every template through every hand-off. The
+checks:
 
 * rendered ids = `apply_chat_template`, the loss mask = the assistant spans and their end-of-turn token
   (per family: the method never sees the template);
@@ -21,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from helpers import conversation, labelled_runs, write_jsonl, write_run_file
-from llamatailor.config import RunConfig, load_config
+from llamatailor.config import ModelSection, RunConfig, load_config
 from llamatailor.data.prepare import prepare
 from llamatailor.data.templating import render_for_training, render_prompt
-from llamatailor.models.loading import load_saved_tokenizer
+from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tokenizer
 from llamatailor.models.tiny import TINY_SHAPE, llama_cpp_model_file, real_tokenizer, save_random_llama
 from llamatailor.pipeline import STAGE_BY_NAME, run_stage
 from llamatailor.serve.target import run_served
@@ -55,14 +59,22 @@ METHODS = {
     "full": {"method": "full", "learning_rate": 2e-3},
     "lora+dpo": {"method": "lora"},
 }
+# The Llama 3.x families split the methods between them; ChatML and Llama 2 run all six.
+LLAMA3_METHODS = {
+    "llama3.1": ("lora", "qlora"),
+    "llama3.2": ("dora", "lora+dpo"),
+    "llama3.3": ("rslora", "full"),
+}
+CELLS = [(family, method) for family in FAMILIES for method in LLAMA3_METHODS.get(family, METHODS)]
 
 
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     folders = {}
+    llama3 = real_tokenizer("llama3")  # loaded once (a 128k vocabulary); each save below takes its template
     for name, (vocabulary, template, rope) in FAMILIES.items():
-        tokenizer = real_tokenizer(vocabulary)
+        tokenizer = llama3 if vocabulary == "llama3" else real_tokenizer(vocabulary)
         if template:
             tokenizer.chat_template = llama_cpp_model_file(f"templates/{template}").read_text(
                 encoding="utf-8"
@@ -79,8 +91,16 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-def cell_run(folder: Path, model: Path, method: str) -> RunConfig:
-    """A prepared run that teaches `model` to answer "ok" (and, for lora+dpo, to prefer it)."""
+@pytest.fixture(scope="session")
+def training_tokenizers(family_models) -> dict[str, ChatTokenizer]:
+    """Per family, what `load_tokenizer` gives each stage of a cell (the run file sets only model.base):
+    loaded once per session and handed to `prepare` (a 128k vocabulary takes over a second to load)."""
+    return {name: load_tokenizer(ModelSection(base=str(folder))) for name, folder in family_models.items()}
+
+
+def cell_run(folder: Path, model: Path, method: str, chat: ChatTokenizer) -> RunConfig:
+    """A prepared run that teaches `model` (whose tokenizer is `chat`) to answer "ok" (and, for lora+dpo,
+    to prefer it)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = [
         write_jsonl(folder / "sft.jsonl", [conversation(f"Question number {n}?", "ok") for n in range(24)])
@@ -91,7 +111,8 @@ def cell_run(folder: Path, model: Path, method: str) -> RunConfig:
             {"prompt": f"Question {n}?", "chosen": "ok", "rejected": "I do not know."} for n in range(16)
         ]
         files.append(write_jsonl(folder / "preferences.jsonl", pairs))
-        dpo = {"enabled": True, "max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "save_steps": 100}
+        # What DPO learns is test_dpo.py's to prove; here its adapter only has to be the one handed on.
+        dpo = {"enabled": True, "max_steps": 2, "batch_size": 2, "learning_rate": 5e-3, "save_steps": 100}
     train = {"max_steps": 24, "batch_size": 8, "learning_rate": 1e-2, "save_steps": 100, **METHODS[method]}
     run_file = write_run_file(
         folder,
@@ -104,7 +125,7 @@ def cell_run(folder: Path, model: Path, method: str) -> RunConfig:
         export={"check_samples": 3},
     )
     config = load_config(run_file)
-    prepare(config)
+    prepare(config, chat)
     return config
 
 
@@ -115,11 +136,11 @@ def with_export(config: RunConfig, dtype: str) -> RunConfig:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_rendered_ids_and_loss_masks(family, family_models, tmp_path):
+def test_rendered_ids_and_loss_masks(family, family_models, training_tokenizers, tmp_path):
     """The training ids are `apply_chat_template`'s, and the labels are exactly each answer's tokens and its
     end-of-turn token, on prepared conversations extended to two turns."""
-    config = cell_run(tmp_path, family_models[family], "lora")
-    chat = load_saved_tokenizer(family_models[family], config.model)
+    chat = training_tokenizers[family]
+    config = cell_run(tmp_path, family_models[family], "lora", chat)
     for record in config.run_dir.read_split("train")[:4]:
         messages = [*record["messages"], {"role": "user", "content": "And again?"}]
         messages.append({"role": "assistant", "content": "ok, again"})
@@ -131,16 +152,16 @@ def test_rendered_ids_and_loss_masks(family, family_models, tmp_path):
         assert all(run[-1] == chat.stop_ids[0] for run in runs), "each answer ends with the end-of-turn token"
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_hand_off(family, method, family_models, tmp_path):
-    config = cell_run(tmp_path, family_models[family], method)
-    train_sft(config)
+@pytest.mark.parametrize(("family", "method"), [pytest.param(*cell, id="-".join(cell)) for cell in CELLS])
+def test_every_hand_off(family, method, family_models, training_tokenizers, tmp_path):
+    config = cell_run(tmp_path, family_models[family], method, training_tokenizers[family])
+    trained = train_sft(config).output
     if config.dpo.enabled:
-        train_dpo(config)
+        trained = train_dpo(config).output
     for dtype in ("fp32", "bf16"):
         checked = with_export(config, dtype)
         merged = run_stage(STAGE_BY_NAME["merge"], checked)  # raises when the merge is not the adapter model
+        assert Path(merged.source) == trained  # what the last training stage wrote (DPO's adapter after DPO)
         assert merged.greedy_identical == merged.greedy_compared
         assert merged.max_abs_logit_diff <= 1e-3
         exported = run_stage(STAGE_BY_NAME["export"], checked)  # raises on any failed gate; in the manifest

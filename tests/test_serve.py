@@ -197,7 +197,7 @@ def test_full_queue_answers_429(gguf_file, tmp_path):
 
         def long_request(n: int) -> int:
             try:
-                client.completions.create(model="tiny", prompt=f"story {n}", max_tokens=300, temperature=0)
+                client.completions.create(model="tiny", prompt=f"story {n}", max_tokens=120, temperature=0)
                 return 200
             except openai.RateLimitError as exc:
                 assert exc.response.headers["retry-after"] == "1"
