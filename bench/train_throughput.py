@@ -593,7 +593,8 @@ def main() -> None:
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n", encoding="utf-8")
-    failed = [name for name, r in {**results, **losses}.items() if "error" in r]
+    # (b+liger) is optional: its row says when it failed, and the run still counts.
+    failed = [name for name, r in {**results, **losses}.items() if "error" in r and name != "b+liger"]
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 

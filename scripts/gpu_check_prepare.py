@@ -16,7 +16,7 @@ and takes at most 64 MiB of files per call. Into `.gpu/` (git-ignored) go:
 - `data/throughput/`: the throughput bench's conversations, from `bench/train_throughput.py --prepare-data`;
 - `manifest.json`: every file with its bytes, and the total with the project's own files.
 
-It prints each part's size and exits non-zero when the whole passes the 60 MiB goal. A second run downloads
+It prints each part's size and exits non-zero when the whole exceeds the 60 MiB goal. A second run downloads
 nothing that is there already.
 """
 
