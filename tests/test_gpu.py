@@ -413,6 +413,8 @@ def relative_difference(values: dict[str, torch.Tensor], reference: dict[str, to
     return (error / sum(float((t**2).sum()) for t in reference.values())) ** 0.5
 
 
+# The CPU resume test's settings (tests/test_training_resilience.py, which this module cannot import: it imports
+# tests/helpers.py), so that the two measure the same thing.
 RESUME_TRAIN = {
     "max_steps": 24,
     "save_steps": 4,
