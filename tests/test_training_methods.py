@@ -3,6 +3,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from transformers import set_seed
 
 from helpers import alpaca_rows, prepared_run
 from llamatailor.config import load_config
@@ -135,6 +136,9 @@ def test_memory_and_padding_options_give_the_same_losses(tmp_path, tiny_models, 
         )
         config = load_config(run_file)
         chat = load_tokenizer(config.model)
+        # The LoRA initialisation, as `train_sft` seeds it: unseeded, it came from whatever the process had
+        # drawn before, so the two runs started from different adapters (1.6e-3 apart by step 3 under -n 2).
+        set_seed(config.seed)
         trainer = build_trainer(config, chat, trainable_model(config, chat, "fp32"), "fp32")
         assert (trainer.args.activation_checkpointing, trainer.packing) == (
             on and option == "gradient_checkpointing",
@@ -142,6 +146,6 @@ def test_memory_and_padding_options_give_the_same_losses(tmp_path, tiny_models, 
         )
         trainer.train()
         losses.append([row["loss"] for row in trainer.state.log_history if "loss" in row])
-    # Both reorder float sums; Adam then amplifies tiny gradient differences a little.
-    assert losses[0][:2] == pytest.approx(losses[1][:2], abs=1e-5)
-    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    # From the same adapter both give bitwise the same losses here; the slack is for float sums that another
+    # CPU's kernels may reorder.
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
