@@ -77,18 +77,11 @@ class Row(NamedTuple):
     batch: int
 
 
-def process_memory(field: str) -> int:
-    with Path("/proc/self/status").open(encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(run_file: Path) -> dict:
     """In a fresh process: build the run's model and trainer, then train while watching peak memory."""
     torch.set_num_threads(1)
     from torch.profiler import ProfilerActivity, profile
+    from train_throughput import memory as process_memory  # /proc/self/status fields, in bytes
 
     from llamatailor.config import load_config
     from llamatailor.models.loading import load_tokenizer, resolve_precision

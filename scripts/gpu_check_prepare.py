@@ -131,8 +131,6 @@ EXTRA_PINS = {"liger-kernel": "0.8.5"}
 # serves the dry run and CPU fallbacks. The other CUDA, ROCm and XPU builds (about 39 MB of the 43 MB wheel)
 # would never load there.
 BNB_KEPT_LIBRARIES = ("cpu", "cuda130")
-# What `llamatailor.models.tiny.real_tokenizer("llama3")` reads: the vocabulary and the chat template.
-LLAMA3_VOCAB = "ggml-vocab-llama-bpe.gguf"
 PLATFORM = ["--python-version", "3.12", "--implementation", "cp"] + [
     f"--platform={tag}"
     for tag in (
@@ -333,10 +331,11 @@ def copy_cache(target: Path = CACHE) -> list[Path]:
     run) leaves a 17 MB tokenizer folder there, keyed by this machine's path, which the GPU machine rebuilds."""
     sys.path.insert(0, str(ROOT / "src"))
     from llamatailor.cache import cache_dir
-    from llamatailor.models.tiny import LLAMA3_TEMPLATE_FILE, llama_cpp_model_file
+    from llamatailor.models.tiny import LLAMA3_TEMPLATE_FILE, VOCAB_FILES, llama_cpp_model_file
 
     copied = []
-    for relative in (LLAMA3_VOCAB, LLAMA3_TEMPLATE_FILE):
+    # What `real_tokenizer("llama3")` reads: the vocabulary and the chat template.
+    for relative in (VOCAB_FILES["llama3"], LLAMA3_TEMPLATE_FILE):
         source = llama_cpp_model_file(relative)
         destination = target / source.relative_to(cache_dir())
         if not destination.is_file() or destination.stat().st_size != source.stat().st_size:

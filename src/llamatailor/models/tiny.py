@@ -31,6 +31,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 MODELS_IN_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/models"
 LLAMA3_TEMPLATE_FILE = "templates/meta-llama-Llama-3.1-8B-Instruct.jinja"
+# llama.cpp's test vocabularies in `models/`: Llama 3's BPE and Llama 2's SentencePiece.
+VOCAB_FILES = {"llama3": "ggml-vocab-llama-bpe.gguf", "llama2": "ggml-vocab-llama-spm.gguf"}
 
 TokenizerKind = Literal["chatml", "llama3", "llama2"]
 # The tiny test models' shape (one LoRA step ~0.03 s with a 1,024-token vocabulary).
@@ -75,7 +77,7 @@ def real_tokenizer(kind: TokenizerKind) -> PreTrainedTokenizerBase:
     if kind == "chatml":
         gguf = embedded_gguf_path("smollm2-135m-instruct")
     else:
-        gguf = llama_cpp_model_file(f"ggml-vocab-llama-{'bpe' if kind == 'llama3' else 'spm'}.gguf")
+        gguf = llama_cpp_model_file(VOCAB_FILES[kind])
     tokenizer = cached_tokenizer(gguf)
     if kind == "llama3":
         tokenizer.chat_template = llama_cpp_model_file(LLAMA3_TEMPLATE_FILE).read_text(encoding="utf-8")
