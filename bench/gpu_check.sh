@@ -24,19 +24,19 @@
 # conversations from examples/data. It proves the script end to end where no GPU is (tests/test_gpu_check.py).
 set -euo pipefail
 
-usage() { echo "usage: bench/gpu_check.sh [--dry-run] [--python PY] OUT" >&2; exit 2; }
+usage() { echo "gpu_check: $1" >&2; echo "usage: bench/gpu_check.sh [--dry-run] [--python PY] OUT" >&2; exit 2; }
 
 DRY=0 PY="" OUT=""
 while (($#)); do
     case "$1" in
         --dry-run) DRY=1; shift ;;
-        --python) (($# >= 2)) || usage; PY=$2; shift 2 ;;
+        --python) (($# >= 2)) || usage "--python needs a program"; PY=$2; shift 2 ;;
         -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
-        -*) usage ;;
-        *) [[ -z $OUT ]] || usage; OUT=$1; shift ;;
+        -*) usage "unknown option $1" ;;
+        *) [[ -z $OUT ]] || usage "one OUT folder, got $OUT and $1"; OUT=$1; shift ;;
     esac
 done
-[[ -n $OUT ]] || usage
+[[ -n $OUT ]] || usage "no OUT folder given"
 # Both relative to where the script was called from, not the repository it changes into.
 [[ $OUT == /* ]] || OUT=$PWD/$OUT
 if [[ -n $PY && $PY == */* && $PY != /* ]]; then PY=$PWD/$PY; fi
@@ -60,8 +60,8 @@ SITE=/tmp/llamatailor-gpu-site
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 if ((DRY)); then
-    # Smallest settings; the limits only stop a hung run (about 130 s in all on 2 cores).
-    LIMIT_TESTS=120 LIMIT_THROUGHPUT=300 LIMIT_PLAN=300
+    # Smallest settings; the limits only stop a hung run (about 130 s in all on 2 idle cores, 480 s on busy ones).
+    LIMIT_TESTS=300 LIMIT_THROUGHPUT=600 LIMIT_PLAN=600
     THROUGHPUT=(--device cpu --model tiny-llama3 --steps 2 --batch 2 --threads 1 --data "$WORK/data")
     PLAN=(--device cpu --model tiny-llama3 --seq-len 128 --jobs 3)
 else

@@ -15,7 +15,7 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 OUT_FILES = ["check.log", "gpu_tests.log", "gpu_tests.xml", "plan.log", "summary.md", "throughput.log"]
 
 
-def run_check(*options: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_check(*options: str, timeout: int = 2400) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         ["bash", str(SCRIPT), *options], capture_output=True, text=True, timeout=timeout, env=env, check=False
