@@ -47,13 +47,16 @@ gpu-check-prepare: bench-setup
 gpu-check: bench-setup
 	bench/gpu_check.sh --python $(PY) runs/gpu-check
 
+# mypy's settings and why the large libraries are not followed: pyproject.toml, [tool.mypy]. The same checks
+# run before each commit once `.venv/bin/pre-commit install` has been run (.pre-commit-config.yaml).
 lint: setup
 	$(VENV)/bin/ruff check src tests examples bench scripts
 	$(VENV)/bin/ruff format --check src tests examples bench scripts
+	$(VENV)/bin/mypy src
 
 format: setup
 	$(VENV)/bin/ruff format src tests examples bench scripts
 	$(VENV)/bin/ruff check --fix src tests examples bench scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -49,6 +49,9 @@ from typing import Any, NamedTuple
 import torch
 import yaml
 
+# tests/tiny_models.py (tiny random Llamas with real tokenizers) is test support, outside the package.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+
 MIB = 2**20
 SHAPED, TINY_LLAMA3 = "llama-3.2-1b-shaped", "tiny-llama3"
 GOAL = 0.10  # the planner's goal: within ±10% of the measured peak
@@ -84,7 +87,8 @@ def measure(run_file: Path) -> dict:
     from train_throughput import memory as process_memory  # /proc/self/status fields, in bytes
 
     from llamatailor.config import load_config
-    from llamatailor.models.loading import load_tokenizer, resolve_precision
+    from llamatailor.hardware import resolve_precision
+    from llamatailor.models.loading import load_tokenizer
     from llamatailor.train.model_setup import trainable_model
     from llamatailor.train.sft import build_trainer
 
@@ -164,7 +168,7 @@ def model_base(label: str, work: Path) -> str:
         return "smollm2-135m-instruct"
     if label == "tiny":
         from llamatailor.cache import cache_dir
-        from llamatailor.models.tiny import build_tiny_model
+        from tiny_models import build_tiny_model
 
         return str(build_tiny_model("chatml", cache_dir() / "bench" / "tiny-chatml"))
     from train_throughput import model_folder  # bench/ is this script's folder: one builder for both benches

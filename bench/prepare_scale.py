@@ -2,7 +2,8 @@
 
 Writes N synthetic short conversations (~200 bytes of JSONL each, with 1% exact and 1% near duplicates
 and some e-mail addresses), runs `llamatailor prepare` on them in a subprocess with the embedded model's
-tokenizer, and prints a table: records, input size, wall time, records/s and the subprocess's peak RSS.
+tokenizer, and prints a table: records, input size, wall and CPU time, records/s and the subprocess's
+peak RSS.
 With `--baseline SRC` the same inputs are also prepared by the package under SRC (e.g. the `src` folder
 of a worktree of an earlier commit), alternating with this checkout's, so that both are timed in the
 same run on the same machine.
@@ -56,9 +57,10 @@ def write_records(path: Path, count: int, seed: int = 0) -> None:
             previous = record
 
 
-def run_prepare(folder: Path, data: Path, source: Path) -> tuple[float, float]:
-    """Seconds and peak RSS (MiB) of `llamatailor prepare` run by the package under `source` (a folder
-    put first on PYTHONPATH); outputs go to folder/runs/bench."""
+def run_prepare(folder: Path, data: Path, source: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of `llamatailor prepare` run by the
+    package under `source` (a folder put first on PYTHONPATH); outputs go to folder/runs/bench. On a
+    shared machine CPU seconds vary less than wall seconds."""
     run_file = folder / "bench.yaml"
     run_file.write_text(
         f"name: bench\noutput_dir: {folder / 'runs'}\ndata:\n  train: [{data}]\n  max_seq_len: 256\n",
@@ -72,7 +74,7 @@ def run_prepare(folder: Path, data: Path, source: Path) -> tuple[float, float]:
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"prepare failed with exit code {os.waitstatus_to_exitcode(status)}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -90,8 +92,8 @@ def main() -> None:
     for label, source in codes:
         print(f"{label}: {source}")
     print(
-        f"{'code':>8} {'records':>10} {'input MB':>9} {'seconds':>8} {'records/s':>10} {'peak RSS MiB':>13}"
-        f" {'kept':>9}"
+        f"{'code':>8} {'records':>10} {'input MB':>9} {'seconds':>8} {'CPU s':>8} {'records/s':>10}"
+        f" {'peak RSS MiB':>13} {'kept':>9}"
     )
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,11 +103,11 @@ def main() -> None:
             for _, (label, source) in itertools.product(range(args.repeat), codes):
                 folder = Path(tmp) / label
                 folder.mkdir(exist_ok=True)
-                seconds, peak = run_prepare(folder, data, source)
+                seconds, cpu, peak = run_prepare(folder, data, source)
                 report = json.loads((folder / "runs" / "bench" / "data" / "report.json").read_text())
                 kept = sum(report["splits"]["sft"].values())
                 print(
-                    f"{label:>8} {size:>10,} {mb:>9.1f} {seconds:>8.1f} {size / seconds:>10,.0f}"
+                    f"{label:>8} {size:>10,} {mb:>9.1f} {seconds:>8.1f} {cpu:>8.1f} {size / seconds:>10,.0f}"
                     f" {peak:>13,.0f} {kept:>9,}",
                     flush=True,
                 )

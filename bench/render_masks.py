@@ -22,7 +22,8 @@ TURNS = (152, 500, 538)
 MAX_LENS = (10**9, 1024)
 KINDS = ("chatml", "llama3", "llama2")
 
-# Run in a fresh interpreter with the package under test first on sys.path; prints one JSON line per case.
+# Run in a fresh interpreter with the package under test first on sys.path, then tests/ (tiny_models.py, test
+# support); prints one JSON line per case.
 TIMER = """
 import json, sys, time
 import torch
@@ -30,7 +31,7 @@ torch.set_num_threads(1)
 from llamatailor.config import ModelSection
 from llamatailor.data.templating import render_for_training
 from llamatailor.models.loading import prepare_tokenizer
-from llamatailor.models.tiny import real_tokenizer
+from tiny_models import real_tokenizer
 
 def conversation(turns):
     words = "refund order cable invoice screen battery update login server printer".split()
@@ -55,7 +56,8 @@ for kind in kinds:
 
 
 def timings(source: Path) -> list[list]:
-    env = dict(os.environ, PYTHONPATH=str(source), OMP_NUM_THREADS="1")
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), str(tests)]), OMP_NUM_THREADS="1")
     argument = json.dumps([TURNS, MAX_LENS, KINDS])
     result = subprocess.run(
         [sys.executable, "-c", TIMER, argument], env=env, capture_output=True, text=True, check=False

@@ -62,6 +62,9 @@ from typing import Any
 
 import torch
 
+# tests/tiny_models.py (tiny random Llamas with real tokenizers) is test support, outside the package.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+
 ROOT = Path("bench/.train_throughput")
 MAX_LEN = 512
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
@@ -126,7 +129,7 @@ def tokenizer_for(model: str) -> Any:
     (llama.cpp's vocabulary file with Meta's Llama 3.1 template) for the shaped and tiny Llamas."""
     from transformers import AutoTokenizer
 
-    from llamatailor.models.tiny import real_tokenizer
+    from tiny_models import real_tokenizer
 
     return AutoTokenizer.from_pretrained(embedded_folder()) if model == EMBEDDED else real_tokenizer("llama3")
 
@@ -136,7 +139,7 @@ def model_folder(model: str, work: Path = ROOT) -> str:
     Llama-3.2-1B-shaped (about 5 GB in fp32) or the tiny Llama 3."""
     if model == EMBEDDED:
         return embedded_folder()
-    from llamatailor.models.tiny import build_tiny_model, real_tokenizer, save_random_llama
+    from tiny_models import build_tiny_model, real_tokenizer, save_random_llama
 
     folder = work / model
     if (folder / "config.json").is_file():  # the check first: loading the 128k tokenizer takes a second

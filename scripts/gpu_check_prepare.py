@@ -11,7 +11,7 @@ and takes at most 64 MiB of files per call. Into `.gpu/` (git-ignored) go:
 - `wheels/`: manylinux x86-64 wheels for CPython 3.12 at requirements.lock's pins, for the packages that what
   the check runs imports and the machine lacks or holds at another version (`CARRIED`), bitsandbytes slimmed
   to the native libraries the machine loads (`BNB_KEPT_LIBRARIES`) with its RECORD rewritten;
-- `cache/`: a LLAMATAILOR_CACHE root with the files `llamatailor.models.tiny` reads for the Llama 3 tokenizer,
+- `cache/`: a LLAMATAILOR_CACHE root with the files `tests/tiny_models.py` reads for the Llama 3 tokenizer,
   copied out of the local cache (no llama-cpp-python sdist needed there);
 - `data/throughput/`: the throughput bench's conversations, from `bench/train_throughput.py --prepare-data`;
 - `manifest.json`: every file with its bytes, and the total with the project's own files.
@@ -47,6 +47,7 @@ CACHE = GPU_DIR / "cache"
 DATA = GPU_DIR / "data" / "throughput"
 MANIFEST = GPU_DIR / "manifest.json"
 LOCK = ROOT / "requirements.lock"
+TESTS = ROOT / "tests"  # tiny_models.py: test support (tiny random Llamas), outside the package
 MIB = 1024 * 1024
 # The carry limit is 64 MiB for the working tree and the carried paths together; 4 MiB are left for what a
 # later commit adds to the project.
@@ -329,9 +330,9 @@ def copy_cache(target: Path = CACHE) -> list[Path]:
     same place under it; `llama_cpp_model_file` extracts them from the llama-cpp-python sdist when the local
     cache lacks them. Anything else under `target` goes: a run with LLAMATAILOR_CACHE=.gpu/cache (the dry
     run) leaves a 17 MB tokenizer folder there, keyed by this machine's path, which the GPU machine rebuilds."""
-    sys.path.insert(0, str(ROOT / "src"))
+    sys.path[:0] = [str(ROOT / "src"), str(TESTS)]
     from llamatailor.cache import cache_dir
-    from llamatailor.models.tiny import LLAMA3_TEMPLATE_FILE, VOCAB_FILES, llama_cpp_model_file
+    from tiny_models import LLAMA3_TEMPLATE_FILE, VOCAB_FILES, llama_cpp_model_file
 
     copied = []
     # What `real_tokenizer("llama3")` reads: the vocabulary and the chat template.
@@ -600,7 +601,7 @@ PROOF_MODULES = (
     "llamatailor.plan.memory",
     "llamatailor.plan.run_setup",
     "llamatailor.plan.architectures",
-    "llamatailor.models.tiny",
+    "tiny_models",
     "trl",
     "trl.trainer.utils",
     "peft",
@@ -615,7 +616,7 @@ PROOF_MODULES = (
 )
 PROOF_BUILD = """import sys
 from pathlib import Path
-from llamatailor.models.tiny import build_tiny_model
+from tiny_models import build_tiny_model
 print(len(__import__("transformers").AutoTokenizer.from_pretrained(build_tiny_model("llama3", Path(sys.argv[1])))))
 """
 
@@ -698,7 +699,9 @@ def proof_env(work: Path, settings: dict[str, Any]) -> dict[str, str]:
     env.update(
         {
             BLOCK_ENV: json.dumps(settings),
-            "PYTHONPATH": os.pathsep.join([str(work / "site"), str(ROOT / "src"), env.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(work / "site"), str(ROOT / "src"), str(TESTS), env.get("PYTHONPATH", "")]
+            ),
             "LLAMATAILOR_CACHE": str(work / "cache"),
             "PIP_NO_INDEX": "1",  # a download (the sdist) would fail instead of passing unseen
             "HF_HUB_OFFLINE": "1",
@@ -732,7 +735,7 @@ def check_cache() -> int:
         env = dict(
             os.environ, LLAMATAILOR_CACHE=str(Path(tmp) / "cache"), PIP_NO_INDEX="1", HF_HUB_OFFLINE="1"
         )
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(TESTS), env.get("PYTHONPATH", "")])
         command = [sys.executable, "-c", PROOF_BUILD, str(Path(tmp) / "model")]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         sdist = (Path(tmp) / "cache" / "sdist").exists()

@@ -14,7 +14,7 @@ import torch
 
 from llamatailor.config import ModelSection
 from llamatailor.models.loading import ChatTokenizer, prepare_tokenizer
-from llamatailor.models.tiny import build_tiny_model, real_tokenizer
+from tiny_models import build_tiny_model, real_tokenizer
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,9 @@
 """The run file: schema, overrides, and error messages that name the key, the value and a fix."""
 
+import subprocess
+import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,52 @@ def test_bad_choice_lists_allowed_values_and_closest(tmp_path):
     message = str(info.value)
     assert "train.lr_scheduler (run.yaml line 8)" in message
     assert "got 'cosin', expected one of 'cosine', 'linear' or 'constant'; did you mean 'cosine'?" in message
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "  optimizer: adamw_8bits\n",
+            "train.optimizer (run.yaml line 8): got 'adamw_8bits', expected one of 'adamw', 'adamw_8bit', "
+            "'paged_adamw_8bit' or 'paged_adamw_32bit'; did you mean 'adamw_8bit'?",
+        ),
+        (
+            "  precision: bf61\n",
+            "train.precision (run.yaml line 8): got 'bf61', expected one of 'auto', 'fp32', 'bf16' or 'fp16'; "
+            "did you mean 'bf16'?",
+        ),
+        (
+            "  method: qlora4\n",
+            "train.method (run.yaml line 8): got 'qlora4', expected one of 'lora', 'qlora' or 'full'; "
+            "did you mean 'qlora'?",
+        ),
+    ],
+    ids=["optimizer", "precision", "method"],
+)
+def test_vocabulary_choices_are_listed_in_the_yaml_spelling(tmp_path, line, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD + line))
+    assert expected in str(info.value)
+
+
+def test_the_schema_offers_exactly_the_chat_families_there_are():
+    from llamatailor.models.families import FAMILIES
+
+    offered = set(typing.get_args(ModelSection.model_fields["family"].annotation))
+    assert offered - {"auto"} == set(FAMILIES) == {"llama2", "llama3", "llama4", "chatml"}
+    assert "auto" in offered
+
+
+def test_the_schema_loads_without_torch_or_the_data_package():
+    # The CLI's --help and every command read the schema first; the PII defaults live in the vocabulary.
+    code = (
+        "import sys, llamatailor.config as c; "
+        "print(sorted(m for m in ('torch', 'phonenumbers', 'llamatailor.data') if m in sys.modules)); "
+        "print(c.PiiSection().phone_regions, c.PiiSection().kinds[:2])"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown == "[]\n['US', 'GB'] ['email', 'phone']\n"
 
 
 def test_wrong_type_and_range(tmp_path):
@@ -295,7 +344,7 @@ def test_run_file_in_another_encoding_is_refused_by_name(tmp_path, data, found):
 
 def test_chat_template_file_with_a_byte_order_mark(tmp_path):
     from llamatailor.models.loading import prepare_tokenizer
-    from llamatailor.models.tiny import real_tokenizer
+    from tiny_models import real_tokenizer
 
     stock = prepare_tokenizer(real_tokenizer("chatml"), ModelSection())
     template = tmp_path / "chat.jinja"

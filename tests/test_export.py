@@ -23,7 +23,7 @@ from llamatailor.export.gotemplate import TemplateError, render
 from llamatailor.export.ollama import SAMPLE_CONVERSATIONS, build_modelfile, go_variables, hf_text
 from llamatailor.generation.engines import LlamaCppEngine
 from llamatailor.models.loading import load_base_model, load_saved_tokenizer
-from llamatailor.models.tiny import build_tiny_model
+from tiny_models import build_tiny_model
 
 runner = CliRunner()
 SYSTEM_PROMPT = "You answer every question."

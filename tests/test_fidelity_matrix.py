@@ -29,11 +29,11 @@ from llamatailor.config import ModelSection, RunConfig, load_config
 from llamatailor.data.prepare import prepare
 from llamatailor.data.templating import render_for_training, render_prompt
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tokenizer
-from llamatailor.models.tiny import TINY_SHAPE, llama_cpp_model_file, real_tokenizer, save_random_llama
 from llamatailor.pipeline import STAGE_BY_NAME, run_stage
 from llamatailor.serve.target import run_served
 from llamatailor.train.dpo import train_dpo
 from llamatailor.train.sft import train_sft
+from tiny_models import TINY_SHAPE, llama_cpp_model_file, real_tokenizer, save_random_llama
 
 SYSTEM_PROMPT = "You answer every question with ok."
 LLAMA3_ROPE = {

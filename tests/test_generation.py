@@ -18,7 +18,7 @@ from llamatailor.generation.engines import GREEDY, LlamaCppEngine, TransformersE
 from llamatailor.generation.prompts import GGUFPrompter, TokenizerPrompter
 from llamatailor.generation.text import Generation, finished, text_deltas
 from llamatailor.models.loading import load_saved_tokenizer
-from llamatailor.models.tiny import build_tiny_model
+from tiny_models import build_tiny_model
 
 SOURCE = Path(__file__).parents[1] / "src" / "llamatailor"
 CHATML_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"

@@ -33,20 +33,20 @@ from llamatailor.config import RunConfig, load_config
 from llamatailor.data.prepare import prepare
 from llamatailor.data.templating import IGNORE_INDEX
 from llamatailor.export.merge import logits_of, max_abs_diff
+from llamatailor.hardware import resolve_precision
 from llamatailor.models.loading import (
     base_model_of,
     load_tokenizer,
     load_tuned_model,
-    resolve_precision,
     torch_dtype,
 )
-from llamatailor.models.tiny import build_tiny_model
-from llamatailor.train.arguments import OPTIMIZERS
+from llamatailor.train.arguments import TRAINER_OPTIMIZERS
 from llamatailor.train.batching import padding_free
 from llamatailor.train.checkpoints import MARKER
 from llamatailor.train.model_setup import quantized_base, trainable_model
 from llamatailor.train.session import run_trainer, save_trained
 from llamatailor.train.sft import AnswerLossTrainer, build_trainer, sft_checkpoint_key
+from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -55,7 +55,7 @@ PRECISION = "bf16"
 COMPUTE_DTYPE = torch_dtype(PRECISION)
 CLI = [sys.executable, "-m", "llamatailor"]  # no console script on the GPU machine
 QUICK = {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 100}
-LAYERS, LINEARS_PER_LAYER = 2, 7  # the tiny model's shape (models.tiny.TINY_SHAPE), all-linear LoRA targets
+LAYERS, LINEARS_PER_LAYER = 2, 7  # the tiny model's shape (tiny_models.TINY_SHAPE), all-linear LoRA targets
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +326,7 @@ def test_8bit_optimizers_keep_8bit_states_and_lower_the_loss(tmp_path, base, opt
     pages only states of 100,000 elements or more; all others must be uint8."""
     config = load_config(prepared(tmp_path, base, method="full", optimizer=optimizer, max_steps=6))
     model, trainer = train_here(config)
-    assert trainer.args.optim == OPTIMIZERS[optimizer]
+    assert trainer.args.optim == TRAINER_OPTIMIZERS[optimizer]
     adamw = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper, if any
     paged = optimizer.startswith("paged")
     assert type(adamw) is bnb.optim.AdamW and adamw.args.optim_bits == 8 and adamw.is_paged == paged

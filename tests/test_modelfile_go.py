@@ -24,7 +24,7 @@ from llamatailor.export.gotemplate import render
 from llamatailor.export.ollama import build_modelfile, go_variables, hf_text, matching_conversations
 from llamatailor.export.request_dates import CHECK_DATES
 from llamatailor.models.loading import ChatTokenizer, prepare_tokenizer
-from llamatailor.models.tiny import llama_cpp_model_file
+from tiny_models import llama_cpp_model_file
 
 GO_PROGRAM = Path(__file__).parent / "go" / "ollama_template"
 META_TEMPLATES = {

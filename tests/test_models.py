@@ -15,7 +15,7 @@ from llamatailor.errors import ModelLoadError
 from llamatailor.models.families import FAMILIES, LLAMA3_TEMPLATE
 from llamatailor.models.loading import prepare_tokenizer
 from llamatailor.models.source import embedded_gguf_path, resolve_source
-from llamatailor.models.tiny import real_tokenizer
+from tiny_models import real_tokenizer
 
 
 def test_local_folder_hub_id_and_bad_specs(tmp_path, tiny_models):
@@ -169,7 +169,7 @@ def test_vocabulary_only_gguf_refused_fast_without_allocating(tmp_path, monkeypa
     import time
 
     from llamatailor.models.loading import load_tokenizer
-    from llamatailor.models.tiny import llama_cpp_model_file
+    from tiny_models import llama_cpp_model_file
 
     path = llama_cpp_model_file("ggml-vocab-llama-bpe.gguf")  # Llama 3's vocabulary, and no tensor
     monkeypatch.setenv("LLAMATAILOR_CACHE", str(tmp_path))  # after finding the file in the shared cache
@@ -295,7 +295,7 @@ def test_bare_checkpoint_without_lm_head_refused_after_load(tmp_path):
     from transformers import LlamaConfig, LlamaModel
 
     from llamatailor.models.loading import load_base_model
-    from llamatailor.models.tiny import TINY_SHAPE
+    from tiny_models import TINY_SHAPE
 
     LlamaModel(LlamaConfig(vocab_size=256, tie_word_embeddings=False, **TINY_SHAPE)).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as refused:

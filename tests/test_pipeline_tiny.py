@@ -136,3 +136,18 @@ def test_chat_repl_keeps_the_conversation_until_exit(finished_run):
     assert result.exit_code == 0, result.output
     assert result.stdout.count("model>") == 2
     assert first in result.stdout and second in result.stdout
+
+
+def test_force_runs_every_stage_and_training_resumes_at_its_end(finished_run):
+    """Last in this file: it rewrites the run the tests above read."""
+    run_file, run, _ = finished_run
+    forced = runner.invoke(app, ["run", str(run_file), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "up to date" not in forced.output
+    assert [line.split(":")[0] for line in forced.output.splitlines() if "off in this run file" in line] == [
+        "dpo",
+        "merge",
+        "export",
+    ]
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-4'}" in forced.output.replace("\n", "")
+    assert "score (json_field_f1): base" in forced.output

@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 
 from helpers import alpaca_rows, prepared_run
 from llamatailor.cli import app
-from llamatailor.config import load_config
+from llamatailor.config import LoraSection, RunConfig, Schedule, load_config
+from llamatailor.errors import ConfigError, StageError
+from llamatailor.models.families import FAMILIES
 from llamatailor.models.loading import load_tokenizer
 from llamatailor.plan.architectures import PRESETS, from_config
 from llamatailor.plan.memory import (
-    ATTENTION,
     GIB,
-    MLP,
     Setup,
     estimate,
     largest_trainable,
@@ -26,7 +26,9 @@ from llamatailor.plan.memory import (
     weight_bytes,
 )
 from llamatailor.plan.run_setup import setup_from_config
-from llamatailor.train.model_setup import trainable_model
+from llamatailor.train.arguments import optimizer_name
+from llamatailor.train.model_setup import lora_config, trainable_model
+from llamatailor.vocabulary import ATTENTION_LINEARS, LORA_TARGET_PRESETS, MLP_LINEARS, OPTIMIZERS
 
 runner = CliRunner()
 GB = 1e9
@@ -67,9 +69,9 @@ SHAPES = [
 ]
 SETUPS = [
     Setup(method="full"),
-    Setup(method="lora", lora_r=8, lora_targets=ATTENTION + MLP),
-    Setup(method="lora", lora_r=4, lora_targets=ATTENTION),
-    Setup(method="lora", lora_r=8, lora_targets=MLP),
+    Setup(method="lora", lora_r=8, lora_targets=ATTENTION_LINEARS + MLP_LINEARS),
+    Setup(method="lora", lora_r=4, lora_targets=ATTENTION_LINEARS),
+    Setup(method="lora", lora_r=8, lora_targets=MLP_LINEARS),
     Setup(method="lora", lora_r=16, lora_targets=("q_proj", "v_proj", "down_proj")),
 ]
 
@@ -143,8 +145,8 @@ def test_published_peak_memory_figures_within_20_percent():
     # single-device configs (bf16, activation checkpointing, LoRA r=8, chunked cross-entropy):
     # LoRA (q, v, output projections and MLP) on an RTX 4090: 16.2 GiB; QLoRA (all linear): 7.4 GiB.
     torchtune = Setup(seq_len=2048, micro_batch=2, lora_r=8, adapter_bytes=2, loss="chunked")
-    lora = replace(torchtune, method="lora", lora_targets=("q_proj", "v_proj", "o_proj", *MLP))
-    qlora = replace(torchtune, method="qlora", lora_targets=ATTENTION + MLP)
+    lora = replace(torchtune, method="lora", lora_targets=("q_proj", "v_proj", "o_proj", *MLP_LINEARS))
+    qlora = replace(torchtune, method="qlora", lora_targets=ATTENTION_LINEARS + MLP_LINEARS)
     assert estimate(PRESETS["llama-3.1-8b"], lora).total / GIB == pytest.approx(16.2, rel=0.2)
     assert estimate(PRESETS["llama-3.1-8b"], qlora).total / GIB == pytest.approx(7.4, rel=0.2)
 
@@ -201,7 +203,7 @@ def test_plan_reads_a_run_file_and_its_overrides(tmp_path, tiny_models):
 
 def test_bad_plan_options_are_named():
     result = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--method", "qlor"])
-    assert result.exit_code == 2 and "--method 'qlor': expected one of full, lora, qlora" in result.output
+    assert result.exit_code == 2 and "--method 'qlor': expected one of lora, qlora, full" in result.output
     result = runner.invoke(app, ["plan", "--model", "llama-9"])
     assert result.exit_code == 1 and "no architecture for 'llama-9'" in result.output
 
@@ -218,3 +220,97 @@ def test_train_plans_first_and_warns_when_the_run_will_not_fit(tmp_path, tiny_mo
         f"the planner puts this run's peak at {peak / GIB:.1f} GiB per device, more than"
     )
     assert "`llamatailor plan RUN.yaml` shows the terms and what fits" in message
+
+
+OPTIMIZER_NAMES = "adamw, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit"
+
+
+def known_names(attempt, candidates):
+    """The candidates `attempt` takes; a StageError (a GPU-only optimizer on CPU) still means known."""
+    known = set()
+    for name in candidates:
+        try:
+            attempt(name)
+        except StageError:
+            pass
+        except (ConfigError, ValueError):  # pydantic's ValidationError is a ValueError
+            continue
+        known.add(name)
+    return known
+
+
+def planned_with_targets(targets):
+    config = RunConfig.model_validate({"name": "t", "data": {"train": ["a.jsonl"]}})
+    config.train.lora = LoraSection.model_construct(targets=targets)  # past validation, as a stray name
+    return setup_from_config(config, PRESETS["llama-3.1-8b"])
+
+
+def test_schema_planner_and_trainer_know_the_same_optimizers():
+    candidates = (*OPTIMIZERS, "adamw9", "AdamW", "sgd", "adamw_torch")
+    schema = known_names(lambda name: Schedule(optimizer=name), candidates)
+    planner = known_names(lambda name: Setup(optimizer=name), candidates)
+    trainer = known_names(
+        lambda name: optimizer_name(Schedule.model_construct(optimizer=name), "train"), candidates
+    )
+    assert schema == planner == trainer == set(OPTIMIZER_NAMES.split(", "))
+
+
+def test_an_unknown_optimizer_is_refused_by_name_not_planned_as_adamw():
+    with pytest.raises(ConfigError) as planned:
+        Setup(optimizer="adamw9")
+    assert str(planned.value) == f"unknown optimizer 'adamw9': expected one of {OPTIMIZER_NAMES}"
+    with pytest.raises(ConfigError) as trained:
+        optimizer_name(Schedule.model_construct(optimizer="adamw9"), "dpo")
+    assert (
+        str(trained.value) == f"dpo.optimizer: unknown optimizer 'adamw9': expected one of {OPTIMIZER_NAMES}"
+    )
+    result = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--optimizer", "adamw9"])
+    assert (
+        result.exit_code == 2 and f"--optimizer 'adamw9': expected one of {OPTIMIZER_NAMES}" in result.output
+    )
+    # 8-bit states: two bytes per trainable parameter, not AdamW's 2 x 4 for fp32 adapters.
+    arch = PRESETS["llama-3.1-8b"]
+    adamw, eight_bit = (estimate(arch, Setup(optimizer=name)) for name in ("adamw", "adamw_8bit"))
+    assert adamw.optimizer == 8 * adamw.trainable_parameters
+    assert eight_bit.optimizer == 2 * eight_bit.trainable_parameters
+
+
+def test_schema_planner_and_trainer_know_the_same_lora_target_presets():
+    candidates = (*LORA_TARGET_PRESETS, "attn", "all_linear", "q_proj", "")
+    schema = known_names(lambda name: LoraSection(targets=name), candidates)
+    planner = known_names(planned_with_targets, candidates)
+    trainer = known_names(
+        lambda name: lora_config(LoraSection.model_construct(targets=name), FAMILIES["llama3"]), candidates
+    )
+    assert schema == planner == trainer == {"attention", "mlp", "all-linear"}
+    for preset, modules in {
+        "attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
+        "mlp": {"gate_proj", "up_proj", "down_proj"},
+        "all-linear": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    }.items():
+        assert set(planned_with_targets(preset).lora_targets) == modules
+        trained = lora_config(LoraSection(targets=preset), FAMILIES["llama3"]).target_modules
+        assert set(trained) == modules
+
+
+def test_an_unknown_lora_target_preset_is_refused_by_name():
+    message = (
+        "train.lora.targets: unknown LoRA target preset 'attn': expected one of attention, mlp, all-linear"
+    )
+    with pytest.raises(ConfigError) as planned:
+        planned_with_targets("attn")
+    assert str(planned.value) == message
+    with pytest.raises(ConfigError) as trained:
+        lora_config(LoraSection.model_construct(targets="attn"), FAMILIES["chatml"])
+    assert str(trained.value) == message
+    result = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--lora-targets", "q_proj,attn"])
+    assert result.exit_code == 2
+    assert (
+        "--lora-targets 'q_proj,attn': 'attn' is neither a preset (attention, mlp, all-linear) nor a linear "
+        "layer the planner counts (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+    ) in " ".join(result.output.split())
+    result = runner.invoke(
+        app, ["plan", "--model", "llama-3.1-8b", "--lora-targets", "q_proj, v_proj", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["setup"]["lora_targets"] == ["q_proj", "v_proj"]

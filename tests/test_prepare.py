@@ -1,11 +1,20 @@
-"""`llamatailor prepare` on real files: good records go through, bad ones are kept with precise reasons."""
+"""`llamatailor prepare` on real files: good records go through, bad ones are kept with precise reasons;
+and the typed records its passes keep."""
 
 import json
+from typing import get_args
 
+import numpy as np
 from typer.testing import CliRunner
 
 from helpers import alpaca_rows, write_jsonl, write_run_file
 from llamatailor.cli import app
+from llamatailor.data.formats import Kind, Sample
+from llamatailor.data.prepare import REASONS
+from llamatailor.data.records import AcceptedRecordsBuilder, Decision, Decisions, SampleKind
+from llamatailor.data.scan import Accepted
+from llamatailor.data.split import SplitCode
+from llamatailor.vocabulary import SPLITS
 
 runner = CliRunner()
 
@@ -129,3 +138,44 @@ def test_typo_in_run_file_exits_2_with_the_fix(tmp_path, tiny_models):
     assert "train.batch_sise (run.yaml line" in result.output
     assert "unknown key (value 4); did you mean 'train.batch_size'?" in result.output
     assert not (tmp_path / "runs").exists(), "nothing is written for an invalid run file"
+
+
+def test_the_record_codes_name_every_sample_kind_split_and_removal():
+    assert [kind.label for kind in SampleKind] == list(get_args(Kind))
+    assert [split.label for split in SplitCode] == list(SPLITS)
+    assert SampleKind.of("preference") is SampleKind.PREFERENCE and SplitCode.of("val") is SplitCode.VAL
+    # The labels are rejected.jsonl's kinds; each removal has its reason.
+    assert [decision.label for decision in Decision] == ["kept", "duplicate", "near_duplicate", "leak"]
+    assert set(REASONS) == set(Decision) - {Decision.KEPT}
+
+
+def test_accepted_records_keep_each_fact_in_its_column():
+    question = {"role": "user", "content": "Q"}
+    chat = Sample("sft", [question, {"role": "assistant", "content": "A"}])
+    pair = Sample("preference", [question], chosen="a", rejected="b")
+    builder = AcceptedRecordsBuilder(num_perm=4)
+    added = [
+        (Accepted(chat, 12, False, "Q A", "x"), SplitCode.TRAIN, 2**64 - 1, 3),
+        (Accepted(pair, 300, True, "Q a b", "y"), SplitCode.TEST, 5, 2),
+        (Accepted(chat, 7, False, "Q A", "x"), SplitCode.VAL, 6, 1),
+    ]
+    for n, (accepted, split, exact, shingle_count) in enumerate(added):
+        builder.add(accepted, split, exact, np.arange(4 * n, 4 * n + 4, dtype=np.uint32), shingle_count)
+    records = builder.finish()
+    assert records.kind.tolist() == [SampleKind.SFT, SampleKind.PREFERENCE, SampleKind.SFT]
+    assert records.input_split.tolist() == [SplitCode.TRAIN, SplitCode.TEST, SplitCode.VAL]
+    assert records.exact.tolist() == [2**64 - 1, 5, 6]
+    assert records.tokens.tolist() == [12, 300, 7] and records.truncated.tolist() == [False, True, False]
+    assert records.stratum.tolist() == [0, 1, 0] and records.strata == ("x", "y")
+    assert records.signatures.tolist() == np.arange(12).reshape(3, 4).tolist()
+    assert records.shingle_ends.tolist() == [3, 5, 6]  # each record's end in the shingle spool
+
+    decisions = Decisions(
+        cluster=np.array([0, 1, 0]),
+        decision=np.array([Decision.KEPT, Decision.KEPT, Decision.DUPLICATE], dtype=np.int8),
+        repeats=np.array([-1, -1, 0]),
+        split=np.array([SplitCode.TRAIN, SplitCode.TEST, SplitCode.VAL], dtype=np.int8),
+    )
+    assert decisions.written(records, SampleKind.SFT, SplitCode.TRAIN).tolist() == [True, False, False]
+    assert decisions.written(records, SampleKind.PREFERENCE, SplitCode.TEST).tolist() == [False, True, False]
+    assert not decisions.written(records, SampleKind.SFT, SplitCode.VAL).any()  # removed as a duplicate

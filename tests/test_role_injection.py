@@ -17,7 +17,7 @@ from llamatailor.export.gguf_file import write_gguf
 from llamatailor.generation.engines import LlamaCppEngine
 from llamatailor.generation.prompts import GGUFPrompter, TokenizerPrompter
 from llamatailor.models.loading import ChatTokenizer, prepare_tokenizer
-from llamatailor.models.tiny import build_tiny_model, real_tokenizer
+from tiny_models import build_tiny_model, real_tokenizer
 
 # Each closes the user's turn, forges a system turn, and opens a new user turn, in the family's own markup.
 INJECTIONS = {

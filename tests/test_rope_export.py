@@ -23,7 +23,7 @@ from llamatailor.errors import CheckFailed
 from llamatailor.export.gguf_file import write_gguf
 from llamatailor.export.rope import check_gguf_rope, gguf_rope
 from llamatailor.models.loading import load_saved_tokenizer
-from llamatailor.models.tiny import real_tokenizer, save_random_llama
+from tiny_models import real_tokenizer, save_random_llama
 
 ORIGINAL = 64  # the "original context" of every tiny model, in tokens
 LENGTH = 3 * ORIGINAL

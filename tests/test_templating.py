@@ -22,7 +22,7 @@ from llamatailor.data.templating import (
 from llamatailor.errors import DataError
 from llamatailor.models.families import LLAMA3_TEMPLATE
 from llamatailor.models.loading import prepare_tokenizer
-from llamatailor.models.tiny import real_tokenizer
+from tiny_models import real_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},

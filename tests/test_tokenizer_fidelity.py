@@ -1,6 +1,6 @@
 """The reference tokenizers are the models' own, and an exported GGUF tokenizes as the training tokenizer does.
 
-The references (llamatailor.models.tiny) are built from GGUF files; they must give the ids of llama.cpp's test
+The references (tests/tiny_models.py) are built from GGUF files; they must give the ids of llama.cpp's test
 vectors shipped beside those files. The exported GGUF's `tokenizer.ggml.pre` is identified as llama.cpp's
 converter does, and llama.cpp's ids must equal the tokenizer's on texts that tell the pre-tokenizers apart.
 """
@@ -24,7 +24,7 @@ from llamatailor.export.gguf_file import write_gguf
 from llamatailor.export.pre_tokenizer import CHECK_TEXT, KNOWN_HASHES, check_hash, pre_tokenizer_name
 from llamatailor.models.loading import load_saved_tokenizer
 from llamatailor.models.source import embedded_gguf_path
-from llamatailor.models.tiny import (
+from tiny_models import (
     LLAMA_CPP_PYTHON_VERSION,
     build_tiny_model,
     llama_cpp_model_file,

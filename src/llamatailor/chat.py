@@ -70,7 +70,7 @@ class RemoteChatSession:
             messages=messages,
             max_tokens=self.max_new_tokens,
             temperature=0,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
         )
         pieces = []
         for chunk in stream:

@@ -1,22 +1,33 @@
-"""The `llamatailor` command: parse arguments, load the run file, call one stage, print its result."""
+"""The `llamatailor` command: parse arguments, load the run file, call one stage, print its result.
+
+Stages are run and shown from their declarations (`stage_contract.Stage`): nothing here branches on a
+stage's name. What loads torch, transformers or the config schema is imported inside the commands, so
+that `llamatailor --help` and `--version` answer at once.
+"""
 
 import functools
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.status import Status
 
 from llamatailor import __version__
-from llamatailor.config import RunConfig, load_config
 from llamatailor.distributed import is_main_process
 from llamatailor.errors import ConfigError, LlamatailorError
+from llamatailor.vocabulary import LORA_TARGET_PRESETS, METHODS, OPTIMIZERS, SHARDINGS
+
+if TYPE_CHECKING:
+    from llamatailor.config import RunConfig
+    from llamatailor.stage_contract import Stage
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -60,47 +71,35 @@ def _setup_logging() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _load(config: Path, overrides: list[str] | None) -> RunConfig:
+def _load(config: Path, overrides: list[str] | None) -> "RunConfig":
+    from llamatailor.config import load_config
+
     return load_config(config, overrides or [])
 
 
-def _run_stage(name: str, config: RunConfig, **kwargs: Any) -> None:
+def _stage(name: str) -> "Stage":
+    from llamatailor.pipeline import STAGE_BY_NAME
+
+    return STAGE_BY_NAME[name]
+
+
+def _run_stage(stage: "Stage", config: "RunConfig", **options: Any) -> None:
+    """Run one stage in this process, showing its progress, then print its result's view."""
     from llamatailor import views
-    from llamatailor.pipeline import STAGE_BY_NAME, run_stage
+    from llamatailor.pipeline import run_stage
 
-    console.rule(f"[bold]{name}[/] · run {config.name}")
-    stage = STAGE_BY_NAME[name]
-    if name == "eval":
-        with _progress() as progress:
-            result = run_stage(stage, config, progress=_answer_progress(progress))
-        console.print(views.eval_view(result, config.eval.show))
-    elif name == "prepare":
-        with _progress() as progress:
-            task = progress.add_task("reading", total=None)
-
-            def on_records(phase: str, done: int) -> None:
-                progress.update(task, description=phase, completed=done)
-
-            result = run_stage(stage, config, progress=on_records)
-        console.print(views.prepare_view(result))
-        for line in result.first_rejections:  # unwrapped, so that file:line stays whole
-            console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
-    elif name == "export":
-        with console.status("exporting") as status:
-            result = run_stage(stage, config, progress=lambda message: status.update(message))
-        console.print(views.export_view(result))
-    elif name == "merge":
-        with console.status("merging and checking the merged model against the adapter model"):
-            console.print(views.merge_view(run_stage(stage, config)))
-    else:
-        result = run_stage(stage, config, **kwargs)
-        console.print(views.train_view(result) if name == "train" else views.dpo_view(result))
+    console.rule(f"[bold]{stage.name}[/] · run {config.name}")
+    with StageDisplay(stage.activity) as display:
+        if stage.reports_progress:
+            options["progress"] = display
+        result = run_stage(stage, config, **options)
+    console.print(views.stage_view(result, config), crop=False)
 
 
 def _train_stage(
-    name: str, config_path: Path, overrides: list[str] | None, resume: bool, fresh: bool, nproc: int
+    stage: "Stage", config_path: Path, overrides: list[str] | None, resume: bool, fresh: bool, nproc: int
 ) -> None:
-    """Run train or dpo here, or under torchrun in `nproc` processes (DDP) that this process waits for."""
+    """Run a training stage here, or under torchrun in `nproc` processes (DDP) that this process waits for."""
     from llamatailor.distributed import world_size
     from llamatailor.train.launch import launch_distributed
 
@@ -110,40 +109,69 @@ def _train_stage(
             "checkpoint, --fresh deletes this stage's checkpoints and starts over"
         )
     if nproc > 1 and world_size() == 1:
-        console.rule(f"[bold]{name}[/] · {nproc} processes (torchrun)")
-        code = launch_distributed(name, config_path, overrides or [], nproc, resume, fresh)
+        console.rule(f"[bold]{stage.name}[/] · {nproc} processes (torchrun)")
+        code = launch_distributed(stage.name, config_path, overrides or [], nproc, resume, fresh)
         if code:
             raise typer.Exit(code)
         return
-    _run_stage(name, _load(config_path, overrides), resume=resume, fresh=fresh)
+    _run_stage(stage, _load(config_path, overrides), resume=resume, fresh=fresh)
 
 
-def _answer_progress(progress: Progress) -> Callable[[str, int, int], None]:
-    tasks: dict[str, Any] = {}
+class StageDisplay:
+    """What a running stage shows, fed through the `stage_contract.Progress` protocol (a context manager).
 
-    def on_answers(label: str, done: int, total: int) -> None:
-        if label not in tasks:
-            tasks[label] = progress.add_task(f"answering ({label})", total=total)
-        progress.update(tasks[label], completed=done)
+    The stage's `activity`, then any message (a call without a count), is a spinner line. Counts replace
+    it with bars: one bar per `what` where the total is known, else one running line whose label follows
+    `what`. Where the console is not a terminal, the bars are printed once, as they end.
+    """
 
-    return on_answers
+    def __init__(self, activity: str | None) -> None:
+        self.status: Status | None = console.status(activity) if activity else None
+        self.bars: Progress | None = None
+        self.tasks: dict[str | None, TaskID] = {}
 
+    def __enter__(self) -> "StageDisplay":
+        if self.status is not None:
+            self.status.start()
+        return self
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        for live in (self.status, self.bars):
+            if live is not None:
+                live.stop()
+
+    def __call__(self, what: str, done: int | None = None, total: int | None = None) -> None:
+        if done is None and self.bars is None:
+            if self.status is None:
+                self.status = console.status(what)
+                self.status.start()
+            self.status.update(what)
+            return
+        if self.bars is None:
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+            self.bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            self.bars.start()
+        key = what if total is not None else None
+        if key not in self.tasks:
+            self.tasks[key] = self.bars.add_task(what, total=total)
+        self.bars.update(self.tasks[key], description=what, completed=done)
 
 
 @app.command()
 @user_errors
 def prepare(config: ConfigArg, overrides: OverridesArg = None) -> None:
     """Read the data files, check and render every sample, split, and write data/ and its report."""
-    _run_stage("prepare", _load(config, overrides))
+    _run_stage(_stage("prepare"), _load(config, overrides))
 
 
 ResumeOption = Annotated[
@@ -169,7 +197,7 @@ def train(
 ) -> None:
     """Fine-tune (LoRA, QLoRA or full) on the prepared data; writes adapter/ (or model/), metrics.jsonl, loss.png.
     Where checkpoints/ already holds checkpoints, say --resume or --fresh."""
-    _train_stage("train", config, overrides, resume, fresh, nproc)
+    _train_stage(_stage("train"), config, overrides, resume, fresh, nproc)
 
 
 @app.command()
@@ -185,7 +213,7 @@ def dpo(
     Where dpo/checkpoints/ already holds checkpoints, say --resume or --fresh."""
     if not _load(config, overrides).dpo.enabled:
         raise ConfigError(f"{config}: dpo.enabled is false; set it (or pass dpo.enabled=true) to run DPO")
-    _train_stage("dpo", config, overrides, resume, fresh, nproc)
+    _train_stage(_stage("dpo"), config, overrides, resume, fresh, nproc)
 
 
 @app.command(name="eval")
@@ -201,7 +229,7 @@ def evaluate(
     """Answer the held-out test prompts with the base and the tuned model; metrics, perplexity, probes."""
     loaded = _load(config, overrides)
     if model is None:
-        _run_stage("eval", loaded)
+        _run_stage(_stage("eval"), loaded)
         return
     from llamatailor import views
     from llamatailor.evaluate.stage import evaluate_run
@@ -210,19 +238,16 @@ def evaluate(
         raise ConfigError(f"--model {model}: no such file or folder")
     loaded.create_run_dir()  # its results go to eval/candidates/: refuse now, not after answering
     console.rule(f"[bold]eval[/] · {model.name} against the base")
-    with _progress() as progress:
-        console.print(
-            views.eval_view(
-                evaluate_run(loaded, _answer_progress(progress), model_path=model), loaded.eval.show
-            )
-        )
+    with StageDisplay(None) as display:
+        result = evaluate_run(loaded, display, model_path=model)
+    console.print(views.stage_view(result, loaded), crop=False)
 
 
 @app.command()
 @user_errors
 def merge(config: ConfigArg, overrides: OverridesArg = None) -> None:
     """Fold the adapter into a full-precision base (merged/), proven equal to the adapter model."""
-    _run_stage("merge", _load(config, overrides))
+    _run_stage(_stage("merge"), _load(config, overrides))
 
 
 @app.command()
@@ -232,7 +257,7 @@ def export(config: ConfigArg, overrides: OverridesArg = None) -> None:
     loaded = _load(config, overrides)
     if not loaded.export.gguf:
         raise ConfigError(f"{config}: export.gguf is empty; name the types to write, e.g. export.gguf=[q8_0]")
-    _run_stage("export", loaded)
+    _run_stage(_stage("export"), loaded)
 
 
 @app.command()
@@ -256,21 +281,31 @@ def run(
     A training stage that runs resumes from its newest complete checkpoint (and stops, deleting nothing,
     if that was written under other settings); with --fresh it deletes its checkpoints and starts over."""
     from llamatailor import views
-    from llamatailor.evaluate.stage import load_eval_result
-    from llamatailor.pipeline import STAGES, is_up_to_date
+    from llamatailor.pipeline import STAGES
 
     loaded = _load(config, overrides)
-    for stage in STAGES:
+    planned = _plan(loaded, STAGES, force)
+    for index, stage in enumerate(STAGES):
         if not stage.enabled(loaded):
             console.print(f"[dim]{stage.name}: off in this run file, skipped[/]")
-        elif not force and is_up_to_date(stage, loaded):
+        elif stage not in planned:
             console.print(f"[dim]{stage.name}: up to date for this config and inputs, skipped[/]")
-            if stage.name == "eval":
-                console.print(views.eval_view(load_eval_result(loaded.run_dir), loaded.eval.show))
-        elif stage.name in ("train", "dpo"):
-            _train_stage(stage.name, config, overrides, resume=not fresh, fresh=fresh, nproc=nproc)
+            if stage.load_result is not None:
+                console.print(views.stage_view(stage.load_result(loaded), loaded), crop=False)
         else:
-            _run_stage(stage.name, loaded)
+            if stage.trains:
+                _train_stage(stage, config, overrides, resume=not fresh, fresh=fresh, nproc=nproc)
+            else:
+                _run_stage(stage, loaded)
+            # What it wrote is on disk now: the later stages are weighed again against it.
+            planned = _plan(loaded, STAGES[index + 1 :], force)
+
+
+def _plan(config: "RunConfig", stages: Sequence["Stage"], force: bool) -> list["Stage"]:
+    """The stages `run` runs: with --force every enabled one, else `pipeline.stages_to_run`."""
+    from llamatailor.pipeline import stages_to_run
+
+    return [stage for stage in stages if stage.enabled(config)] if force else stages_to_run(config, stages)
 
 
 @app.command()
@@ -281,21 +316,19 @@ def plan(
     model: Annotated[
         str | None, typer.Option(help="A preset (see docs/plan.md), a model folder or a cached hub id.")
     ] = None,
-    method: Annotated[str | None, typer.Option(help="full, lora or qlora.")] = None,
+    method: Annotated[str | None, typer.Option(help=f"{', '.join(METHODS)}.")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
     micro_batch: Annotated[int | None, typer.Option(help="Sequences per device per step.")] = None,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (no extra memory).")] = 1,
     checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing")] = None,
-    optimizer: Annotated[
-        str | None, typer.Option(help="adamw, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit.")
-    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help=f"{', '.join(OPTIMIZERS)}.")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     lora_targets: Annotated[
-        str | None, typer.Option(help="all-linear, attention, mlp, or comma-separated names.")
+        str | None, typer.Option(help=f"{', '.join(LORA_TARGET_PRESETS)}, or comma-separated module names.")
     ] = None,
     bits: Annotated[int | None, typer.Option(help="QLoRA base bits: 4 or 8.")] = None,
     gpus: Annotated[int, typer.Option(help="Devices.")] = 1,
-    sharding: Annotated[str, typer.Option(help="none, zero2, zero3 or fsdp.")] = "none",
+    sharding: Annotated[str, typer.Option(help=f"{', '.join(SHARDINGS)}.")] = "none",
     gpu_mem: Annotated[
         float | None, typer.Option(help="GiB per GPU; default: the GPU here, else this CPU's free RAM.")
     ] = None,

@@ -23,12 +23,31 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from llamatailor.errors import ConfigError, EncodingError
 from llamatailor.rundir import RunDir
 from llamatailor.textfiles import read_text
+from llamatailor.vocabulary import (
+    ALL_LINEAR,
+    AUTO,
+    DEFAULT_PHONE_REGIONS,
+    GGUF_TYPES,
+    LLAMA_LINEARS,
+    PII_KINDS,
+    SPLITS,
+    TRAIN_SPLIT,
+    Auto,
+    FamilyName,
+    GgufType,
+    LoraTargetPreset,
+    Method,
+    Optimizer,
+    PiiKind,
+    PrecisionSetting,
+    lora_linears,
+)
 
-SPLITS = ("train", "val", "test")
 # A run file's aliases stand for a few dozen nodes; a "billion laughs" file for 9**9 of them.
 ALIAS_NODES_LIMIT = 10_000
 # A full run file nests 4 levels deep; PyYAML composes recursively and overflows the stack near 300.
@@ -45,8 +64,8 @@ class ModelSection(Section):
         description="An alias (smollm2-135m-instruct), a local Hugging Face folder, a hub id or a .gguf file.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
-    family: Literal["auto", "llama2", "llama3", "llama4", "chatml"] = Field(
-        "auto", description="Chat format; auto detects it from the tokenizer."
+    family: Literal[Auto, FamilyName] = Field(
+        AUTO, description="Chat format; auto detects it from the tokenizer."
     )
     chat_template: Path | None = Field(
         None, description="A Jinja file that replaces the tokenizer's template."
@@ -54,8 +73,6 @@ class ModelSection(Section):
 
 
 DataFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "preference"]
-PiiKind = Literal["email", "phone", "card", "ip", "iban", "national_id", "secret"]
-PII_KINDS: tuple[str, ...] = typing.get_args(PiiKind)
 
 
 class DataFile(Section):
@@ -64,7 +81,7 @@ class DataFile(Section):
     path: Path | None = Field(None, description="A .json, .jsonl, .csv or .parquet file.")
     hub: str | None = Field(None, description="A hub dataset (organisation/name); needs a network.")
     hub_config: str | None = Field(None, description="The hub dataset's configuration (subset), if any.")
-    hub_split: str = Field("train", description="The hub dataset's split to read.")
+    hub_split: str = Field(TRAIN_SPLIT, description="The hub dataset's split to read.")
     format: DataFormat = Field("auto", description="auto: detected from the first records' keys.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Our field name -> the file's column name, e.g. {output: answer}."
@@ -122,19 +139,13 @@ class DedupSection(Section):
         return self
 
 
-def _default_phone_regions() -> list[str]:
-    from llamatailor.data.pii import DEFAULT_PHONE_REGIONS  # phonenumbers loads only when a run file does
-
-    return list(DEFAULT_PHONE_REGIONS)
-
-
 class PiiSection(Section):
     mode: Literal["report", "mask", "drop"] = Field(
         "report", description="report: count only; mask: replace with [KIND]; drop: reject the record."
     )
     kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
     phone_regions: list[str] = Field(
-        default_factory=_default_phone_regions,
+        default_factory=lambda: list(DEFAULT_PHONE_REGIONS),
         description="Countries (ISO 3166 codes) whose national phone formats count without a leading +; "
         "a number written with + is checked in its own country's plan whatever this says.",
     )
@@ -189,21 +200,30 @@ class DataSection(Section):
 
     def inputs(self) -> list[tuple[str, DataFile]]:
         """(split, input) pairs in reading order: train inputs first, so earlier copies win."""
-        return [(split, item) for split in ("train", "val", "test") for item in getattr(self, split)]
-
-
-LoraTargets = Literal["attention", "mlp", "all-linear"]
+        return [(split, item) for split in SPLITS for item in getattr(self, split)]
 
 
 class LoraSection(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    targets: LoraTargets | list[str] = Field(
-        "all-linear", description="attention, mlp, all-linear (the family's linear layers), or module names."
+    targets: LoraTargetPreset | list[str] = Field(
+        ALL_LINEAR, description="attention, mlp, all-linear (the family's linear layers), or module names."
     )
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
+
+    def linears(self, all_linear: tuple[str, ...] = LLAMA_LINEARS) -> tuple[str, ...]:
+        """The module names the adapter goes on: the preset's (all-linear: `all_linear`, the family's linear
+        layers) or those listed. The planner and the trainer both resolve `targets` here.
+
+        Raises ConfigError naming a preset llamatailor does not know (one set past validation) and the known
+        ones.
+        """
+        try:
+            return lora_linears(self.targets, all_linear)
+        except ValueError as exc:
+            raise ConfigError(f"train.lora.targets: {exc}") from None
 
 
 class QuantizationSection(Section):
@@ -212,8 +232,8 @@ class QuantizationSection(Section):
     bits: Literal[4, 8] = 4
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (4-bit).")
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: the run's precision (bf16 on GPUs that have it, fp32 on CPU)."
+    compute_dtype: PrecisionSetting = Field(
+        AUTO, description="auto: the run's precision (bf16 on GPUs that have it, fp32 on CPU)."
     )
 
 
@@ -227,17 +247,17 @@ class Schedule(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+    optimizer: Optimizer = Field(
         "adamw", description="The 8-bit and paged variants (bitsandbytes) need a CUDA GPU."
     )
     batch_size: int = Field(8, ge=1, description="Per process.")
     grad_accum: int = Field(1, ge=1)
-    gradient_checkpointing: Literal["auto", True, False] = Field(
-        "auto",
+    gradient_checkpointing: Literal[Auto, True, False] = Field(
+        AUTO,
         description="Recompute activations to save memory; auto: on for GPUs, off on CPU (pure cost there).",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it, fp16 (loss-scaled) on older GPUs, fp32 on CPU."
+    precision: PrecisionSetting = Field(
+        AUTO, description="auto: bf16 on GPUs that have it, fp16 (loss-scaled) on older GPUs, fp32 on CPU."
     )
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(
@@ -253,8 +273,8 @@ class Schedule(Section):
         default_factory=list, description="Besides TensorBoard (always on), when installed."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's own choice.")
-    micro_batch_tokens: Literal["auto"] | int | None = Field(
-        "auto",
+    micro_batch_tokens: Auto | int | None = Field(
+        AUTO,
         description="Split a batch into passes of at most this many padded tokens (the same gradient, less "
         "activation memory); auto: 2048 on CPU, no split on GPUs; null: never split.",
     )
@@ -271,7 +291,7 @@ class Schedule(Section):
 
 
 class TrainSection(Schedule):
-    method: Literal["lora", "qlora", "full"] = Field(
+    method: Method = Field(
         "lora",
         description="lora: adapter on a 16/32-bit base; qlora: adapter on a 4/8-bit base; full: every weight.",
     )
@@ -328,29 +348,14 @@ class EvalSection(Section):
     judge: JudgeSection | None = Field(None, description="Optional LLM judge.")
 
 
-GgufType = Literal[
-    "f32",
-    "f16",
-    "bf16",
-    "q8_0",
-    "q6_k",
-    "q5_k_m",
-    "q5_k_s",
-    "q5_0",
-    "q4_k_m",
-    "q4_k_s",
-    "q4_0",
-    "q3_k_m",
-    "q2_k",
-]
-GGUF_TYPES: tuple[str, ...] = typing.get_args(GgufType)
+DEFAULT_GGUF_TYPES: tuple[GgufType, ...] = ("q8_0",)
 
 
 class ExportSection(Section):
     """merge (the adapter folded into the base) and export (GGUF files, an Ollama Modelfile), with gates."""
 
-    merge_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="dtype of merged/: auto keeps the base's own (fp32 for the embedded model)."
+    merge_dtype: PrecisionSetting = Field(
+        AUTO, description="dtype of merged/: auto keeps the base's own (fp32 for the embedded model)."
     )
     merge_tolerance: float = Field(
         1e-3, gt=0, description="Largest |logit| difference allowed between adapter and merged model (fp32)."
@@ -359,7 +364,8 @@ class ExportSection(Section):
         8, ge=1, description="Val conversations used for the merge check, perplexity and top-1 agreement."
     )
     gguf: list[GgufType] = Field(
-        default_factory=lambda: ["q8_0"], description=f"GGUF types to write: {', '.join(GGUF_TYPES)}."
+        default_factory=lambda: list(DEFAULT_GGUF_TYPES),
+        description=f"GGUF types to write: {', '.join(GGUF_TYPES)}.",
     )
     gates: dict[GgufType, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
@@ -528,15 +534,22 @@ class _BoundedLoader(yaml.SafeLoader):
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
-            node = super().compose_node(parent, index)
+            node = self._compose(parent, index)
             self._count_alias(event, node)
             return node
         self.depth += 1
         if self.depth > NESTING_LIMIT:
             raise ConfigError(f"{self._where(event)}: nested deeper than {NESTING_LIMIT} levels")
-        node = super().compose_node(parent, index)
+        node = self._compose(parent, index)
         self.depth -= 1
         self.sizes[id(node)] = 1 + sum(self.sizes[id(child)] for child in _children(node))
+        return node
+
+    def _compose(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        node = super().compose_node(parent, index)
+        # PyYAML's compose_node returns the alias's node or the one it composed, or raises; never None
+        # (the stubs type it as get_node, which returns None at the end of the stream).
+        assert node is not None
         return node
 
     def _count_alias(self, event: yaml.AliasEvent, node: yaml.Node) -> None:
@@ -555,9 +568,10 @@ class _BoundedLoader(yaml.SafeLoader):
             )
 
     def _where(self, event: yaml.Event) -> str:
-        if isinstance(self.source, Path):
-            return f"{self.source} line {event.start_mark.line + 1}"
-        return self.source
+        if not isinstance(self.source, Path):
+            return self.source
+        mark = event.start_mark  # the parser marks every event it makes; the stubs allow None
+        return f"{self.source} line {mark.line + 1}" if mark is not None else str(self.source)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -656,7 +670,7 @@ def _origin(loc: tuple[str, ...], path: Path, text: str, override_origin: dict[t
     return f" ({path.name} line {line})" if line else ""
 
 
-def _describe(error: dict[str, Any], loc: tuple[str, ...]) -> str:
+def _describe(error: ErrorDetails, loc: tuple[str, ...]) -> str:
     kind = error["type"]
     value = error.get("input")
     if kind == "extra_forbidden":

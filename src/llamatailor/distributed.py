@@ -2,8 +2,6 @@
 
 import os
 
-import torch
-
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -18,5 +16,8 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every process of an initialised process group; nothing without one."""
+    import torch  # here, not at the top: the CLI asks which process it is before anything loads torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -1,7 +1,10 @@
 """The stages in order, what each depends on, and their records in the run's manifest.
 
-A stage is up to date when its last run completed with the same fingerprint (the config keys it reads
-and the hashes of its input files) and its outputs are all still there; `llamatailor run` skips it then.
+Each stage declares beside its code the config keys and files it reads and the files it writes
+(`stage_contract.Stage`, the `STAGE` of its module); this module puts them in order. A stage is up to date
+when its last run completed with the same fingerprint (the values of those keys and the hashes of those
+files) and its outputs are all still there. `llamatailor run` runs the stages `stages_to_run` names: those
+not up to date, and those reading what a stage before them is about to rewrite.
 """
 
 import dataclasses
@@ -11,149 +14,70 @@ import json
 import platform
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from llamatailor import __version__
-from llamatailor.config import SPLITS, RunConfig
-from llamatailor.data.prepare import check_inputs, prepare
+from llamatailor.config import RunConfig
+from llamatailor.data.prepare import STAGE as PREPARE
 from llamatailor.distributed import is_main_process
-from llamatailor.evaluate.stage import evaluate_run
-from llamatailor.export.merge import merge_run
-from llamatailor.export.stage import export_run
+from llamatailor.evaluate.stage import STAGE as EVAL
+from llamatailor.export.merge import STAGE as MERGE
+from llamatailor.export.stage import STAGE as EXPORT
 from llamatailor.rundir import now_iso, sha256_file
-from llamatailor.train.dpo import train_dpo
-from llamatailor.train.sft import train_sft
+from llamatailor.stage_contract import Stage
+from llamatailor.train.dpo import STAGE as DPO
+from llamatailor.train.sft import STAGE as TRAIN
 
 BULKY_FIELDS = ("report", "samples", "files")
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "tokenizers", "gguf")
 
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    config_keys: tuple[str, ...]
-    inputs: Callable[[RunConfig], list[Path]]
-    outputs: Callable[[RunConfig], list[Path]]
-    action: Callable[..., Any]
-    enabled: Callable[[RunConfig], bool] = lambda config: True
-    # Checks that can fail before the run directory is created or touched (raise a user error).
-    precheck: Callable[[RunConfig], Any] = lambda config: None
-
-
-def _prepare_inputs(config: RunConfig) -> list[Path]:
-    template = [config.model.chat_template] if config.model.chat_template else []
-    return [source.path for _, source in config.data.inputs() if source.path is not None] + template
-
-
-def _weights(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
-def _train_outputs(config: RunConfig) -> list[Path]:
-    run = config.run_dir
-    if config.train.method == "full":
-        return [run.model / "config.json", *_weights(run.model), run.metrics]
-    return [run.adapter / "adapter_config.json", run.adapter / "adapter_model.safetensors", run.metrics]
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        "prepare",
-        ("seed", "model", "data"),
-        _prepare_inputs,
-        lambda config: [
-            *(config.run_dir.split(name) for name in SPLITS),
-            config.run_dir.rejected,
-            config.run_dir.data_report,
-        ],
-        prepare,
-        precheck=check_inputs,
-    ),
-    Stage(
-        "train",
-        ("seed", "model", "data", "train"),
-        lambda config: [config.run_dir.split("train"), config.run_dir.split("val")],
-        _train_outputs,
-        train_sft,
-    ),
-    Stage(
-        "dpo",
-        ("seed", "model", "data", "train", "dpo"),
-        lambda config: [
-            config.run_dir.preference_split("train"),
-            config.run_dir.preference_split("val"),
-            *_weights(config.run_dir.trained),
-        ],
-        lambda config: [
-            config.run_dir.dpo / "adapter" / "adapter_model.safetensors",
-            config.run_dir.dpo / "metrics.jsonl",
-        ],
-        train_dpo,
-        enabled=lambda config: config.dpo.enabled,
-    ),
-    Stage(
-        "eval",
-        ("model", "eval", "dpo.enabled"),
-        lambda config: [config.run_dir.split("test"), *_weights(config.run_dir.final(config.dpo.enabled))],
-        lambda config: [
-            config.run_dir.eval / name for name in ("metrics.json", "samples.jsonl", "report.md")
-        ],
-        evaluate_run,
-    ),
-    Stage(
-        "merge",
-        ("model", "dpo.enabled", "export.merge_dtype", "export.merge_tolerance", "export.check_samples"),
-        lambda config: [config.run_dir.split("val"), *_weights(config.run_dir.final(config.dpo.enabled))],
-        lambda config: [
-            config.run_dir.merged / "config.json",
-            config.run_dir.merged / "merge_report.json",
-            *_weights(config.run_dir.merged),
-        ],
-        merge_run,
-        enabled=lambda config: bool(config.export.gguf),
-    ),
-    Stage(
-        "export",
-        ("name", "model", "data.system_prompt", "data.max_seq_len", "eval", "export"),
-        lambda config: [
-            config.run_dir.split("val"),
-            config.run_dir.split("test"),
-            *_weights(config.run_dir.merged),
-        ],
-        lambda config: [
-            *(config.run_dir.gguf_file(config.name, t) for t in config.export.gguf),
-            config.run_dir.gguf / "Modelfile",
-            config.run_dir.gguf / "export_report.json",
-        ],
-        export_run,
-        enabled=lambda config: bool(config.export.gguf),
-    ),
-)
+STAGES: tuple[Stage, ...] = (PREPARE, TRAIN, DPO, EVAL, MERGE, EXPORT)
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 def input_hashes(stage: Stage, config: RunConfig) -> dict[str, str]:
+    """SHA-256 of each declared input file of `stage` that exists, by absolute path."""
     return {str(path.resolve()): sha256_file(path) for path in stage.inputs(config) if path.is_file()}
 
 
 def fingerprint(stage: Stage, config: RunConfig, inputs: dict[str, str]) -> str:
+    """SHA-256 over the stage's name, the values of its declared config keys and its input hashes."""
     payload = {"stage": stage.name, "config": config.section_hash(*stage.config_keys), "inputs": inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def is_up_to_date(stage: Stage, config: RunConfig) -> bool:
-    run = config.run_dir
-    if stage.name == "prepare" and any(source.hub for _, source in config.data.inputs()):
+    """Whether the manifest records a complete run of `stage` with today's fingerprint, and its outputs exist."""
+    if stage.remote_inputs(config):
         return False  # a hub data set can change upstream and has no local file to hash
-    record = run.stage_record(stage.name)
+    record = config.run_dir.stage_record(stage.name)
     if not record or record.get("status") != "complete":
         return False
     if not all(path.exists() for path in stage.outputs(config)):
         return False
     return record.get("fingerprint") == fingerprint(stage, config, input_hashes(stage, config))
+
+
+def stages_to_run(config: RunConfig, stages: Sequence[Stage] = STAGES) -> list[Stage]:
+    """The enabled stages among `stages` (in pipeline order) that `llamatailor run` runs for `config` now.
+
+    A stage runs when it is not up to date (`is_up_to_date`), or when one of its declared inputs is a
+    declared output of a stage before it that runs: that input is about to be rewritten. Reads the manifest
+    and hashes input files; writes nothing. `run` asks again after each stage it runs, so that a stage
+    whose inputs came out byte for byte the same is still skipped.
+    """
+    chosen: list[Stage] = []
+    rewritten: set[Path] = set()
+    for stage in stages:
+        if not stage.enabled(config):
+            continue
+        reads_rewritten = any(path.resolve() in rewritten for path in stage.inputs(config))
+        if reads_rewritten or not is_up_to_date(stage, config):
+            chosen.append(stage)
+            rewritten.update(path.resolve() for path in stage.outputs(config))
+    return chosen
 
 
 def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:

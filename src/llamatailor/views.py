@@ -1,12 +1,19 @@
-"""Rich renderings of stage results for the terminal (the CLI prints them; nothing here prints)."""
+"""Rich renderings of stage results for the terminal (the CLI prints them; nothing here prints).
+
+The CLI prints a view with `crop=False`: lines marked `no_wrap` (file:line references) stay whole.
+"""
+
+import functools
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from llamatailor.config import RunConfig
 from llamatailor.data.prepare import PrepareResult
 from llamatailor.evaluate.report import metric_rows
-from llamatailor.evaluate.stage import EvalResult
+from llamatailor.evaluate.result import EvalResult
 from llamatailor.export.merge import MergeResult
 from llamatailor.export.stage import ExportResult
 from llamatailor.plan.verdict import Plan
@@ -33,7 +40,9 @@ def prepare_view(result: PrepareResult) -> RenderableType:
     pii = result.report["pii"]
     found = ", ".join(f"{kind} in {count} records" for kind, count in pii["records"].items())
     checks = Text(f"PII ({pii['mode']}): {found or 'none found'}", style="yellow" if found else "default")
-    return Group(table, rejected, checks)
+    # unwrapped, so that file:line stays whole
+    first = [Text(f"  {line}", no_wrap=True, overflow="ignore") for line in result.first_rejections]
+    return Group(table, rejected, checks, *first)
 
 
 def train_view(result: TrainResult) -> RenderableType:
@@ -187,3 +196,18 @@ def export_view(result: ExportResult) -> RenderableType:
     lines.append(Text(f"{result.modelfile}: TEMPLATE {template}"))
     lines += [Text(f"FAILED {failure}", style="bold red") for failure in result.failures]
     return Group(*lines)
+
+
+@functools.singledispatch
+def stage_view(result: Any, config: RunConfig) -> RenderableType:
+    """What the CLI prints for a stage's result, chosen by the result's type; `config` gives the display
+    settings (`eval.show`: how many answers to print). Raises TypeError for a type with no view."""
+    raise TypeError(f"no view for a {type(result).__name__}")
+
+
+stage_view.register(PrepareResult, lambda result, config: prepare_view(result))
+stage_view.register(TrainResult, lambda result, config: train_view(result))
+stage_view.register(DpoResult, lambda result, config: dpo_view(result))
+stage_view.register(EvalResult, lambda result, config: eval_view(result, config.eval.show))
+stage_view.register(MergeResult, lambda result, config: merge_view(result))
+stage_view.register(ExportResult, lambda result, config: export_view(result))

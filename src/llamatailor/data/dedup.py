@@ -122,8 +122,8 @@ class ShingleSets:
         mine = self.of(record)
         theirs = [self.of(other) for other in others.tolist()]
         if len(theirs) == 1:  # the common case, without the set-up of the vectorized one
-            shared, union = overlap(mine, theirs[0])
-            return np.array([shared / union])
+            common, union = overlap(mine, theirs[0])
+            return np.array([common / union])
         owner = np.repeat(np.arange(len(theirs)), [len(hashes) for hashes in theirs])
         shared = np.bincount(owner[np.isin(np.concatenate(theirs), mine)], minlength=len(theirs))
         return shared / (len(mine) + np.array([len(hashes) for hashes in theirs]) - shared)

@@ -35,18 +35,20 @@ from dataclasses import dataclass
 
 import phonenumbers
 
+from llamatailor.vocabulary import DEFAULT_PHONE_REGIONS, PII_KINDS, PiiKind
+
 Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Detector:
-    kind: str
+    kind: PiiKind
     find: Callable[[str], Iterator[Span]]
 
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str
+    kind: PiiKind
     start: int
     end: int
 
@@ -159,8 +161,6 @@ def email_valid(match: re.Match[str]) -> bool:
     return match.group().rsplit(".", 1)[1].lower() not in IMAGE_EXTENSIONS
 
 
-# Without +, national numbers are read in these plans' formats ("US" covers every +1 country).
-DEFAULT_PHONE_REGIONS = ("US", "GB")
 # Seven digits or more with at most short punctuation between them: the fewest any numbering plan writes
 # (+683 4002). The matcher, slow per digit group, runs only on the stretches around these runs.
 PHONE_RUN = re.compile(r"\d(?:[^\w\n]{0,4}\d){6,}")
@@ -204,7 +204,7 @@ def find_phones(text: str, regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS) -> 
     digits without + counts only after a phone word (PHONE_CUE) in the 20 characters before it: bare runs
     are usually order or account numbers.
     """
-    passes = [(None, phonenumbers.Leniency.VALID)]
+    passes: list[tuple[str | None, int]] = [(None, phonenumbers.Leniency.VALID)]  # (region, leniency)
     passes += [(region, phonenumbers.Leniency.STRICT_GROUPING) for region in regions]
     for left, right in phone_windows(text):
         window = text[left:right]
@@ -275,13 +275,11 @@ def detectors(phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS) -> tuple[D
     )
 
 
-PLACEHOLDERS = {
-    kind: f"[{kind.upper()}]" for kind in ("secret", "email", "iban", "card", "national_id", "ip", "phone")
-}
+PLACEHOLDERS = {kind: f"[{kind.upper()}]" for kind in PII_KINDS}
 
 
 def find_pii(
-    text: str, kinds: set[str], phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS
+    text: str, kinds: set[PiiKind], phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS
 ) -> list[Finding]:
     """Non-overlapping findings of the wanted kinds (names as in PLACEHOLDERS), in text order; phone numbers
     without + are read in `phone_regions`' national formats (ISO 3166 codes, see find_phones).

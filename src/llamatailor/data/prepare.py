@@ -3,8 +3,8 @@
 Records are streamed through three passes so that memory stays flat with the data size:
 1. scan: each record is read, parsed, cleaned, PII-checked and rendered (see `scan.py`); accepted
    samples go to a spool file and their word 3-gram hashes to a second one, and only compact facts
-   (kind, token count, hashes, MinHash signature, spool offset) stay in memory; rejected records go
-   straight to `rejected.jsonl`.
+   (kind, token count, hashes, MinHash signature, spool offset: `records.AcceptedRecords`) stay in
+   memory; rejected records go straight to `rejected.jsonl`.
 2. decide: exact and near-duplicate clusters (candidates verified against the spooled 3-grams, see
    `dedup.py`), leaks (a val/test input record in a cluster with a train record), and the seeded split
    of the records drawn from the train inputs, cluster by cluster.
@@ -15,20 +15,19 @@ line written (splits, rejections) is strict JSON: no bare NaN or Infinity, which
 and strict readers refuse.
 """
 
-import array
 import contextlib
 import hashlib
 import json
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import numpy as np
 
-from llamatailor.config import SPLITS, DataFile, RunConfig
+from llamatailor.config import DataFile, RunConfig
 from llamatailor.data.dedup import (
     MinHasher,
     ShingleSets,
@@ -40,25 +39,32 @@ from llamatailor.data.dedup import (
 )
 from llamatailor.data.formats import Format, Sample
 from llamatailor.data.reader import RawRecord, detect_file_format, read_source
+from llamatailor.data.records import (
+    AcceptedRecords,
+    AcceptedRecordsBuilder,
+    Decision,
+    Decisions,
+    InputCounts,
+    SampleKind,
+    ScanTally,
+)
 from llamatailor.data.report import build_report, render_report_markdown
-from llamatailor.data.scan import Accepted, Rejected, ScanCounts, scan_record
-from llamatailor.data.split import SPLIT_CODES, split_groups
+from llamatailor.data.scan import Accepted, Rejected, scan_record
+from llamatailor.data.split import SplitCode, split_groups
 from llamatailor.models.loading import ChatTokenizer, load_tokenizer
 from llamatailor.plots import plot_lengths
 from llamatailor.rundir import RunDir, atomic_path, write_json, write_text
+from llamatailor.stage_contract import Progress, Stage, chat_template_file, no_progress
+from llamatailor.vocabulary import SPLITS
 
-KINDS = ("sft", "preference")
 SHOWN_REJECTIONS = 5
 PROGRESS_EVERY = 1000
-ProgressCallback = Callable[[str, int], None]
-KEPT, DUPLICATE, NEAR_DUPLICATE, LEAK = 0, 1, 2, 3
-DECISION_REASONS = {
-    DUPLICATE: ("duplicate", "same normalised text as {other}"),
-    NEAR_DUPLICATE: (
-        "near_duplicate",
-        "near-duplicate of {other}: word 3-gram Jaccard {shared}/{union} = {similarity:.3f} >= {threshold}",
+REASONS = {  # why the decide pass removed a record, as rejected.jsonl says it
+    Decision.DUPLICATE: "same normalised text as {other}",
+    Decision.NEAR_DUPLICATE: (
+        "near-duplicate of {other}: word 3-gram Jaccard {shared}/{union} = {similarity:.3f} >= {threshold}"
     ),
-    LEAK: ("leak", "a near-duplicate of train record {other}: kept out of {split} to avoid leakage"),
+    Decision.LEAK: "a near-duplicate of train record {other}: kept out of {split} to avoid leakage",
 }
 
 
@@ -73,53 +79,10 @@ class PrepareResult:
     report: dict[str, Any]
 
 
-@dataclass
-class Index:
-    """What the decide pass needs per accepted record, in compact arrays (no text)."""
-
-    hasher: MinHasher
-    kind: array.array = field(default_factory=lambda: array.array("b"))
-    input_split: array.array = field(default_factory=lambda: array.array("b"))
-    exact: array.array = field(default_factory=lambda: array.array("Q"))
-    tokens: array.array = field(default_factory=lambda: array.array("l"))
-    truncated: array.array = field(default_factory=lambda: array.array("b"))
-    stratum: array.array = field(default_factory=lambda: array.array("l"))
-    signatures: array.array = field(default_factory=lambda: array.array("I"))
-    shingle_ends: array.array = field(default_factory=lambda: array.array("Q"))  # in the shingle spool
-    strata: dict[str, int] = field(default_factory=dict)
-
-    def add(self, accepted: Accepted, input_split: str, normalized: str, shingles: np.ndarray) -> None:
-        """`normalized`: the dedup text as `dedup.normalize` gives it; `shingles`: its `shingle_hashes`,
-        which the caller writes to the shingle spool in the same order."""
-        self.kind.append(KINDS.index(accepted.sample.kind))
-        self.input_split.append(SPLIT_CODES[input_split])
-        self.exact.append(exact_key(normalized))
-        self.tokens.append(accepted.tokens)
-        self.truncated.append(accepted.truncated)
-        self.stratum.append(self.strata.setdefault(accepted.stratum, len(self.strata)))
-        self.signatures.frombytes(self.hasher.signature(shingles).tobytes())
-        self.shingle_ends.append((self.shingle_ends[-1] if self.shingle_ends else 0) + len(shingles))
-
-    def __len__(self) -> int:
-        return len(self.kind)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "kind": np.frombuffer(self.kind, dtype=np.int8),
-            "input_split": np.frombuffer(self.input_split, dtype=np.int8),
-            "exact": np.frombuffer(self.exact, dtype=np.uint64),
-            "tokens": np.frombuffer(self.tokens, dtype=np.int64),
-            "truncated": np.frombuffer(self.truncated, dtype=np.int8).astype(bool),
-            "stratum": np.frombuffer(self.stratum, dtype=np.int64),
-            "signatures": np.frombuffer(self.signatures, dtype=np.uint32).reshape(-1, self.hasher.num_perm),
-            "shingle_ends": np.frombuffer(self.shingle_ends, dtype=np.uint64),
-        }
-
-
 @dataclass(frozen=True)
 class Spool:
     """The scan pass's two spool files: accepted samples as JSON lines, and each one's shingle hashes
-    (uint64, native byte order) end to end, found again through `Index.shingle_ends`."""
+    (uint64, native byte order) end to end, found again through `AcceptedRecords.shingle_ends`."""
 
     samples: IO[str]
     shingles: IO[bytes]
@@ -129,59 +92,69 @@ class Spool:
         self.shingles.write(shingles.tobytes())
 
 
-@dataclass
-class ScanTally:
-    """Counts from the scan pass, per input split."""
-
-    read: Counter[str] = field(default_factory=Counter)
-    rejected: dict[str, Counter[str]] = field(default_factory=lambda: {split: Counter() for split in SPLITS})
-    files: list[dict[str, Any]] = field(default_factory=list)
-    checks: ScanCounts = field(default_factory=ScanCounts)
-    first_rejections: list[str] = field(default_factory=list)
-
-
 def prepare(
-    config: RunConfig, chat: ChatTokenizer | None = None, progress: ProgressCallback | None = None
+    config: RunConfig, chat: ChatTokenizer | None = None, progress: Progress | None = None
 ) -> PrepareResult:
-    """`progress(phase, records)` is called as work goes on: scanning, deduplicating, writing."""
-    progress = progress or (lambda phase, done: None)
+    """Read every input of `config.data`, clean, check, deduplicate, find PII, split leak-free, and write the
+    run's data/ files: the SFT and preference splits (JSON lines, one conversation or pair per line, byte for
+    byte in input order), rejected.jsonl (each rejected record with its file, line and reason) and the data
+    report (JSON, Markdown, length histogram).
+
+    Three passes keep memory flat in the record count: a scan that spools accepted samples and their
+    MinHash shingles to disk (`scan_inputs`), a decision pass over compact typed columns (duplicates exact
+    and near, MinHash LSH as datasketch does; split by conversation group so no near-duplicate crosses
+    splits), and a write pass streaming the spool to its split files.
+
+    Args:
+        config: The run file; reads `seed`, `model` (the tokenizer, for lengths) and `data`.
+        chat: The tokenizer and chat template, when the caller has it loaded (else loaded from `model`).
+        progress: Told the phase ("scanning", "deduplicating", "writing") and the records done (no total).
+
+    Returns:
+        PrepareResult: samples per split, rejections by kind, the first few "file:line: field: reason"
+        lines, the number of samples truncated to `data.max_seq_len` tokens, and the report.
+
+    Raises:
+        DataError: an input missing, empty, unsupported or of no known format (before any work); or a
+            record that the run's settings cannot handle at all (named by file and line, `scan.scan_record`).
+        EncodingError: an input that is not UTF-8 text.
+        ModelLoadError: the tokenizer cannot be loaded.
+    """
+    say = progress or no_progress
     inputs = check_inputs(config)  # a missing or unreadable input stops the stage before any work
     chat = chat or load_tokenizer(config.model)
     run = config.run_dir
     run.data.mkdir(parents=True, exist_ok=True)
-    index, tally = Index(MinHasher(config.data.dedup.num_perm, seed=config.seed)), ScanTally()
+    builder, tally = AcceptedRecordsBuilder(config.data.dedup.num_perm), ScanTally()
     spool, shingle_spool = run.data / ".spool.jsonl", run.data / ".spool.shingles"
     try:
         with atomic_path(run.rejected) as rejected_tmp, rejected_tmp.open("w", encoding="utf-8") as rejected:
             with spool.open("w", encoding="utf-8") as lines, shingle_spool.open("wb") as hashes:
-                scan_inputs(config, inputs, chat, index, tally, Spool(lines, hashes), rejected, progress)
-            facts = index.arrays()
+                scan_inputs(config, inputs, chat, builder, tally, Spool(lines, hashes), rejected, say)
+            records = builder.finish()
             with shingle_spool.open("rb") as hashes:
-                shingles = ShingleSets.in_file(hashes, facts["shingle_ends"])
-                progress("deduplicating", len(index))
-                clusters, decision, other = decide(facts, shingles, config)
-                split_of = assign_splits(facts, clusters, decision, config)
-                progress("writing", len(index))
-                reason = rejection_reason(
-                    spool, facts, decision, other, shingles, config.data.dedup.threshold
-                )
-                write_splits(run, spool, facts, decision, split_of, reason, rejected, tally)
+                shingles = ShingleSets.in_file(hashes, records.shingle_ends)
+                say("deduplicating", len(records))
+                decisions = decide(records, shingles, config)
+                say("writing", len(records))
+                reason = rejection_reason(spool, records, decisions, shingles, config.data.dedup.threshold)
+                write_splits(run, spool, records, decisions, reason, rejected, tally)
     finally:
         spool.unlink(missing_ok=True)
         shingle_spool.unlink(missing_ok=True)
-    report = build_report(config, chat, tally, facts, decision, split_of, index.strata)
+    report = build_report(config, chat, tally, records, decisions)
     write_json(run.data_report, report)
     write_text(run.data / "report.md", render_report_markdown(report))
-    plot_lengths(_lengths(facts, decision, split_of), run.data / "lengths.png")
+    plot_lengths(_lengths(records, decisions), run.data / "lengths.png")
     rejected_by_kind = Counter({kind: count for c in tally.rejected.values() for kind, count in c.items()})
     rejected_by_kind.update(report["dedup"]["removed"])
     return PrepareResult(
-        splits=report["splits"]["sft"],
-        preference_splits=report["splits"]["preference"],
+        splits=report["splits"][SampleKind.SFT.label],
+        preference_splits=report["splits"][SampleKind.PREFERENCE.label],
         rejected=sum(rejected_by_kind.values()),
         rejected_by_kind=dict(sorted(rejected_by_kind.items())),
         first_rejections=tally.first_rejections,
-        truncated=sum(report["truncated"]["sft"].values()) + sum(report["truncated"]["preference"].values()),
+        truncated=sum(sum(per_split.values()) for per_split in report["truncated"].values()),
         report=report,
     )
 
@@ -199,20 +172,43 @@ def check_inputs(config: RunConfig) -> list[tuple[str, DataFile, Format]]:
     ]
 
 
+STAGE = Stage(
+    "prepare",
+    config_keys=("seed", "model", "data"),
+    inputs=lambda config: [
+        *(source.path for _, source in config.data.inputs() if source.path is not None),
+        *chat_template_file(config),
+    ],
+    outputs=lambda config: [
+        *(config.run_dir.split(name) for name in SPLITS),
+        config.run_dir.rejected,
+        config.run_dir.data_report,
+        # the preference splits, where the data held preference records: the dpo stage reads them
+        *(path for name in SPLITS if (path := config.run_dir.preference_split(name)).is_file()),
+    ],
+    action=prepare,
+    precheck=check_inputs,
+    remote_inputs=lambda config: any(source.hub for _, source in config.data.inputs()),
+    activity="reading",
+)
+
+
 def scan_inputs(
     config: RunConfig,
     inputs: list[tuple[str, DataFile, Format]],
     chat: ChatTokenizer,
-    index: Index,
+    records: AcceptedRecordsBuilder,
     tally: ScanTally,
     spool: "Spool",
     rejected: IO[str],
-    progress: ProgressCallback,
+    progress: Progress,
 ) -> None:
-    """Each record of `inputs` (as `check_inputs` gives them) scanned: accepted samples to `index` and
+    """Each record of `inputs` (as `check_inputs` gives them) scanned: accepted samples to `records` and
     `spool`, rejections to `rejected`, counts to `tally`."""
     data = config.data
+    hasher = MinHasher(data.dedup.num_perm, seed=config.seed)
     for input_split, source, fmt in inputs:
+        split = SplitCode.of(input_split)
         accepted = rejected_count = 0
         for raw in read_source(source, data.max_record_bytes):
             tally.read[input_split] += 1
@@ -229,17 +225,9 @@ def scan_inputs(
             accepted += 1
             normalized = normalize(outcome.dedup_text, data.dedup.fold_case)
             shingles = shingle_hashes(normalized)
-            index.add(outcome, input_split, normalized, shingles)
+            records.add(outcome, split, exact_key(normalized), hasher.signature(shingles), len(shingles))
             spool.write(line, shingles)
-        tally.files.append(
-            {
-                "input": source.label,
-                "split": input_split,
-                "format": fmt.name,
-                "accepted": accepted,
-                "rejected": rejected_count,
-            }
-        )
+        tally.files.append(InputCounts(source.label, input_split, fmt.name, accepted, rejected_count))
 
 
 def sample_id(sample: Sample) -> str:
@@ -307,111 +295,115 @@ def _write_rejection(handle: IO[str], tally: ScanTally, where: str, rejection: R
         tally.first_rejections.append(f"{where}: {field_part}{rejection.reason}")
 
 
-def decide(
-    facts: dict[str, np.ndarray], shingles: ShingleSets, config: RunConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per record: its near-duplicate cluster, KEPT / DUPLICATE / NEAR_DUPLICATE / LEAK, and the record it
-    repeats (-1 if none): the earliest copy for a duplicate, the most similar record it was verified
-    against for a near-duplicate, the cluster's train record for a leak. Reading order makes train
-    inputs' records the earliest of their clusters."""
+def decide(records: AcceptedRecords, shingles: ShingleSets, config: RunConfig) -> Decisions:
+    """Per record: its near-duplicate cluster, its `Decision`, the record it repeats (-1 if none): the
+    earliest copy for a duplicate, the most similar record it was verified against for a near-duplicate,
+    the cluster's train record for a leak; and its output split (`assign_splits`). Reading order makes
+    train inputs' records the earliest of their clusters."""
     dedup = config.data.dedup
-    kinds = facts["kind"].astype(np.uint64)
+    kind = records.kind.astype(np.uint64)
     _, first_index, inverse = np.unique(
-        np.stack([facts["exact"], kinds]), axis=1, return_index=True, return_inverse=True
+        np.stack([records.exact, kind]), axis=1, return_index=True, return_inverse=True
     )
     earliest = first_index[inverse.ravel()]
     near_duplicates = near_duplicate_clusters(
-        facts["signatures"], facts["kind"], earliest, shingles, dedup.threshold
+        records.signatures, records.kind, earliest, shingles, dedup.threshold
     )
     clusters = near_duplicates.cluster
     position = np.arange(len(clusters))
-    from_train = facts["input_split"][clusters] == 0
-    leak = (clusters != position) & from_train & (facts["input_split"] != 0)
+    from_train = records.input_split[clusters] == SplitCode.TRAIN
+    leak = (clusters != position) & from_train & (records.input_split != SplitCode.TRAIN)
     duplicate = ~leak & dedup.exact & (earliest != position)
     near = ~leak & ~duplicate & dedup.near & (clusters != position)
-    decision = np.full(len(clusters), KEPT, dtype=np.int8)
-    other = np.full(len(clusters), -1, dtype=np.int64)
+    decision = np.full(len(clusters), Decision.KEPT, dtype=np.int8)
+    repeats = np.full(len(clusters), -1, dtype=np.int64)
     for mask, code, repeated in (
-        (leak, LEAK, clusters),
-        (duplicate, DUPLICATE, earliest),
-        (near, NEAR_DUPLICATE, near_duplicates.partner),
+        (leak, Decision.LEAK, clusters),
+        (duplicate, Decision.DUPLICATE, earliest),
+        (near, Decision.NEAR_DUPLICATE, near_duplicates.partner),
     ):
-        decision[mask], other[mask] = code, repeated[mask]
-    return clusters, decision, other
+        decision[mask], repeats[mask] = code, repeated[mask]
+    split = assign_splits(records, clusters, decision, config)
+    return Decisions(cluster=clusters, decision=decision, repeats=repeats, split=split)
 
 
 def assign_splits(
-    facts: dict[str, np.ndarray], clusters: np.ndarray, decision: np.ndarray, config: RunConfig
+    records: AcceptedRecords, clusters: np.ndarray, decision: np.ndarray, config: RunConfig
 ) -> np.ndarray:
-    """Split code per record: explicit val/test inputs keep theirs; train inputs are split by cluster."""
+    """`SplitCode` per record (int8): explicit val/test inputs keep theirs; train inputs' kept records
+    are split by cluster, each sample kind apart."""
     data = config.data
-    split_of = facts["input_split"].copy()
-    for kind in range(len(KINDS)):
-        drawn = np.flatnonzero((facts["kind"] == kind) & (facts["input_split"] == 0) & (decision == KEPT))
-        split_of[drawn] = split_groups(
+    split = records.input_split.copy()
+    for kind in SampleKind:
+        drawn = np.flatnonzero(
+            (records.kind == kind) & (records.input_split == SplitCode.TRAIN) & (decision == Decision.KEPT)
+        )
+        split[drawn] = split_groups(
             clusters[drawn],
-            facts["stratum"][drawn],
+            records.stratum[drawn],
             val_ratio=0.0 if data.val else data.val_ratio,
             test_ratio=0.0 if data.test else data.test_ratio,
             seed=config.seed,
         )
-    return split_of
+    return split
 
 
 def write_splits(
     run: RunDir,
     spool: Path,
-    facts: dict[str, np.ndarray],
-    decision: np.ndarray,
-    split_of: np.ndarray,
+    records: AcceptedRecords,
+    decisions: Decisions,
     reason: Callable[[int], str],
     rejected: IO[str],
     tally: ScanTally,
 ) -> None:
     """Copies the spool's kept lines into the split files and writes each removed record to `rejected`
-    with `reason(record)`."""
-    has_preference = bool(np.any(facts["kind"] == 1)) or any(f["format"] == "preference" for f in tally.files)
-    targets = {(0, name): run.split(name) for name in SPLITS}
-    if has_preference:
-        targets.update({(1, name): run.preference_split(name) for name in SPLITS})
+    with `reason(record)`. The preference files are written only when there are preference inputs."""
+    has_preference = bool(np.any(records.kind == SampleKind.PREFERENCE)) or any(
+        counts.format == "preference" for counts in tally.files
+    )
+    kinds = list(SampleKind) if has_preference else [SampleKind.SFT]
+    targets = {(kind, split): _split_file(run, kind, split) for kind in kinds for split in SplitCode}
+    # Python ints, not numpy scalars, meet the enums below: numpy compares its scalars with an enum member
+    # ~50 times slower, seconds over a million records.
+    kept, kind, split = decisions.kept, records.kind, decisions.split
     with contextlib.ExitStack() as stack, spool.open(encoding="utf-8") as lines:
-        outputs = {
+        outputs: dict[tuple[int, int], TextIO] = {
             key: stack.enter_context(stack.enter_context(atomic_path(path)).open("w", encoding="utf-8"))
             for key, path in targets.items()
         }
         for i, line in enumerate(lines):
-            if decision[i] == KEPT:
-                outputs[(int(facts["kind"][i]), SPLITS[split_of[i]])].write(line)
+            if kept[i]:
+                outputs[(int(kind[i]), int(split[i]))].write(line)
                 continue
             row = json.loads(line)
-            kind = DECISION_REASONS[int(decision[i])][0]
-            _write_rejection(rejected, tally, row["source"], Rejected(kind, "", reason(i), row))
+            label = Decision(int(decisions.decision[i])).label
+            _write_rejection(rejected, tally, row["source"], Rejected(label, "", reason(i), row))
+
+
+def _split_file(run: RunDir, kind: SampleKind, split: SplitCode) -> Path:
+    return run.preference_split(split.label) if kind == SampleKind.PREFERENCE else run.split(split.label)
 
 
 def rejection_reason(
-    spool: Path,
-    facts: dict[str, np.ndarray],
-    decision: np.ndarray,
-    other: np.ndarray,
-    shingles: ShingleSets,
-    threshold: float,
+    spool: Path, records: AcceptedRecords, decisions: Decisions, shingles: ShingleSets, threshold: float
 ) -> Callable[[int], str]:
     """`reason(record)`: why a removed record went, naming the record it repeats by its source (read
     from the spool first: a near-duplicate's most similar record may come after it) and, for a
     near-duplicate, their exact word 3-gram Jaccard, computed again from the shingle spool."""
-    needed = set(other[other >= 0].tolist())
+    repeats = decisions.repeats
+    needed = set(repeats[repeats >= 0].tolist())
     with spool.open(encoding="utf-8") as lines:
         sources = {i: json.loads(line)["source"] for i, line in enumerate(lines) if i in needed}
 
     def reason(i: int) -> str:
-        code = int(decision[i])
-        shared, union = (
-            overlap(shingles.of(i), shingles.of(int(other[i]))) if code == NEAR_DUPLICATE else (0, 1)
-        )
-        return DECISION_REASONS[code][1].format(
-            other=sources[int(other[i])],
+        decision, other = Decision(int(decisions.decision[i])), int(repeats[i])
+        near = decision == Decision.NEAR_DUPLICATE
+        shared, union = overlap(shingles.of(i), shingles.of(other)) if near else (0, 1)
+        return REASONS[decision].format(
+            other=sources[other],
             threshold=threshold,
-            split=SPLITS[facts["input_split"][i]],
+            split=SplitCode(int(records.input_split[i])).label,
             shared=shared,
             union=union,
             similarity=shared / union,
@@ -420,14 +412,14 @@ def rejection_reason(
     return reason
 
 
-def _lengths(
-    facts: dict[str, np.ndarray], decision: np.ndarray, split_of: np.ndarray
-) -> dict[str, list[int]]:
+def _lengths(records: AcceptedRecords, decisions: Decisions) -> dict[str, list[int]]:
+    """Token lengths of the written samples per plot label: the split's name for SFT samples, the kind's
+    and the split's for the others ("preference val")."""
     lengths = {}
-    for kind, kind_name in enumerate(KINDS):
-        for code, name in enumerate(SPLITS):
-            chosen = (facts["kind"] == kind) & (decision == KEPT) & (split_of == code)
+    for kind in SampleKind:
+        for split in SplitCode:
+            chosen = decisions.written(records, kind, split)
             if np.any(chosen):
-                label = name if kind_name == "sft" else f"preference {name}"
-                lengths[label] = facts["tokens"][chosen].tolist()
+                label = split.label if kind == SampleKind.SFT else f"{kind.label} {split.label}"
+                lengths[label] = records.tokens[chosen].tolist()
     return lengths

@@ -1,18 +1,15 @@
 """`data/report.json` and `data/report.md`: what came in, what went out, and why each record did not."""
 
-from collections import Counter
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
-from llamatailor.config import SPLITS, RunConfig
+from llamatailor.config import RunConfig
+from llamatailor.data.records import AcceptedRecords, Decision, Decisions, SampleKind, ScanTally
+from llamatailor.data.split import SplitCode
 from llamatailor.models.loading import ChatTokenizer
-
-if TYPE_CHECKING:
-    from llamatailor.data.prepare import ScanTally
-
-KINDS = ("sft", "preference")
-DECISIONS = {1: "duplicate", 2: "near_duplicate", 3: "leak"}
+from llamatailor.vocabulary import SPLITS
 
 
 def length_stats(lengths: np.ndarray) -> dict[str, float]:
@@ -31,30 +28,32 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
 def build_report(
     config: RunConfig,
     chat: ChatTokenizer,
-    tally: "ScanTally",
-    facts: dict[str, np.ndarray],
-    decision: np.ndarray,
-    split_of: np.ndarray,
-    strata: dict[str, int],
+    tally: ScanTally,
+    records: AcceptedRecords,
+    decisions: Decisions,
 ) -> dict[str, Any]:
+    """The report as `data/report.json` holds it: inputs, records read and rejected per input split and
+    kind of rejection, what the checks changed, deduplication, and per sample kind and output split the
+    samples, their token length statistics and truncations (and strata when data.stratify_by is set)."""
     data = config.data
-    kept = decision == 0
-    removed = Counter(DECISIONS[int(code)] for code in decision[~kept])
+    removals = [decision for decision in Decision if decision != Decision.KEPT]
+    removed = {
+        decision.label: count
+        for decision in removals
+        if (count := int(np.sum(decisions.decision == decision)))
+    }
     rejected = {split: dict(sorted(tally.rejected[split].items())) for split in SPLITS}
-    for code, name in DECISIONS.items():
-        for input_code, split in enumerate(SPLITS):
-            count = int(np.sum((decision == code) & (facts["input_split"] == input_code)))
+    for decision in removals:
+        for input_split in SplitCode:
+            count = int(np.sum((decisions.decision == decision) & (records.input_split == input_split)))
             if count:
-                rejected[split][name] = count
+                rejected[input_split.label][decision.label] = count
 
-    def per_split(kind: int, value: Any) -> dict[str, Any]:
-        return {
-            name: value((facts["kind"] == kind) & kept & (split_of == code))
-            for code, name in enumerate(SPLITS)
-        }
+    def per_split(kind: SampleKind, value: Any) -> dict[str, Any]:
+        return {split.label: value(decisions.written(records, kind, split)) for split in SplitCode}
 
     report: dict[str, Any] = {
-        "inputs": tally.files,
+        "inputs": [asdict(counts) for counts in tally.files],
         "read": {split: tally.read[split] for split in SPLITS},
         "rejected": rejected,
         "cleaned": dict(sorted(tally.checks.cleaned.items())),
@@ -70,32 +69,31 @@ def build_report(
             "threshold": data.dedup.threshold,
             "removed": dict(sorted(removed.items())),
         },
-        "splits": {kind: per_split(k, lambda mask: int(mask.sum())) for k, kind in enumerate(KINDS)},
+        "splits": {kind.label: per_split(kind, lambda mask: int(mask.sum())) for kind in SampleKind},
         "tokens": {
-            kind: per_split(k, lambda mask: length_stats(facts["tokens"][mask]))
-            for k, kind in enumerate(KINDS)
+            kind.label: per_split(kind, lambda mask: length_stats(records.tokens[mask]))
+            for kind in SampleKind
         },
         "truncated": {
-            kind: per_split(k, lambda mask: int(facts["truncated"][mask].sum()))
-            for k, kind in enumerate(KINDS)
+            kind.label: per_split(kind, lambda mask: int(records.truncated[mask].sum()))
+            for kind in SampleKind
         },
         "max_seq_len": data.max_seq_len,
         "family": chat.family.name,
         "chat_template": chat.template_origin,
     }
     if data.stratify_by is not None:
-        report["strata"] = _strata(facts, kept, split_of, data.stratify_by, strata)
+        report["strata"] = _strata(records, decisions, data.stratify_by)
     return report
 
 
-def _strata(
-    facts: dict[str, np.ndarray], kept: np.ndarray, split_of: np.ndarray, field: str, strata: dict[str, int]
-) -> dict[str, Any]:
-    names = {index: name for name, index in strata.items()}
+def _strata(records: AcceptedRecords, decisions: Decisions, field: str) -> dict[str, Any]:
+    """Kept records per output split and stratum (of both sample kinds)."""
     counts: dict[str, dict[str, int]] = {}
-    for code, split in enumerate(SPLITS):
-        values, sizes = np.unique(facts["stratum"][kept & (split_of == code)], return_counts=True)
-        counts[split] = {names[int(v)]: int(n) for v, n in zip(values, sizes, strict=True)}
+    for split in SplitCode:
+        chosen = decisions.kept & (decisions.split == split)
+        values, sizes = np.unique(records.stratum[chosen], return_counts=True)
+        counts[split.label] = {records.strata[v]: int(n) for v, n in zip(values, sizes, strict=True)}
     return {"field": field, "counts": counts}
 
 
@@ -123,9 +121,8 @@ def render_report_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {split} | {reason} | {count} |" for reason, count in reasons.items()]
     lines += ["", "## Output", "", "| kind | split | samples | tokens min | median | p95 | max | truncated |"]
     lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
-    for kind in KINDS:
-        for split in SPLITS:
-            stats = report["tokens"][kind][split]
+    for kind, splits in report["tokens"].items():
+        for split, stats in splits.items():
             if stats["count"]:
                 cells = " | ".join(str(stats[key]) for key in ("min", "median", "p95", "max"))
                 lines.append(

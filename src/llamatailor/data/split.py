@@ -6,9 +6,29 @@ groups are shuffled with the seed and the first ones fill test, then val, up to 
 counts; the rest is train. Same inputs and seed, same split.
 """
 
+from enum import IntEnum
+
 import numpy as np
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+from llamatailor.vocabulary import SPLITS, Split
+
+
+class SplitCode(IntEnum):
+    """A split as the per-record arrays store it: its position in `vocabulary.SPLITS`."""
+
+    TRAIN = 0
+    VAL = 1
+    TEST = 2
+
+    @property
+    def label(self) -> Split:
+        """The split's name in files and reports: "train", "val" or "test"."""
+        return SPLITS[self]
+
+    @classmethod
+    def of(cls, label: str) -> "SplitCode":
+        """The code of a split name; ValueError for a name not in `SPLITS`."""
+        return cls(SPLITS.index(label))
 
 
 def split_counts(total: int, val_ratio: float, test_ratio: float) -> tuple[int, int]:
@@ -23,8 +43,8 @@ def split_counts(total: int, val_ratio: float, test_ratio: float) -> tuple[int, 
 def split_groups(
     group_of: np.ndarray, stratum_of: np.ndarray, val_ratio: float, test_ratio: float, seed: int
 ) -> np.ndarray:
-    """Split code (0 train, 1 val, 2 test) per record; `group_of` and `stratum_of` are ids per record."""
-    codes = np.zeros(len(group_of), dtype=np.int8)
+    """`SplitCode` per record (int8); `group_of` and `stratum_of` are ids per record."""
+    codes = np.full(len(group_of), SplitCode.TRAIN, dtype=np.int8)
     for stratum in np.unique(stratum_of):
         in_stratum = np.flatnonzero(stratum_of == stratum)
         groups, sizes = np.unique(group_of[in_stratum], return_counts=True)
@@ -35,6 +55,6 @@ def split_groups(
         val_groups = groups[
             order[(filled - sizes[order] >= n_test) & (filled - sizes[order] < n_test + n_val)]
         ]
-        codes[in_stratum[np.isin(group_of[in_stratum], test_groups)]] = SPLIT_CODES["test"]
-        codes[in_stratum[np.isin(group_of[in_stratum], val_groups)]] = SPLIT_CODES["val"]
+        codes[in_stratum[np.isin(group_of[in_stratum], test_groups)]] = SplitCode.TEST
+        codes[in_stratum[np.isin(group_of[in_stratum], val_groups)]] = SplitCode.VAL
     return codes

@@ -25,7 +25,22 @@ def perplexity(
     max_len: int,
 ) -> Perplexity:
     """Perplexities of `conversations` (messages, and the tools offered, as in a split's rows), each
-    rendered and labelled as for training and cut to `max_len` tokens."""
+    rendered and labelled as for training and cut to `max_len` tokens.
+
+    Args:
+        engine: Scores each sequence (`Engine.token_logprobs`: (len - 1,) log p in nats).
+        chat: The tokenizer and chat template the conversations are rendered with.
+        conversations: (messages, tools or None) per conversation.
+        max_len: Tokens per rendered conversation at most.
+
+    Returns:
+        Perplexity: exp(mean negative log-likelihood in nats) pooled over every scored token, on the
+        answer tokens (labelled, as in training) and on whole sequences (every token after the first),
+        with both token counts; 1.0 where nothing is scored.
+
+    Raises:
+        RenderError: a conversation does not render (a ValueError).
+    """
     samples = [render_for_training(chat, messages, max_len, tools) for messages, tools in conversations]
     answer_nll = sequence_nll = 0.0
     answer_tokens = tokens = 0

@@ -1,12 +1,10 @@
 """`eval/report.md` and `eval/scores.png`: base vs tuned side by side, with deltas, probes and examples."""
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from llamatailor.evaluate.result import EvalResult
 from llamatailor.plots import plot_score_pairs
-
-if TYPE_CHECKING:
-    from llamatailor.evaluate.stage import EvalResult
 
 SHOWN_EXAMPLES = 3
 # Lower is better for these; the report marks which way each delta goes.
@@ -21,13 +19,14 @@ def _number(value: Any) -> str:
 
 def metric_rows(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, Any, Any]]:
     """(name, base, tuned) for every metric; per-field dictionaries are flattened."""
-    rows = []
+    rows: list[tuple[str, Any, Any]] = []
     for name, base_value in metrics["base"].items():
-        tuned_value = metrics["tuned"].get(name)
         if isinstance(base_value, dict):
-            rows.extend((f"{name}.{key}", base_value[key], tuned_value[key]) for key in base_value)
+            # The same scoring made both models' metrics: a field set in base is one in tuned.
+            tuned_fields = metrics["tuned"][name]
+            rows.extend((f"{name}.{key}", base_value[key], tuned_fields[key]) for key in base_value)
         else:
-            rows.append((name, base_value, tuned_value))
+            rows.append((name, base_value, metrics["tuned"].get(name)))
     return rows
 
 
@@ -64,7 +63,9 @@ def _example(sample: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_report(name: str, result: "EvalResult") -> str:
+def render_report(name: str, result: EvalResult) -> str:
+    """`eval/report.md` (Markdown): the metrics table, the training verdict, per-group tables, and the
+    best and worst tuned answers."""
     lines = [f"# Evaluation of run `{name}`", "", f"Tuned model: `{result.tuned_source}`", ""]
     lines += [f"Headline metric: **{result.headline}**", "", *_table(result.metrics), ""]
     training = result.training

@@ -6,8 +6,7 @@ Both models get the same prompts, rendered with the tokenizer and template saved
 """
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from llamatailor.evaluate.metrics import example_score, headline_metric, score_a
 from llamatailor.evaluate.perplexity import perplexity
 from llamatailor.evaluate.probes import MemorisationProbe, overfitting_verdict, runaway_share
 from llamatailor.evaluate.report import plot_scores, render_report
+from llamatailor.evaluate.result import EvalResult
 from llamatailor.generation.answers import answer_all
 from llamatailor.generation.engines import Engine, LlamaCppEngine, TransformersEngine
 from llamatailor.generation.prompts import TokenizerPrompter
@@ -29,19 +29,8 @@ from llamatailor.models.loading import (
     load_tuned_model,
 )
 from llamatailor.rundir import RunDir, read_jsonl, write_json, write_jsonl, write_text
-
-ProgressCallback = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    metrics: dict[str, dict[str, Any]]  # "base" and "tuned"
-    headline: str
-    samples: list[dict[str, Any]]
-    folder: Path
-    groups: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    tuned_source: str = ""
+from llamatailor.stage_contract import Progress, Stage, files_in
+from llamatailor.vocabulary import TEST_SPLIT, TRAIN_SPLIT, VAL_SPLIT
 
 
 @dataclass(frozen=True)
@@ -50,20 +39,33 @@ class Answers:
     perplexities: dict[str, Any]
 
 
+# What an `Evaluation` reads of the run file, for the stages that answer through one (eval, export), but
+# eval.perplexity: export turns it off on its own copy.
+EVALUATION_KEYS = (
+    "model",
+    "data.system_prompt",
+    "data.max_seq_len",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+    "eval.max_samples",
+)
+
+
 class Evaluation:
     """The test set, its prompts and references, and how to run one engine over them."""
 
-    def __init__(self, config: RunConfig, chat: ChatTokenizer, progress: ProgressCallback | None) -> None:
+    def __init__(self, config: RunConfig, chat: ChatTokenizer, progress: Progress | None) -> None:
         run = config.run_dir
         self.config, self.chat, self.progress = config, chat, progress
         self.prompter = TokenizerPrompter(chat, config.data.system_prompt)
-        self.records = run.read_split("test")[: config.eval.max_samples]
+        self.records = run.read_split(TEST_SPLIT)[: config.eval.max_samples]
         self.prompts = [
             self.prompter.chat_ids(record["messages"][:-1], record.get("tools")) for record in self.records
         ]
         self.references = [record["messages"][-1]["content"] for record in self.records]
         self.splits = {
-            name: [(r["messages"], r.get("tools")) for r in run.read_split(name)] for name in ("val", "test")
+            name: [(r["messages"], r.get("tools")) for r in run.read_split(name)]
+            for name in (VAL_SPLIT, TEST_SPLIT)
         }
 
     def answer(self, engine: Engine) -> Answers:
@@ -73,7 +75,7 @@ class Evaluation:
             nonlocal done
             done += count
             if self.progress:
-                self.progress(engine.label, done, len(self.prompts))
+                self.progress(f"answering ({engine.label})", done, len(self.prompts))
 
         generations = answer_all(engine, self.prompter, self.prompts, self.config.eval.max_new_tokens, step)
         perplexities = {}
@@ -87,10 +89,29 @@ class Evaluation:
 
 
 def evaluate_run(
-    config: RunConfig, progress: ProgressCallback | None = None, model_path: Path | None = None
+    config: RunConfig, progress: Progress | None = None, model_path: Path | None = None
 ) -> EvalResult:
     """The eval stage; with `model_path` (a merged folder or a .gguf file) that model stands in for the
-    tuned one and the results go to eval/candidates/<name>/."""
+    tuned one and the results go to eval/candidates/<name>/.
+
+    Args:
+        config: The resolved run file; reads `model`, `data`, `dpo.enabled` and `eval`.
+        progress: Called as `progress("answering (<model label>)", answers done, answers in all)`.
+        model_path: A merged model folder or a .gguf file (run by llama.cpp) to evaluate instead of the
+            run's adapter or fully fine-tuned model.
+
+    Returns:
+        EvalResult: per model ("base", "tuned") the task metrics of the greedy test answers, the answer
+        and sequence perplexities on val and test with `eval.perplexity` (exp of the mean nats per
+        token), the runaway and memorised shares (0..1), and the judge's score with `eval.judge`; the
+        samples, per-group metrics, the training curves' verdict, and the folder written (eval/ or
+        eval/candidates/<name>/).
+
+    Raises:
+        StageError: a split is missing (run `prepare`), or the judge's endpoint failed.
+        ModelLoadError: the trained model, the base, its saved tokenizer, or the semantic-similarity
+            model cannot be loaded.
+    """
     run = config.run_dir
     final = run.final(config.dpo.enabled)
     chat = load_saved_tokenizer(final, config.model)
@@ -113,6 +134,33 @@ def evaluate_run(
         source = str(model_path.resolve())  # one name per file, from wherever it is given
         folder = candidate_folder(run.eval / "candidates", model_path)
     return write_results(config, chat, evaluation, {"base": base, "tuned": tuned}, folder, source)
+
+
+STAGE = Stage(
+    "eval",
+    # eval.show is left out: it is what the CLI prints, read from the results
+    config_keys=(
+        *EVALUATION_KEYS,
+        "dpo.enabled",
+        "eval.json_fields",
+        "eval.semantic",
+        "eval.perplexity",
+        "eval.memorisation_tokens",
+        "eval.group_by",
+        "eval.judge",
+    ),
+    # train.jsonl: the memorisation probe; metrics.jsonl: the training curves' verdict
+    inputs=lambda config: [
+        *(config.run_dir.split(name) for name in (TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT)),
+        *files_in(config.run_dir.final(config.dpo.enabled)),
+        config.run_dir.metrics,
+    ],
+    outputs=lambda config: [
+        config.run_dir.eval / name for name in ("metrics.json", "samples.jsonl", "report.md")
+    ],
+    action=evaluate_run,
+    load_result=lambda config: load_eval_result(config.run_dir),
+)
 
 
 def candidate_folder(candidates: Path, model_path: Path) -> Path:
@@ -150,12 +198,12 @@ def write_results(
     ev = config.eval
     probe = MemorisationProbe(training_answers(config.run_dir, chat), ev.memorisation_tokens)
     metrics = {}
-    for name, result in answers.items():
-        texts = [g.text for g in result.generations]
+    for name, model_answers in answers.items():
+        texts = [g.text for g in model_answers.generations]
         metrics[name] = {
             **score_answers(texts, evaluation.references, ev.json_fields, semantic=ev.semantic),
-            **result.perplexities,
-            "runaway_share": runaway_share(result.generations),
+            **model_answers.perplexities,
+            "runaway_share": runaway_share(model_answers.generations),
             "memorised_share": probe.share(
                 [chat.tokenizer.encode(t, add_special_tokens=False) for t in texts]
             ),
@@ -182,7 +230,7 @@ def write_results(
 def training_answers(run: RunDir, chat: ChatTokenizer) -> list[list[int]]:
     return [
         chat.tokenizer.encode(message["content"], add_special_tokens=False)
-        for record in run.read_split("train")
+        for record in run.read_split(TRAIN_SPLIT)
         for message in record["messages"]
         if message["role"] == "assistant"
     ]

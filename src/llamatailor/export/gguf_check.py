@@ -68,11 +68,22 @@ class FileCheck:
 
 
 def perplexity_of(logprobs: list[np.ndarray]) -> float:
+    """exp(-mean log p) over every scored token, pooled across sequences (llama.cpp's `perplexity`
+    tool's definition; it scores the second half of fixed windows, this the answer tokens).
+
+    Args:
+        logprobs: Per sequence, (scored,) float64 natural-log probabilities of the scored tokens.
+
+    Returns:
+        The perplexity (1.0 when nothing is scored).
+    """
     total = sum(float(row.sum()) for row in logprobs)
     return math.exp(-total / max(sum(len(row) for row in logprobs), 1))
 
 
 def answer_positions(labels: list[list[int]]) -> list[np.ndarray]:
+    """Per sequence, the positions i (int64, ascending) whose next token i + 1 is labelled (not -100):
+    where the logits that predict an answer token are read. `labels` as `render_for_training` gives."""
     return [np.flatnonzero(np.asarray(row[1:]) != IGNORE_INDEX) for row in labels]
 
 
@@ -80,6 +91,18 @@ def answer_positions(labels: list[list[int]]) -> list[np.ndarray]:
 def logit_reference(
     model: PreTrainedModel, sequences: list[list[int]], labels: list[list[int]]
 ) -> LogitReference:
+    """The merged model's log-probabilities and top-1 tokens at the answer positions, one unpadded
+    forward pass per sequence, on the CPU.
+
+    Args:
+        model: The merged model, fp32, in eval mode.
+        sequences: Token ids per check conversation.
+        labels: The same conversations' labels (-100 outside the answers), of the same lengths.
+
+    Returns:
+        LogitReference: per sequence, the answer positions (n,) int64, the answer tokens' log p (n,)
+        float64 in nats, and the top-1 token ids (n,) int64 there.
+    """
     answers = answer_positions(labels)
     logprobs, top1 = [], []
     for ids, positions in zip(sequences, answers, strict=True):
@@ -93,6 +116,9 @@ def logit_reference(
 def gguf_logits(
     engine: LlamaCppEngine, reference: LogitReference
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The GGUF file's answer-token log p (n,) float64 and top-1 ids (n,) per sequence, at the
+    reference's positions, one llama.cpp evaluation per sequence (the engine keeps every position's
+    logits: `LlamaCppEngine(..., scores=True)`)."""
     rows = [engine.scored_at(ids, at) for ids, at in zip(reference.sequences, reference.answers, strict=True)]
     return [logprobs for logprobs, _ in rows], [top1 for _, top1 in rows]
 
@@ -133,6 +159,8 @@ def check_metadata(path: Path, chat: ChatTokenizer, rope: GgufRope) -> list[str]
 
 
 def check_tokenizer(engine: LlamaCppEngine, chat: ChatTokenizer, texts: list[str], result: FileCheck) -> None:
+    """Count the rendered conversations (`texts`) that llama.cpp tokenizes (special tokens parsed, no
+    bos added) differently from the HF tokenizer, into `result`, with the first difference shown."""
     result.tokenizer_texts = len(texts)
     for text in texts:
         expected = chat.tokenizer.encode(text, add_special_tokens=False)
@@ -151,6 +179,9 @@ def check_tokenizer(engine: LlamaCppEngine, chat: ChatTokenizer, texts: list[str
 
 
 def check_logits(engine: LlamaCppEngine, reference: LogitReference, result: FileCheck) -> None:
+    """Score the GGUF file on the reference's answer tokens, into `result`: top-1 agreement with the
+    merged model (share of answer tokens, 0..1), where agreement breaks off (`divergence_start`), and
+    the answer-token perplexity of both and its increase in percent (what the gate reads)."""
     logprobs, top1 = gguf_logits(engine, reference)
     agree = [a == b for a, b in zip(top1, reference.top1, strict=True)]
     result.top1_agreement = sum(int(row.sum()) for row in agree) / max(sum(len(row) for row in top1), 1)

@@ -9,6 +9,10 @@ increase: small models lose more to quantization than an 8B one (SmolLM2-135M's 
 where Llama-3-8B's loses 2.8 %, because its width 576 is no multiple of K-quants' 256-wide blocks).
 """
 
+from collections.abc import Mapping
+
+from llamatailor.vocabulary import GgufType
+
 LLAMA3_8B_BASE_PPL = 6.2316
 # llama.cpp's published perplexity increase of Llama-3-8B on wikitext-2, per type, without imatrix.
 LLAMA3_8B_DELTA_PPL = {
@@ -35,7 +39,7 @@ DEFAULT_GATES_PCT = {
 }
 
 
-def gate_for(gguf_type: str, overrides: dict[str, float]) -> float:
+def gate_for(gguf_type: GgufType, overrides: Mapping[GgufType, float]) -> float:
     """The largest perplexity increase allowed for `gguf_type`, in percent: the run file's, else the
     default. Raises KeyError for a type with neither (config validation names the known types)."""
     return overrides.get(gguf_type, DEFAULT_GATES_PCT[gguf_type])

@@ -29,6 +29,8 @@ from llamatailor.generation.prompts import TokenizerPrompter
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tuned_model, torch_dtype
 from llamatailor.models.source import resolve_source
 from llamatailor.rundir import atomic_path, write_json
+from llamatailor.stage_contract import Stage, files_in, weights
+from llamatailor.vocabulary import AUTO, TEST_SPLIT, VAL_SPLIT
 
 ANSWER_TOKENS = 48  # greedy tokens compared per val prompt
 # Rounding the merged weights and rounding the base under the adapter are both rounding, by chance larger or
@@ -67,15 +69,56 @@ class Probe:
 
 @torch.inference_mode()
 def logits_of(model: PreTrainedModel, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """The model's logits on each sequence, one unpadded forward pass per sequence.
+
+    Args:
+        model: A causal LM (with or without adapters), in eval mode.
+        sequences: Token ids per sequence (lengths may differ).
+
+    Returns:
+        Per sequence, a (len, vocab) fp32 tensor on the CPU: row i is the logits for token i + 1.
+    """
     device = next(model.parameters()).device
     return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in sequences]
 
 
 def max_abs_diff(left: list[torch.Tensor], right: list[torch.Tensor]) -> float:
+    """The largest |left - right| over all sequences and positions: max |Δlogit|, in logits' units.
+
+    Args:
+        left: Per sequence, (len, vocab) logits, as from `logits_of`.
+        right: The same sequences' logits from another model, of the same shapes.
+
+    Returns:
+        The maximum absolute difference, a float.
+
+    Raises:
+        ValueError: the lists differ in length (a shape mismatch raises torch's RuntimeError).
+    """
     return max(float((a - b).abs().max()) for a, b in zip(left, right, strict=True))
 
 
 def merge_run(config: RunConfig) -> MergeResult:
+    """Run the `merge` stage: fold the final adapter into the base and check merged/ against it.
+
+    The merge is PEFT 0.21's `merge_and_unload` (W + scale x BA for LoRA and rsLoRA; DoRA's magnitude
+    and direction recombined), in fp32; a fully fine-tuned model is saved again as it is. The checks are
+    described in the module docstring; merge_report.json is written before they are enforced.
+
+    Args:
+        config: The resolved run file; reads `model`, `data`, `dpo.enabled`, `eval.batch_size` and
+            `export` (`merge_dtype`, `merge_tolerance`, `check_samples`).
+
+    Returns:
+        MergeResult: merged/, its dtype, the max |Δlogit| of each comparison, the greedy answers equal
+        out of compared (`ANSWER_TOKENS` tokens each), and the tolerances applied.
+
+    Raises:
+        CheckFailed: the merged model (in memory or reloaded from merged/) differs from the adapter
+            model beyond the tolerance, or a greedy answer differs.
+        ModelLoadError: the trained adapter or model, its tokenizer, or the base cannot be loaded.
+        StageError: the val (or, when val is empty, test) split is missing.
+    """
     run, settings = config.run_dir, config.export
     final = run.final(config.dpo.enabled)
     chat = load_saved_tokenizer(final, config.model)
@@ -117,6 +160,35 @@ def merge_run(config: RunConfig) -> MergeResult:
     return result
 
 
+STAGE = Stage(
+    "merge",
+    config_keys=(
+        "model",
+        "dpo.enabled",
+        "data.system_prompt",
+        "data.max_seq_len",
+        "eval.batch_size",
+        "export.merge_dtype",
+        "export.merge_tolerance",
+        "export.check_samples",
+    ),
+    # test.jsonl: the check conversations where val has none
+    inputs=lambda config: [
+        config.run_dir.split(VAL_SPLIT),
+        config.run_dir.split(TEST_SPLIT),
+        *files_in(config.run_dir.final(config.dpo.enabled)),
+    ],
+    outputs=lambda config: [
+        config.run_dir.merged / "config.json",
+        config.run_dir.merged / "merge_report.json",
+        *weights(config.run_dir.merged),
+    ],
+    action=merge_run,
+    enabled=lambda config: bool(config.export.gguf),
+    activity="merging and checking the merged model against the adapter model",
+)
+
+
 def rounding_yardstick(
     config: RunConfig, dtype: torch.dtype, sequences: list[list[int]], expected: list[torch.Tensor]
 ) -> float:
@@ -139,9 +211,24 @@ def round_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel
 
 
 def build_probe(config: RunConfig, chat: ChatTokenizer) -> Probe:
-    records = config.run_dir.read_split("val")[: config.export.check_samples]
+    """The check conversations of merge and export: the first `export.check_samples` val records (test
+    records when val is empty), rendered as for training.
+
+    Args:
+        config: The run file (`export.check_samples`, `data.max_seq_len`, `data.system_prompt`).
+        chat: The tokenizer and chat template saved with the trained model.
+
+    Returns:
+        Probe: per record, the training ids and labels (lists of one length, at most `data.max_seq_len`
+        tokens; labels -100 outside the answers), and the prompt ids up to the last answer.
+
+    Raises:
+        StageError: the val split (or, when it is empty, the test split) is missing.
+        RenderError: a record no longer renders with this tokenizer (a ValueError, not a stage error).
+    """
+    records = config.run_dir.read_split(VAL_SPLIT)[: config.export.check_samples]
     if not records:
-        records = config.run_dir.read_split("test")[: config.export.check_samples]
+        records = config.run_dir.read_split(TEST_SPLIT)[: config.export.check_samples]
     prompter = TokenizerPrompter(chat, config.data.system_prompt)
     rows = [(record["messages"], record.get("tools")) for record in records]
     samples = [
@@ -157,6 +244,8 @@ def build_probe(config: RunConfig, chat: ChatTokenizer) -> Probe:
 def greedy_answers(
     model: PreTrainedModel, chat: ChatTokenizer, prompts: list[list[int]], batch: int
 ) -> list[str]:
+    """Greedy answers of `model` to `prompts` (prompt ids), at most `ANSWER_TOKENS` tokens each, cut at
+    the chat's stop tokens; `batch` prompts per generate call. Returns the decoded texts, in order."""
     engine = TransformersEngine("merge", model, chat.tokenizer.pad_token_id, batch)
     return [g.text for g in answer_all(engine, TokenizerPrompter(chat), prompts, ANSWER_TOKENS)]
 
@@ -165,7 +254,7 @@ def merged_dtype(requested: str, config: RunConfig, final: Path) -> torch.dtype:
     """The dtype of merged/: the one asked for, or for auto the dtype in which the weights merged into are
     stored: the base's config.json (a fully fine-tuned model's own). The merged model's config cannot say:
     loading the base in fp32 for the merge rewrites its dtype (transformers 5.23)."""
-    if requested != "auto":
+    if requested != AUTO:
         return torch_dtype(requested)  # type: ignore[arg-type]
     if (final / "config.json").is_file():
         stored = AutoConfig.from_pretrained(final).dtype
@@ -198,6 +287,13 @@ def write_merge_report(result: MergeResult) -> None:
 
 
 def check_merge(result: MergeResult) -> None:
+    """Enforce the merge checks on measured differences (max |Δlogit|, logits' units).
+
+    Raises:
+        CheckFailed: naming merged/ and every failure: the in-memory merge over `tolerance`; the reloaded
+            folder over `saved_tolerance`; the reload over `tolerance` from the rounded in-memory model
+            (the save changed weights); or any greedy answer that differs.
+    """
     problems = []
     if result.max_abs_logit_diff > result.tolerance:
         problems.append(

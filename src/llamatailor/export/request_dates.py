@@ -74,7 +74,7 @@ class _RequestClock(datetime):
     `datetime.now().strftime(format)`; only the thread that asked for a date sees it."""
 
     @classmethod
-    def now(cls, tz: tzinfo | None = None) -> datetime:
+    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]  # a datetime, not cls
         wanted = _REQUEST_DATE.get()
         if isinstance(wanted, date):
             return datetime(wanted.year, wanted.month, wanted.day, 12, tzinfo=tz)
@@ -92,18 +92,20 @@ def request_clock(wanted: date | str) -> Iterator[None]:
     with _CLOCK_LOCK:
         original = getattr(chat_template_utils, "datetime", None)
         if original is not None:
-            chat_template_utils.datetime = _RequestClock  # type: ignore[misc]
+            chat_template_utils.datetime = _RequestClock
         try:
             yield
         finally:
             if original is not None:
-                chat_template_utils.datetime = original  # type: ignore[misc]
+                chat_template_utils.datetime = original
             _REQUEST_DATE.reset(token)
 
 
 def go_date(pattern: str) -> tuple[str, list[str]]:
     """A strftime format as Go text over the date variables, and the variables it reads."""
-    pieces, needed, position = [], [], 0
+    pieces: list[str] = []
+    needed: list[str] = []
+    position = 0
     for match in re.finditer(r"%(-?.)", pattern):
         pieces.append(pattern[position : match.start()])
         if match.group(1) not in DATE_DIRECTIVES:

@@ -3,7 +3,6 @@
 after the report is written, naming the file and by how much."""
 
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from llamatailor.config import RunConfig
 from llamatailor.errors import CheckFailed, StageError
 from llamatailor.evaluate.metrics import headline_metric, score_answers
 from llamatailor.evaluate.probes import runaway_share
-from llamatailor.evaluate.stage import Evaluation
+from llamatailor.evaluate.stage import EVALUATION_KEYS, Evaluation
 from llamatailor.export.gguf_check import (
     FileCheck,
     apply_gates,
@@ -32,8 +31,8 @@ from llamatailor.export.rope import check_gguf_rope
 from llamatailor.generation.engines import LlamaCppEngine, TransformersEngine
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
 from llamatailor.rundir import remove_path, write_json
-
-ProgressCallback = Callable[[str], None]
+from llamatailor.stage_contract import Progress, Stage, files_in, no_progress
+from llamatailor.vocabulary import TEST_SPLIT, VAL_SPLIT, GgufType
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,33 @@ class ExportResult:
     failures: list[str]
 
 
-def export_run(config: RunConfig, progress: ProgressCallback | None = None) -> ExportResult:
+def export_run(config: RunConfig, progress: Progress | None = None) -> ExportResult:
+    """Run the `export` stage: write and check every GGUF type asked for, and the Ollama Modelfile.
+
+    GGUF files are written with the `gguf` package (llama.cpp's writer) and quantized with llama.cpp's
+    `llama_model_quantize`; each is then loaded by llama.cpp (llama-cpp-python) and checked as
+    `export.gguf_check` describes, against the merged model in fp32.
+
+    Args:
+        config: The resolved run file; reads `name`, `model`, `data`, `eval` and `export` (`gguf`,
+            `gates`, `modelfile_from`).
+        progress: Told what is being done (a message, no count) as each file is written and checked.
+
+    Returns:
+        ExportResult: gguf/, one `FileCheck` dict per file (sizes in MiB, perplexities, the increase
+        in %, top-1 agreement, task metric and retention), the headline metric's name, the Modelfile's
+        path and whether it has a TEMPLATE, and the failures (empty when returned).
+
+    Raises:
+        StageError: merged/ has no model (run `llamatailor merge` first), or a split is missing.
+        CheckFailed: the model cannot be exported (not a llama, an unsupported RoPE or tokenizer, a
+            quantization that llama.cpp refuses), or a file fails a gate; the report is written first.
+        ModelLoadError: the merged model's tokenizer has no chat template.
+    """
     run, settings = config.run_dir, config.export
     if not (run.merged / "config.json").is_file():
         raise StageError(f"{run.merged} has no merged model: run `llamatailor merge` first")
-    say = progress or (lambda message: None)
+    say = progress or no_progress
     chat = load_saved_tokenizer(run.merged, config.model)
     checker = Checker(config, chat)
     say("merged model: reference logits and task metric")
@@ -79,7 +100,33 @@ def export_run(config: RunConfig, progress: ProgressCallback | None = None) -> E
     return result
 
 
-def write_files(config: RunConfig, chat: ChatTokenizer, say: ProgressCallback) -> list[tuple[str, Path]]:
+STAGE = Stage(
+    "export",
+    config_keys=(
+        *EVALUATION_KEYS,
+        "eval.json_fields",
+        "export.gguf",
+        "export.gates",
+        "export.modelfile_from",
+        "export.check_samples",
+    ),
+    inputs=lambda config: [
+        config.run_dir.split(VAL_SPLIT),
+        config.run_dir.split(TEST_SPLIT),
+        *files_in(config.run_dir.merged),
+    ],
+    outputs=lambda config: [
+        *(config.run_dir.gguf_file(config.name, gguf_type) for gguf_type in config.export.gguf),
+        config.run_dir.gguf / "Modelfile",
+        config.run_dir.gguf / "export_report.json",
+    ],
+    action=export_run,
+    enabled=lambda config: bool(config.export.gguf),
+    activity="exporting",
+)
+
+
+def write_files(config: RunConfig, chat: ChatTokenizer, say: Progress) -> list[tuple[GgufType, Path]]:
     """Every requested type; quantized types come from one full-precision file written first."""
     run, wanted = config.run_dir, config.export.gguf
     written = {t: run.gguf_file(config.name, t) for t in wanted if t in WRITTEN_HERE}
@@ -113,10 +160,12 @@ class Checker:
         self.probe = build_probe(config, chat)
         run = config.run_dir
         self.rope = check_gguf_rope(run.merged)
-        conversations = [r["messages"] for name in ("val", "test") for r in run.read_split(name)]
+        conversations = [r["messages"] for name in (VAL_SPLIT, TEST_SPLIT) for r in run.read_split(name)]
         self.texts = [chat.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
 
     def reference(self) -> None:
+        """Load merged/ in fp32 and keep its answer-token log-probabilities and top-1 tokens on the check
+        conversations (`logit_reference`), its task metric and its share of runaway answers."""
         model = AutoModelForCausalLM.from_pretrained(self.config.run_dir.merged, dtype="float32").eval()
         self.logits = logit_reference(model, self.probe.sequences, self.probe.labels)
         engine = TransformersEngine(
@@ -135,7 +184,20 @@ class Checker:
         )
         return scores[self.headline], runaway_share(generations)
 
-    def check(self, gguf_type: str, path: Path) -> FileCheck:
+    def check(self, gguf_type: GgufType, path: Path) -> FileCheck:
+        """Every check of one GGUF file, run by llama.cpp with a context of `data.max_seq_len +
+        eval.max_new_tokens` tokens, then its gate applied (call `reference` first).
+
+        Args:
+            gguf_type: The file's type ("f16", "q8_0", ...), which picks its perplexity gate.
+            path: The GGUF file.
+
+        Returns:
+            FileCheck: size in MiB, metadata problems, tokenizer mismatches, top-1 agreement (0..1),
+            answer-token perplexity of the file and of the merged model and the increase in %, task
+            metric and retention (file / merged), the chat answer's finish reason, and `failures`
+            (empty when every gate passes; the stage raises on them).
+        """
         result = FileCheck(gguf_type, str(path), round(path.stat().st_size / 2**20, 1))
         result.metadata_problems = check_metadata(path, self.chat, self.rope)
         context = self.config.data.max_seq_len + self.config.eval.max_new_tokens

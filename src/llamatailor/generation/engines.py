@@ -55,7 +55,8 @@ class Engine(Protocol):
         ...
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
-        """log p(token i | tokens before i) for i = 1 .. len - 1, per sequence."""
+        """log p(token i | tokens before i) for i = 1 .. len - 1, per sequence: a (len - 1,) float array
+        in nats (natural log)."""
         ...
 
 
@@ -83,6 +84,8 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def stream(self, prompt: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[int]:
+        """Generated ids one at a time (see `Engine.stream`): one forward pass per token over the KV
+        cache, the last position's logits (vocab,) taken in fp32 and picked by `sample`."""
         seed = sampling.seed if sampling.seed is not None else torch.seed()
         generator = torch.Generator().manual_seed(seed % 2**63)
         ids, cache = torch.tensor([prompt], device=self.device), None
@@ -130,6 +133,15 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def token_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """log p(token i | tokens before i), i = 1 .. len - 1, per sequence, without (batch, seq, vocab)
+        logits: TRL 1.16's fused LM head (`add_fused_lm_head`), `batch_size` right-padded rows a pass.
+
+        Args:
+            sequences: Token ids per sequence, each at least 2 long and within `context_length`.
+
+        Returns:
+            Per sequence, a (len - 1,) float32 array in nats.
+        """
         self._fused_head()
         results: list[np.ndarray] = []
         for start in range(0, len(sequences), self.batch_size):
@@ -209,10 +221,22 @@ class LlamaCppEngine:
         return results
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """log p(token i | tokens before i), i = 1 .. len - 1: per sequence a (len - 1,) float64 array in
+        nats, one llama.cpp evaluation each (needs `scores=True`), as llama.cpp's `perplexity` tool reads
+        its logits."""
         return [self.scored_at(ids, np.arange(len(ids) - 1))[0] for ids in sequences]
 
     def scored_at(self, ids: list[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One sequence through llama.cpp: log p(next token) and the top-1 token at `positions`."""
+        """One sequence through llama.cpp: log p(next token) and the top-1 token at `positions`.
+
+        Args:
+            ids: The sequence's token ids, at most `context_length` of them.
+            positions: (n,) int positions in [0, len(ids) - 1); position i scores token i + 1.
+
+        Returns:
+            (n,) float64 log-probabilities in nats, and (n,) int64 top-1 token ids, from the (len, vocab)
+            logits llama.cpp keeps with `scores=True` (without it only the last row is kept).
+        """
         self.llm.reset()
         self.llm.eval(ids)
         return scored(np.asarray(self.llm.scores[: len(ids)]), ids, positions)
@@ -228,7 +252,19 @@ def until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; else temperature-scaled softmax with nucleus (top-p) truncation."""
+    """Greedy at temperature 0; else temperature-scaled softmax with nucleus (top-p) truncation.
+
+    Nucleus sampling as Holtzman et al. 2020: the smallest set of most probable tokens whose mass reaches
+    `top_p` (the top token always kept), sampled in proportion to their probabilities.
+
+    Args:
+        logits: (vocab,) float logits of the next token.
+        sampling: Temperature (0: greedy) and top_p.
+        generator: The seeded CPU generator the draw uses.
+
+    Returns:
+        The chosen token id.
+    """
     if sampling.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
@@ -240,7 +276,17 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
 
 
 def scored(logits: np.ndarray, ids: list[int], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log p(next token) and the top-1 token at `positions`, from [positions x vocabulary] logits."""
+    """log p(next token) and the top-1 token at `positions`, from a sequence's logits.
+
+    Args:
+        logits: (len, vocab) float logits of the sequence; row i predicts token i + 1.
+        ids: The sequence's len token ids.
+        positions: (n,) int positions in [0, len - 1).
+
+    Returns:
+        (n,) float64 log-softmax values of the next tokens, in nats (computed in float64), and (n,)
+        int64 top-1 token ids.
+    """
     rows = logits[positions].astype(np.float64)
     shifted = rows - rows.max(-1, keepdims=True)
     log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

@@ -55,7 +55,8 @@ class ChatVocabulary(Protocol):
     matches the text of any of its control tokens (the tokens it reads as one id wherever text spells them:
     special tokens in transformers, control and unknown tokens in llama.cpp)."""
 
-    control_pattern: re.Pattern[str]
+    @property
+    def control_pattern(self) -> re.Pattern[str]: ...
 
     def render(self, messages: list[Message], tools: list[Tool] | None) -> str: ...
 

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from llamatailor.errors import ModelLoadError
-
-# Every Llama-architecture model names its linear layers the same way.
-LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from llamatailor.vocabulary import AUTO, LLAMA_LINEARS, FamilyName
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -55,11 +53,11 @@ LLAMA2_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Family:
-    name: str
+    name: FamilyName
     template_markers: tuple[str, ...]
     stop_tokens: tuple[str, ...]
     default_template: str
-    lora_targets: tuple[str, ...] = LLAMA_LINEAR_LAYERS
+    lora_targets: tuple[str, ...] = LLAMA_LINEARS  # what the all-linear preset adapts
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """Ids of the family's stop tokens that exist in this vocabulary, plus the tokenizer's eos."""
@@ -86,9 +84,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def detect_family(tokenizer: PreTrainedTokenizerBase, requested: str = "auto") -> Family:
+def detect_family(tokenizer: PreTrainedTokenizerBase, requested: str = AUTO) -> Family:
     """The family named in the config, else the one whose markers the chat template or vocabulary has."""
-    if requested != "auto":
+    if requested != AUTO:
         return FAMILIES[requested]
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     for family in FAMILIES.values():

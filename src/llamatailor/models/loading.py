@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from huggingface_hub.errors import HFValidationError
@@ -26,10 +26,10 @@ from llamatailor.models.base_check import refuse_missing_weights
 from llamatailor.models.families import Family, detect_family
 from llamatailor.models.source import ModelSource, resolve_source
 from llamatailor.textfiles import read_text
+from llamatailor.vocabulary import BF16, FP16, FP32, Precision
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "added_tokens")
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "[PAD]")
 
@@ -106,19 +106,9 @@ def _pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
     return next((token for token in PAD_CANDIDATES if token in vocab), tokenizer.eos_token)
 
 
-def resolve_precision(requested: str) -> Precision:
-    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU (bf16 matmul on CPU is ~250x slower)."""
-    if requested != "auto":
-        if requested != "fp32" and not torch.cuda.is_available():
-            log.warning("precision %s on CPU is very slow; fp32 is recommended there", requested)
-        return requested  # type: ignore[return-value]
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def torch_dtype(precision: Precision) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The torch dtype a precision name stands for."""
+    return {FP32: torch.float32, BF16: torch.bfloat16, FP16: torch.float16}[precision]
 
 
 def load_base_model(

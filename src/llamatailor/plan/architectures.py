@@ -153,7 +153,15 @@ PRESETS: dict[str, Architecture] = {
 
 
 def from_config(name: str, config: dict[str, Any]) -> Architecture:
-    """An architecture from a Hugging Face config.json (Llama, or Llama 4's text part)."""
+    """An architecture from a Hugging Face config.json (Llama, or Llama 4's text part).
+
+    Args:
+        name: What the plan calls the model.
+        config: The parsed config.json.
+
+    Raises:
+        ModelLoadError: a key a Llama config has (layers, widths, heads, vocabulary) is missing.
+    """
     text = config.get("text_config", config)
     try:
         experts = int(text.get("num_local_experts", 0) or 0)
@@ -180,7 +188,11 @@ def from_config(name: str, config: dict[str, Any]) -> Architecture:
 
 
 def load_architecture(spec: str) -> Architecture:
-    """A preset name, a folder with config.json, or a hub id whose config.json is in the local cache."""
+    """A preset name, a folder with config.json, or a hub id whose config.json is in the local cache.
+
+    Raises:
+        ModelLoadError: `spec` is none of these (nothing is downloaded), or its config.json lacks a key.
+    """
     if spec in PRESETS:
         return PRESETS[spec]
     folder = Path(spec).expanduser()

@@ -43,27 +43,41 @@ largest trainable tensor (measured, bench/plan_memory.py).
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llamatailor.errors import ConfigError
+from llamatailor.hardware import chunk_rows
 from llamatailor.plan.architectures import Architecture
-from llamatailor.train.answer_loss import chunk_rows
+from llamatailor.vocabulary import (
+    BF16,
+    FP16,
+    FP32,
+    LLAMA_LINEARS,
+    METHODS,
+    Method,
+    Optimizer,
+    Precision,
+    Sharding,
+    unknown_name,
+)
 
-Method = Literal["full", "lora", "qlora"]
 Device = Literal["cuda", "cpu"]
-Sharding = Literal["none", "zero2", "zero3", "fsdp"]
-Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 LossImplementation = Literal["answer", "fused", "chunked", "logits"]
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES: dict[Precision, int] = {FP32: 4, BF16: 2, FP16: 2}
 TOKEN_TILE, VOCAB_TILE = 4096, 32768
 ANSWER_LOSS_CHUNKS = 2.5  # chunk-sized temporaries alive at once, measured (bench/plan_memory.py)
 CPU_LOSS_TILES = 8.5  # tile-sized temporaries alive at once in the CPU fallback's backward (measured)
 GPU_LOSS_TILES = 2  # the tile buffer, forward and backward (Triton folds it in place)
 OVERHEAD_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-TARGET_PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}
 GIB = 2**30
-# Bytes of optimizer state per trainable parameter; torch's AdamW keeps two states in the parameter's dtype.
-STATE_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
+# Optimizer states per trainable parameter: (how many, bytes each; None: the parameter's own dtype).
+# torch's AdamW keeps two in the parameter's dtype; bitsandbytes' 8-bit ones one byte each, its 32-bit
+# ones two fp32 states; paged variants hold the same bytes.
+OPTIMIZER_STATES: dict[Optimizer, tuple[int, int | None]] = {
+    "adamw": (2, None),
+    "adamw_8bit": (2, 1),
+    "paged_adamw_8bit": (2, 1),
+    "paged_adamw_32bit": (2, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -74,10 +88,10 @@ class Setup:
     seq_len: int = 2048
     micro_batch: int = 1
     gradient_checkpointing: bool = True
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Precision = BF16
     optimizer: Optimizer = "adamw"
     lora_r: int = 16
-    lora_targets: tuple[str, ...] = ATTENTION + MLP
+    lora_targets: tuple[str, ...] = LLAMA_LINEARS
     lora_dropout: float = 0.0
     dora: bool = False
     bits: Literal[4, 8] = 4
@@ -88,6 +102,17 @@ class Setup:
     device: Device = "cuda"
     loss: LossImplementation = "answer"
     answer_share: float = 1.0  # share of tokens that are scored (GPU fused head: answer tokens only)
+
+    def __post_init__(self) -> None:
+        """Refuse a method, precision or optimizer the planner has no rule for: a fallback rule would plan
+        another run than the one asked for. Raises ConfigError naming it and the known ones."""
+        for kind, name, known in (
+            ("method", self.method, METHODS),
+            ("precision", self.precision, DTYPE_BYTES),
+            ("optimizer", self.optimizer, OPTIMIZER_STATES),
+        ):
+            if name not in known:
+                raise ConfigError(unknown_name(kind, name, known))
 
     @property
     def tokens(self) -> int:
@@ -147,6 +172,9 @@ def adapted_linears(arch: Architecture, targets: tuple[str, ...]) -> list[tuple[
 
 
 def trainable_parameters(arch: Architecture, setup: Setup) -> int:
+    """Parameters that train: every weight for full fine-tuning; else r x (in + out) per adapted linear
+    layer (LoRA, Hu et al. 2021; rsLoRA only rescales) plus one magnitude per output feature with DoRA
+    (Liu et al. 2024), as PEFT creates them."""
     if setup.method == "full":
         return arch.total_params()
     count = sum(
@@ -188,7 +216,7 @@ def layer_activation_elements(arch: Architecture, setup: Setup) -> int:
     h, q, kv, heads = arch.hidden, arch.q_width, arch.kv_width, arch.heads
     width = arch.active_mlp_width()
     full = setup.method == "full"
-    targets = set(ATTENTION + MLP) if full else set(setup.lora_targets)
+    targets = set(LLAMA_LINEARS) if full else set(setup.lora_targets)
     elements = 2 * (h + 1) + 2 * q + 2 * kv + heads + 3 * width
     elements += 2 * h if full else 0
     elements += h if targets & {"q_proj", "k_proj", "v_proj"} else 0
@@ -244,12 +272,24 @@ def loss_bytes(arch: Architecture, setup: Setup) -> int:
 
 
 def estimate(arch: Architecture, setup: Setup) -> Breakdown:
+    """Peak training memory per device, term by term (see the module docstring for each term's source).
+
+    Args:
+        arch: The model's shape.
+        setup: Method, shapes (`seq_len` tokens x `micro_batch` rows per pass), precision, optimizer,
+            adapter, quantization, sharding over `gpus`, device and loss implementation.
+
+    Returns:
+        Breakdown in bytes per device (`total` is the estimated peak, what
+        `torch.cuda.max_memory_allocated` reports), with the trainable parameter count.
+    """
     trainable = trainable_parameters(arch, setup)
     if setup.method == "full":
         param_bytes = 4 if setup.device == "cpu" else setup.compute_bytes
     else:
         param_bytes = setup.adapter_bytes
-    state_bytes = STATE_BYTES.get(setup.optimizer, 2 * param_bytes)
+    states, bytes_each = OPTIMIZER_STATES[setup.optimizer]
+    state_bytes = states * (bytes_each or param_bytes)
     weights = weight_bytes(arch, setup)
     gradients = trainable * param_bytes
     optimizer = trainable * state_bytes

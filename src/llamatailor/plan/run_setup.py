@@ -2,34 +2,35 @@
 
 import json
 
-import psutil
 import torch
 
 from llamatailor.config import RunConfig
 from llamatailor.errors import ModelLoadError
-from llamatailor.models.loading import resolve_precision
+from llamatailor.hardware import micro_batch_tokens, resolve_precision, use_gradient_checkpointing
 from llamatailor.models.source import resolve_source
 from llamatailor.plan.architectures import Architecture, load_architecture
-from llamatailor.plan.memory import GIB, TARGET_PRESETS, Setup, estimate
-from llamatailor.train.arguments import micro_batch_tokens, use_gradient_checkpointing
+from llamatailor.plan.memory import GIB, Setup, estimate
+from llamatailor.vocabulary import TRAIN_SPLIT
 
 
 def setup_from_config(config: RunConfig, arch: Architecture, seq_len: int | None = None) -> Setup:
+    """The planner's Setup for a run file's train section, resolved on this machine as `train` resolves it
+    (`llamatailor.hardware`); `seq_len` defaults to data.max_seq_len. Raises ConfigError for an unknown
+    LoRA target preset or optimizer."""
     train = config.train
-    targets = train.lora.targets
     precision = resolve_precision(train.precision)
     seq_len = seq_len or config.data.max_seq_len
-    budget = micro_batch_tokens(train)  # a batch over the budget runs as passes of fewer rows
+    budget = micro_batch_tokens(train.micro_batch_tokens)  # a batch over it runs as passes of fewer rows
     rows = train.batch_size if budget is None else max(1, min(train.batch_size, budget // seq_len))
     return Setup(
         method=train.method,
         seq_len=seq_len,
         micro_batch=rows,
-        gradient_checkpointing=use_gradient_checkpointing(train),
+        gradient_checkpointing=use_gradient_checkpointing(train.gradient_checkpointing),
         precision=precision,
         optimizer=train.optimizer,
         lora_r=train.lora.r,
-        lora_targets=TARGET_PRESETS[targets] if isinstance(targets, str) else tuple(targets),
+        lora_targets=train.lora.linears(),
         lora_dropout=train.lora.dropout,
         dora=train.lora.dora,
         bits=train.quantization.bits,
@@ -38,22 +39,23 @@ def setup_from_config(config: RunConfig, arch: Architecture, seq_len: int | None
     )
 
 
-def available_memory() -> int:
-    """Bytes one training process may use: the GPU's memory, or the CPU's free RAM."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    return psutil.virtual_memory().available
-
-
 def planned_peak(config: RunConfig) -> int | None:
-    """The planner's peak for this run at its longest prepared sample; None when the shape is unknown."""
+    """The planner's peak for this run at its longest prepared sample; None when the shape is unknown.
+
+    Returns:
+        Bytes per device (`estimate(...).total`), at the longest train sample of data/report.json
+        (else `data.max_seq_len`) tokens; None when the base model's config.json cannot be found.
+
+    Raises:
+        ConfigError: the train section names a method, precision or optimizer the planner has no rule for.
+    """
     try:
         arch = load_architecture(resolve_source(config.model.base).location)
     except ModelLoadError:
         return None
     report = config.run_dir.data_report
     longest = (
-        json.loads(report.read_text(encoding="utf-8"))["tokens"]["sft"]["train"].get("max")
+        json.loads(report.read_text(encoding="utf-8"))["tokens"]["sft"][TRAIN_SPLIT].get("max")
         if report.is_file()
         else None
     )
@@ -62,6 +64,7 @@ def planned_peak(config: RunConfig) -> int | None:
 
 
 def fit_warning(peak: int | None, memory: int) -> str | None:
+    """A warning, in GiB, when the planned `peak` (bytes per device) exceeds `memory` (bytes); else None."""
     if peak is None or peak <= memory:
         return None
     return (

@@ -1,6 +1,7 @@
 """The planner's verdict: which methods fit a device, how far batch and sequence can go, what to do."""
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from llamatailor.plan.architectures import PRESETS, Architecture
 from llamatailor.plan.memory import GIB, Breakdown, Setup, estimate
@@ -36,16 +37,21 @@ def fits(arch: Architecture, setup: Setup, memory: int) -> bool:
 
 def largest(arch: Architecture, setup: Setup, memory: int, name: str, upper: int, step: int = 1) -> int:
     """The largest value of `name` (a monotone size) that still fits, by bisection; 0 if none."""
-    if not fits(arch, replace(setup, **{name: step}), memory):
+    if not fits(arch, _resized(setup, name, step), memory):
         return 0
     low, high = 1, upper // step
     while low < high:
         middle = (low + high + 1) // 2
-        if fits(arch, replace(setup, **{name: middle * step}), memory):
+        if fits(arch, _resized(setup, name, middle * step), memory):
             low = middle
         else:
             high = middle - 1
     return low * step
+
+
+def _resized(setup: Setup, name: str, size: int) -> Setup:
+    changes: dict[str, Any] = {name: size}  # `name` is one of Setup's int fields, chosen at run time
+    return replace(setup, **changes)
 
 
 def gpus_needed(arch: Architecture, setup: Setup, memory: int) -> int | None:
@@ -71,7 +77,18 @@ def method_fit(arch: Architecture, label: str, setup: Setup, memory: int) -> Met
 
 def make_plan(arch: Architecture, setup: Setup, memory: int) -> Plan:
     """Every method on these shapes; LoRA is recommended where it fits (near full quality, a fraction of the
-    memory), QLoRA where only it fits, full fine-tuning where only the user's own choice was full."""
+    memory), QLoRA where only it fits, full fine-tuning where only the user's own choice was full.
+
+    Args:
+        arch: The model's shape.
+        setup: The planned run (its `method` is the user's choice).
+        memory: Bytes available per device.
+
+    Returns:
+        Plan: per method (full, lora, qlora) its `estimate`, whether it fits, the largest micro-batch
+        (rows) and sequence length (tokens, in steps of 128) that fit, and the GPUs it needs with FSDP
+        full sharding (None beyond 64); the recommended method (None when none fits) and advice lines.
+    """
     methods = [
         method_fit(arch, method, replace(setup, method=method), memory)
         for method in ("full", "lora", "qlora")
@@ -121,7 +138,14 @@ def advice(
 
 
 def plan_as_dict(plan: Plan) -> dict:
-    """The plan for `--json`: bytes, and the same in GiB for reading."""
+    """The plan for `--json`: bytes, and the same in GiB for reading.
+
+    Returns:
+        A JSON-ready dict: model name and parameter count, device, memory per device (GiB), the setup's
+        fields, per method `fits`, `total_bytes`/`total_gib`, `terms_bytes` (weights, gradients,
+        optimizer states, activations, logits and loss, overhead), trainable parameters,
+        `max_micro_batch`, `max_seq_len` and `gpus_needed_with_fsdp`; `recommended` and `advice`.
+    """
     return {
         "model": plan.arch.name,
         "parameters": plan.arch.total_params(),

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamatailor.config import PII_KINDS
 from llamatailor.data.pii import find_pii, mask_pii
+from llamatailor.vocabulary import PII_KINDS
 
 
 def masked(text: str) -> str:

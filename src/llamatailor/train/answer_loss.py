@@ -5,6 +5,11 @@ end-of-turn tokens; prompts and padding are skipped, not scored and masked). The
 entropy then run over those positions in chunks: each chunk's logits exist only while its loss and its
 gradients are computed, during the forward pass, so the backward pass only scales stored gradients. With a
 128K vocabulary the largest temporary is one chunk of logits (64 MiB in fp32) instead of all of them.
+Computing the head's gradients chunk by chunk in the forward pass is the scheme of Liger Kernel's fused
+linear cross-entropy (Hsu et al. 2024); the values are those of `torch.nn.functional.cross_entropy`.
+
+This is the SFT loss path (see train/sft.py, "One optimizer step"); plan/memory.py's `loss_bytes` was
+measured on it. Changing it needs the parity tests, the DDP test and a planner re-measure listed there.
 """
 
 import types
@@ -15,19 +20,22 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from llamatailor.data.templating import IGNORE_INDEX
-
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M fp32 values, 64 MiB
-
-
-def chunk_rows(vocab_size: int) -> int:
-    return max(16, CHUNK_ELEMENTS // vocab_size)
+from llamatailor.hardware import chunk_rows  # the planner counts the same chunks
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(hidden @ weight.T, targets), gradients computed chunk by chunk."""
+    """sum over rows of cross_entropy(hidden @ weight.T, targets), gradients computed chunk by chunk.
+
+    forward(hidden, weight, targets, rows): `hidden` (n, hidden_size) float, `weight` (vocab,
+    hidden_size) in any float dtype, `targets` (n,) int64 token ids (no -100: the caller drops unscored
+    positions), `rows` per chunk. Returns a 0-dim tensor of summed nats, in `hidden`'s dtype promoted to
+    at least fp32 (the softmax runs in it). The gradients, stored for backward, are (n, hidden_size) in
+    `hidden`'s dtype and, when the head trains, (vocab, hidden_size) in fp32 (cast to `weight`'s dtype in
+    backward); backward multiplies them by the incoming gradient.
+    """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int
     ) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -55,7 +63,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = list(ctx.saved_tensors)
         grad_hidden = saved.pop(0) * grad_total if ctx.has[0] else None
         grad_weight = (saved.pop(0) * grad_total).to(ctx.weight_dtype) if ctx.has[1] else None
@@ -64,13 +72,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `targets`; the same value and gradients as
-    `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`, in a fraction of the memory."""
+    `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`, in a fraction of the memory.
+
+    Args:
+        hidden: (n, hidden_size) float: the final-norm hidden states at the n scored positions.
+        weight: (vocab, hidden_size): the LM head's weight (no bias).
+        targets: (n,) int64: the next token at each position, all in [0, vocab).
+
+    Returns:
+        0-dim tensor in `hidden`'s dtype promoted to at least fp32: the loss summed over the n rows, in
+        nats. Under `torch.no_grad` (evaluation) no gradients are computed or kept.
+    """
     if not torch.is_grad_enabled():
         with torch.no_grad():
             return ChunkedLinearCrossEntropy.forward(
                 _NoGrad(), hidden, weight, targets, chunk_rows(weight.size(0))
             )
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.size(0)))  # type: ignore[no-any-return]
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.size(0)))
 
 
 class _NoGrad:
@@ -85,7 +103,21 @@ class _NoGrad:
 def add_answer_loss(model: PreTrainedModel) -> None:
     """Let `model(..., labels=..., answer_loss=True)` return the mean loss over labelled tokens, computed as
     above. The forward is patched on the instance (before PEFT or DDP wrap it, which pass the flag through);
-    without the flag it is the original forward, so generation and evaluation code are unchanged."""
+    without the flag it is the original forward, so generation and evaluation code are unchanged.
+
+    Args:
+        model: A transformers causal LM (the base under a PeftModel), patched in place.
+
+    The patched `forward(*args, answer_loss=True, num_items_in_batch=None, labels=..., **kwargs)` takes
+    the model's own inputs (`input_ids` (batch, seq) int64, `attention_mask` or `position_ids`) and
+    `labels` (batch, seq) int64 with -100 where unscored; position i is scored when `labels[:, i + 1]`
+    is not -100, as in transformers' `ForCausalLMLoss`. It returns a CausalLMOutput whose `loss` (0-dim)
+    is the summed nats over `num_items_in_batch` (int or 0-dim tensor; None: this call's scored-token
+    count, at least 1), and no logits. A head that is not a plain bias-free `nn.Linear` (lm_head among
+    the LoRA targets) gets the model's own loss instead, with its logits.
+
+    Changing it needs the parity tests, the DDP test and a planner re-measure (train/sft.py's docstring).
+    """
     original = model.forward
 
     def forward(

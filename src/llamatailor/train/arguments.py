@@ -7,11 +7,12 @@ from typing import Any
 import torch
 
 from llamatailor.config import Schedule
-from llamatailor.errors import StageError
-from llamatailor.models.loading import Precision
+from llamatailor.errors import ConfigError, StageError
+from llamatailor.hardware import use_gradient_checkpointing
+from llamatailor.vocabulary import BF16, CPU_OPTIMIZER, FP16, Optimizer, Precision, unknown_name
 
-CPU_MICRO_BATCH_TOKENS = 2048
-OPTIMIZERS = {
+# transformers' `optim` name for each of llamatailor's optimizers.
+TRAINER_OPTIMIZERS: dict[Optimizer, str] = {
     "adamw": "adamw_torch",
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
@@ -19,24 +20,21 @@ OPTIMIZERS = {
 }
 
 
-def use_gradient_checkpointing(schedule: Schedule) -> bool:
-    if schedule.gradient_checkpointing == "auto":
-        return torch.cuda.is_available()
-    return bool(schedule.gradient_checkpointing)
-
-
-def micro_batch_tokens(schedule: Schedule) -> int | None:
-    """Padded tokens per forward pass; auto: 2,048 on CPU (activation memory, not speed, grows with it
-    there), no split on GPUs."""
-    if schedule.micro_batch_tokens == "auto":
-        return None if torch.cuda.is_available() else CPU_MICRO_BATCH_TOKENS
-    return schedule.micro_batch_tokens
-
-
 def optimizer_name(schedule: Schedule, section: str) -> str:
-    if schedule.optimizer != "adamw" and not torch.cuda.is_available():
-        raise StageError(f"{section}.optimizer {schedule.optimizer} needs a CUDA GPU; use adamw on CPU")
-    return OPTIMIZERS[schedule.optimizer]
+    """transformers' `optim` name for `<section>.optimizer`.
+
+    Raises ConfigError naming an optimizer the trainer has no name for, and the ones it has; StageError
+    for a bitsandbytes optimizer without a CUDA GPU.
+    """
+    if schedule.optimizer not in TRAINER_OPTIMIZERS:
+        raise ConfigError(
+            f"{section}.optimizer: {unknown_name('optimizer', schedule.optimizer, TRAINER_OPTIMIZERS)}"
+        )
+    if schedule.optimizer != CPU_OPTIMIZER and not torch.cuda.is_available():
+        raise StageError(
+            f"{section}.optimizer {schedule.optimizer} needs a CUDA GPU; use {CPU_OPTIMIZER} on CPU"
+        )
+    return TRAINER_OPTIMIZERS[schedule.optimizer]
 
 
 def check_trackers(schedule: Schedule, section: str) -> list[str]:
@@ -70,9 +68,9 @@ def trainer_arguments(
         "optim": optimizer_name(schedule, section),
         "num_train_epochs": schedule.epochs,
         "max_steps": schedule.max_steps or -1,
-        "activation_checkpointing": use_gradient_checkpointing(schedule),
-        "bf16": precision == "bf16",
-        "fp16": precision == "fp16",
+        "activation_checkpointing": use_gradient_checkpointing(schedule.gradient_checkpointing),
+        "bf16": precision == BF16,
+        "fp16": precision == FP16,
         "logging_steps": schedule.logging_steps,
         "logging_first_step": True,
         "save_strategy": "steps",

@@ -28,6 +28,15 @@ from llamatailor.data.templating import IGNORE_INDEX
 
 
 class LengthBuckets(Sampler[int]):
+    """Row indices in batches of similar lengths, in a seeded random order (see the module docstring).
+
+    Args:
+        lengths: Tokens per row of the dataset.
+        batch_size: Rows per batch as bucketed: the global batch (per-device batch x processes).
+        seed: With the epoch (`set_epoch`, called by the Trainer), seeds the shuffles.
+        pool_batches: Batches per pool sorted by length; larger pools pad less and mix less.
+    """
+
     def __init__(self, lengths: list[int], batch_size: int, seed: int, pool_batches: int = 64) -> None:
         self.lengths, self.batch_size, self.seed, self.pool_batches = lengths, batch_size, seed, pool_batches
         self.epoch = 0
@@ -52,7 +61,17 @@ class LengthBuckets(Sampler[int]):
 
 def micro_batches(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
     """Groups of rows with at most `budget` padded tokens each (at least one row), each trimmed to its
-    longest row; the batch itself when it fits. Assumes right padding (the collator's)."""
+    longest row; the batch itself when it fits. Assumes right padding (the collator's).
+
+    Args:
+        inputs: A collated batch: `input_ids`, `labels`, `attention_mask`, each (batch, seq); other
+            tensors with `batch` rows are split alike (and cut to the group's width when `seq` wide).
+        budget: Padded tokens (rows x width) per group; a longer single row is a group of its own.
+
+    Returns:
+        The groups, longest rows first, each a dict of the same keys, (rows, width) where width is the
+        group's longest row; `[inputs]` when `batch x seq <= budget` or there is no attention mask.
+    """
     ids = inputs["input_ids"]
     if ids.numel() <= budget or "attention_mask" not in inputs:
         return [inputs]
@@ -74,7 +93,12 @@ def accumulating(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[N
     transformers' `Trainer._run_epoch` runs every accumulated batch but the last (transformers 5.23, which
     also leaves DeepSpeed out of `no_sync`). Under DDP each backward outside it all-reduces, so processes
     whose batches split into different numbers of passes would otherwise run different numbers of
-    collectives, and hang or add unrelated gradients. Nested in the Trainer's own `no_sync`, it restores it."""
+    collectives, and hang or add unrelated gradients. Nested in the Trainer's own `no_sync`, it restores it.
+
+    It sets accelerate 1.15's private `GradientState._set_sync_gradients`, as the Trainer does. Changing
+    it, or moving to another transformers or accelerate version, needs the parity tests, the DDP test and
+    a planner re-measure (train/sft.py's docstring).
+    """
     state = accelerator.gradient_state
     syncing = state.sync_gradients
     state._set_sync_gradients(False)
@@ -104,7 +128,16 @@ def _rows(inputs: dict[str, Any], rows: list[int], width: int) -> dict[str, Any]
 def padding_free(inputs: dict[str, Any]) -> dict[str, Any]:
     """A right-padded batch as one row of its real tokens, with position ids and no attention mask. The
     first token of every sample is unlabelled, so no sample learns to predict the next one; that label is
-    never scored in the padded batch either, so the loss is the same."""
+    never scored in the padded batch either, so the loss is the same.
+
+    Args:
+        inputs: `input_ids`, `labels` and `attention_mask`, each (batch, seq), right-padded; other keys
+            are dropped.
+
+    Returns:
+        `input_ids`, `labels` and `position_ids`, each (1, tokens) int64, where tokens is the number of
+        real (unmasked) tokens; as transformers' `DataCollatorWithFlattening` lays packed samples out.
+    """
     real = inputs["attention_mask"].bool()
     positions = (real.cumsum(dim=1) - 1)[real][None]
     labels = inputs["labels"][real][None].masked_fill(positions == 0, IGNORE_INDEX)

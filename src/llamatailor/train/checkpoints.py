@@ -77,10 +77,12 @@ def _shown(value: Any) -> str:
     return value if value == NOT_PRESENT else json.dumps(value)
 
 
-def computation_key(config: RunConfig, parts: Iterable[str], files: Mapping[str, Path]) -> CheckpointKey:
+def computation_key(config: RunConfig, parts: Iterable[str], files: Iterable[Path]) -> CheckpointKey:
     """The settings under `parts` of the resolved config (sections or dotted keys, e.g. "data.max_seq_len"),
     flattened to dotted keys, without RESUME_NEUTRAL_KEYS and the sections the method does not read; plus
-    "<label> (sha256)" of each file in `files` (None when it does not exist) and the number of processes."""
+    "<file> (sha256)" of each of `files` (None when it does not exist; named relative to the run directory
+    when inside it) and the number of processes. A stage passes its declared reads (`STAGE.config_keys`,
+    `STAGE.inputs`), so what invalidates its checkpoints is the rule that reruns it."""
     resolved = config.resolved()
     skipped = {f"{section}.{key}" for section in SCHEDULE_SECTIONS for key in RESUME_NEUTRAL_KEYS}
     skipped.update(UNUSED_BY_METHOD[config.train.method])
@@ -90,7 +92,9 @@ def computation_key(config: RunConfig, parts: Iterable[str], files: Mapping[str,
         for name in part.split("."):
             node = node[name]
         _flatten(part, node, skipped, settings)
-    for label, path in files.items():
+    root = config.run_dir.root.resolve()
+    for path in files:
+        label = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
         settings[f"{label} (sha256)"] = sha256_file(path) if path.is_file() else None
     # Not in the run file, but it sets the global batch and the RNG states (one per process).
     settings["processes"] = world_size()
@@ -167,7 +171,7 @@ def checkpoint_folders(checkpoints: Path) -> list[Path]:
 
 def newest_complete(checkpoints: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint (whatever its settings), and why each newer one was passed over."""
-    skipped = []
+    skipped: list[str] = []
     for folder in checkpoint_folders(checkpoints):
         problem = checkpoint_problem(folder)
         if problem is None:

@@ -3,6 +3,14 @@
 The reference policy is the SFT model itself: the SFT adapter is loaded as the trainable adapter, and
 TRL's DPOTrainer keeps a frozen copy of it (named "ref") for the reference log-probabilities. The result is
 one adapter, in `dpo/adapter/`, loadable like the SFT one.
+
+The loss path is TRL 1.16's own `DPOTrainer.compute_loss` (no hook is overridden here): per pair, the
+log-probabilities of the chosen and rejected answers summed over their tokens, under the policy and the
+"ref" adapter, and for the default `dpo.loss_type: sigmoid` the loss
+-log sigmoid(beta x ((chosen - ref chosen) - (rejected - ref rejected))) in nats, averaged over pairs
+(Rafailov et al. 2023). The step around it is transformers' Trainer loop, as in train/sft.py (without
+the answer-loss and micro-batch hooks). Moving to another TRL version needs tests/test_dpo.py and the
+LoRA-then-DPO rows of tests/test_fidelity_matrix.py.
 """
 
 from dataclasses import dataclass
@@ -16,15 +24,15 @@ from trl import DPOConfig, DPOTrainer
 
 from llamatailor.config import RunConfig
 from llamatailor.errors import StageError
+from llamatailor.hardware import resolve_precision
 from llamatailor.models.loading import (
     ChatTokenizer,
-    Precision,
     load_base_model,
     load_saved_tokenizer,
-    resolve_precision,
     torch_dtype,
 )
 from llamatailor.rundir import RunDir, read_jsonl
+from llamatailor.stage_contract import Stage, files_in
 from llamatailor.train.arguments import trainer_arguments
 from llamatailor.train.checkpoints import CheckpointKey, computation_key, step_of
 from llamatailor.train.launch import check_launch
@@ -36,6 +44,7 @@ from llamatailor.train.session import (
     starting_checkpoint,
     with_compact_progress,
 )
+from llamatailor.vocabulary import FP32, TRAIN_SPLIT, VAL_SPLIT, Precision
 
 REFERENCE = "ref"  # the name DPOTrainer gives its frozen copy of the adapter
 
@@ -56,6 +65,27 @@ class DpoResult:
 
 
 def train_dpo(config: RunConfig, resume: bool = False, fresh: bool = False) -> DpoResult:
+    """Run the `dpo` stage: DPO (Rafailov et al. 2023) with TRL's DPOTrainer, from the SFT adapter.
+
+    Args:
+        config: The resolved run file; reads `seed`, `model`, `data.max_seq_len`, `train.method`,
+            `train.quantization` and `dpo`.
+        resume: Continue from the newest complete checkpoint in dpo/checkpoints/.
+        fresh: Delete dpo/checkpoints/ first and start at step 0 (excludes `resume`).
+
+    Returns:
+        DpoResult: dpo/adapter/, steps, first/last train loss and best val loss (nats per pair), the
+        first and last logged reward margin (beta x the chosen-minus-rejected log-ratio, nats), wall time
+        in seconds, the precision, the checkpoint resumed from, and warnings.
+
+    Raises:
+        StageError: no SFT adapter (training missing, or full fine-tuning); FSDP/DeepSpeed asked for on
+            CPU; checkpoints exist and neither `resume` nor `fresh`, or other settings; the preference
+            split is missing or empty; an optimizer or tracker this machine lacks.
+        ModelLoadError: the base model or the saved tokenizer cannot be loaded.
+        TrainingDiverged: the loss or the weights became NaN/inf (the last good checkpoint is kept).
+        ValueError: both `resume` and `fresh`.
+    """
     run, dpo = config.run_dir, config.dpo
     check_launch()
     sft = run.trained
@@ -96,22 +126,55 @@ def train_dpo(config: RunConfig, resume: bool = False, fresh: bool = False) -> D
     )
 
 
+STAGE = Stage(
+    "dpo",
+    # train.gradient_checkpointing: a qlora base is prepared for training as SFT's was
+    config_keys=(
+        "seed",
+        "model",
+        "data.max_seq_len",
+        "train.method",
+        "train.quantization",
+        "train.gradient_checkpointing",
+        "dpo",
+    ),
+    inputs=lambda config: [
+        config.run_dir.preference_split(TRAIN_SPLIT),
+        config.run_dir.preference_split(VAL_SPLIT),
+        *files_in(config.run_dir.trained),
+    ],
+    outputs=lambda config: [
+        config.run_dir.dpo / "adapter" / "adapter_model.safetensors",
+        config.run_dir.dpo / "metrics.jsonl",
+    ],
+    action=train_dpo,
+    enabled=lambda config: config.dpo.enabled,
+    trains=True,
+)
+
+
 def dpo_checkpoint_key(config: RunConfig) -> CheckpointKey:
-    """What DPO checkpoints depend on: the seed, the model, data.max_seq_len, train.method (and
-    train.quantization for qlora: the base is loaded as SFT's was), the dpo section (less the resume-neutral
-    keys), and by hash the preference splits and every file of the SFT adapter folder (weights, adapter
-    config, the tokenizer and template DPO trains with). The rest of `train` reaches DPO through those files."""
-    run = config.run_dir
-    splits = [run.preference_split(name) for name in ("train", "val")]
-    sft = sorted(path for path in run.trained.iterdir() if path.is_file()) if run.trained.is_dir() else []
-    files = {str(path.relative_to(run.root)): path for path in [*splits, *sft]}
-    parts = ("seed", "model", "data.max_seq_len", "train.method", "train.quantization", "dpo")
-    return computation_key(config, parts, files)
+    """What DPO checkpoints depend on: the stage's declared config keys (less the resume-neutral ones) and
+    input files (the preference splits and every file of the SFT adapter folder). The rest of `train`
+    reaches DPO through those files."""
+    return computation_key(config, STAGE.config_keys, STAGE.inputs(config))
 
 
 def policy_with_reference(config: RunConfig, sft: Path, precision: Precision) -> PeftModel:
-    """The base with the SFT adapter, trainable (DPOTrainer adds its frozen "ref" copy)."""
-    dtype = torch.float32 if precision == "fp32" else torch_dtype(precision)
+    """The base with the SFT adapter, trainable (DPOTrainer adds its frozen "ref" copy).
+
+    Args:
+        config: The run file; `train.method: qlora` loads the base quantized as SFT did.
+        sft: The SFT adapter folder (PEFT format).
+        precision: "fp32", "bf16" or "fp16": the dtype the unquantized base is loaded in.
+
+    Returns:
+        A PeftModel with the SFT adapter as its trainable default adapter.
+
+    Raises:
+        ModelLoadError: the base model cannot be loaded.
+    """
+    dtype = torch.float32 if precision == FP32 else torch_dtype(precision)
     if config.train.method == "qlora":
         base = quantized_base(config, precision)
     else:
@@ -120,6 +183,19 @@ def policy_with_reference(config: RunConfig, sft: Path, precision: Precision) ->
 
 
 def preference_split(run: RunDir, name: str) -> Dataset:
+    """A prepared preference split in TRL's conversational preference format.
+
+    Args:
+        run: The run directory.
+        name: "train" or "val" (data/preference/NAME.jsonl).
+
+    Returns:
+        A Dataset with `prompt` (the messages, ending with a user turn), `chosen` and `rejected` (one
+        assistant message each); empty, with those columns, for an empty file.
+
+    Raises:
+        StageError: the file does not exist (no preference data was prepared).
+    """
     path = run.preference_split(name)
     if not path.is_file():
         raise StageError(f"{path} does not exist: give preference data to `prepare` (see docs/data.md)")
@@ -139,13 +215,31 @@ def preference_split(run: RunDir, name: str) -> Dataset:
 def build_dpo_trainer(
     config: RunConfig, chat: ChatTokenizer, model: PeftModel, precision: Precision, resumed_at: int | None
 ) -> DPOTrainer:
+    """TRL's DPOTrainer over the preference splits, its loss unchanged (see the module docstring).
+
+    Args:
+        config: The resolved run file; `dpo.beta` and `dpo.loss_type` go to DPOConfig, and samples are
+            cut at `data.max_seq_len` tokens (prompt and answer).
+        chat: The tokenizer and chat template saved with the SFT adapter.
+        model: From `policy_with_reference`; `ref_model=None` makes DPOTrainer use a frozen "ref" copy
+            of the adapter.
+        precision: "fp32", "bf16" or "fp16": the Trainer's mixed precision.
+        resumed_at: The step resumed from (metrics.jsonl keeps its lines up to it); None from step 0.
+
+    Returns:
+        The DPOTrainer, with the run's callbacks and the compact progress bar.
+
+    Raises:
+        StageError: the train split is missing or empty, or an argument this machine cannot honour
+            (see `arguments.trainer_arguments`).
+    """
     run, dpo = config.run_dir, config.dpo
-    train_set = preference_split(run, "train")
+    train_set = preference_split(run, TRAIN_SPLIT)
     if len(train_set) == 0:
         raise StageError(
             f"{run.preference_split('train')} has no preference pairs: see {run.data / 'report.md'}"
         )
-    val_set = preference_split(run, "val")
+    val_set = preference_split(run, VAL_SPLIT)
     arguments = trainer_arguments(
         dpo, "dpo", run.dpo / "checkpoints", precision, len(val_set) > 0, config.seed
     )

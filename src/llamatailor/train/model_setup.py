@@ -6,28 +6,20 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from llamatailor.config import LoraSection, QuantizationSection, RunConfig
+from llamatailor.hardware import use_gradient_checkpointing
 from llamatailor.models.families import Family
-from llamatailor.models.loading import ChatTokenizer, Precision, load_base_model, torch_dtype
-from llamatailor.train.arguments import use_gradient_checkpointing
-
-TARGET_PRESETS = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
-
-
-def lora_targets(targets: str | list[str], family: Family) -> list[str]:
-    if isinstance(targets, list):
-        return targets
-    return list(family.lora_targets if targets == "all-linear" else TARGET_PRESETS[targets])
+from llamatailor.models.loading import ChatTokenizer, load_base_model, torch_dtype
+from llamatailor.vocabulary import AUTO, FP32, Precision
 
 
 def lora_config(lora: LoraSection, family: Family) -> LoraConfig:
+    """PEFT's LoraConfig for the run's lora section; all-linear means the family's linear layers.
+    Raises ConfigError for an unknown target preset."""
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora_targets(lora.targets, family),
+        target_modules=list(lora.linears(family.lora_targets)),
         use_dora=lora.dora,
         use_rslora=lora.rslora,
         task_type="CAUSAL_LM",
@@ -35,7 +27,7 @@ def lora_config(lora: LoraSection, family: Family) -> LoraConfig:
 
 
 def quantization_config(quantization: QuantizationSection, precision: Precision) -> BitsAndBytesConfig:
-    dtype_name = precision if quantization.compute_dtype == "auto" else quantization.compute_dtype
+    dtype_name = precision if quantization.compute_dtype == AUTO else quantization.compute_dtype
     if quantization.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -55,7 +47,7 @@ def quantized_base(config: RunConfig, precision: Precision) -> PreTrainedModel:
         config.model, dtype, quantization=quantization_config(config.train.quantization, precision)
     )
     base = prepare_model_for_kbit_training(
-        base, use_gradient_checkpointing=use_gradient_checkpointing(config.train)
+        base, use_gradient_checkpointing=use_gradient_checkpointing(config.train.gradient_checkpointing)
     )
     for module in (base.get_input_embeddings(), base.get_output_embeddings()):
         module.to(dtype)
@@ -68,7 +60,7 @@ def trainable_model(
     """The model with exactly the weights the method trains set to require gradients."""
     train = config.train
     # On GPUs the frozen base is kept in the compute dtype; autocast does the mixed precision.
-    dtype = torch.float32 if precision == "fp32" else torch_dtype(precision)
+    dtype = torch.float32 if precision == FP32 else torch_dtype(precision)
     if train.method == "full":
         return load_base_model(config.model, dtype).requires_grad_(True)
     if train.method == "qlora":

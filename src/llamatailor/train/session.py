@@ -152,7 +152,23 @@ def run_trainer(
     trainer: Trainer, section: str, key: CheckpointKey, resume_from: Path | None, metrics: Path
 ) -> Outcome:
     """Train with checkpoint markers and the guards on; raise TrainingDiverged (the last good checkpoint
-    kept) on NaN/inf. `key` holds the settings the checkpoints' markers record."""
+    kept) on NaN/inf. `key` holds the settings the checkpoints' markers record.
+
+    Args:
+        trainer: The stage's SFT or DPO trainer.
+        section: "train" or "dpo": the run-file section named in messages.
+        key: The settings and input hashes recorded in each checkpoint's marker.
+        resume_from: The checkpoint folder to resume from (`starting_checkpoint`); None from step 0.
+        metrics: The stage's metrics.jsonl; loss.png is drawn beside it.
+
+    Returns:
+        Outcome: optimizer steps, wall time in seconds, the checkpoint resumed from, the first and last
+        logged train loss, the best (else the last) val loss, and overfitting warnings.
+
+    Raises:
+        TrainingDiverged: the loss or the trainable weights became NaN/inf.
+        StageError: a tracker (mlflow, wandb) failed to start or log.
+    """
     guard, watch = NanGuard(), OverfitWatch()
     for callback in (RunFileIntervals(), CheckpointMarker(key), guard, watch):
         trainer.add_callback(callback)
@@ -192,7 +208,12 @@ def finish_from_checkpoint(trainer: Trainer, folder: Path) -> None:
     """Leave `trainer` as `trainer.train()` leaves it at the end of the training whose last step `folder`
     saved: that state, and the result's weights (the best checkpoint's where the best is kept). Resumed
     there, `trainer.train()` would take one step past max_steps (transformers 5.23 checks the end only
-    after a step), and the result would change."""
+    after a step), and the result would change.
+
+    It calls transformers 5.23's private `Trainer._load_from_checkpoint` and `Trainer._load_best_model`,
+    as `Trainer.train` does. Changing it, or the transformers version, needs the resume parity tests
+    (tests/test_training_resilience.py) and the rest listed in train/sft.py's docstring.
+    """
     trainer.state = TrainerState.load_from_json(str(folder / TRAINER_STATE))
     best = trainer.state.best_model_checkpoint
     if best is not None and not Path(best).is_dir():  # as trainer.train() does on resume

@@ -1,5 +1,9 @@
 """Tiny random Llama models with real tokenizers, for tests and smoke runs (no network needed).
 
+Test support, outside the package: tests import it as `tiny_models` (pytest puts tests/ on sys.path, as for
+helpers.py); bench/ and scripts/ add tests/ to sys.path. Unlike helpers.py it imports nothing the GPU
+machine lacks (tests/test_gpu.py and the benches there use it).
+
 Tokenizers come from files that exist offline: the embedded SmolLM2 model (ChatML), and the Llama 3 (BPE)
 and Llama 2 (SentencePiece) vocabularies that the llama-cpp-python source distribution ships as
 llama.cpp test files, with Meta's official Llama 3.1 chat template from the same archive. transformers builds
