@@ -146,6 +146,11 @@ def prepare(
     write_json(run.data_report, report)
     write_text(run.data / "report.md", render_report_markdown(report))
     plot_lengths(_lengths(records, decisions), run.data / "lengths.png")
+    return _result(report, tally)
+
+
+def _result(report: dict[str, Any], tally: ScanTally) -> PrepareResult:
+    """The stage's result, read from its report; the rejections are the scan's and the decide pass's."""
     rejected_by_kind = Counter({kind: count for c in tally.rejected.values() for kind, count in c.items()})
     rejected_by_kind.update(report["dedup"]["removed"])
     return PrepareResult(

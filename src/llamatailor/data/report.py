@@ -11,6 +11,8 @@ from llamatailor.data.split import SplitCode
 from llamatailor.models.loading import ChatTokenizer
 from llamatailor.vocabulary import SPLITS
 
+REMOVALS = tuple(decision for decision in Decision if decision != Decision.KEPT)
+
 
 def length_stats(lengths: np.ndarray) -> dict[str, float]:
     if len(lengths) == 0:
@@ -36,18 +38,11 @@ def build_report(
     kind of rejection, what the checks changed, deduplication, and per sample kind and output split the
     samples, their token length statistics and truncations (and strata when data.stratify_by is set)."""
     data = config.data
-    removals = [decision for decision in Decision if decision != Decision.KEPT]
     removed = {
         decision.label: count
-        for decision in removals
+        for decision in REMOVALS
         if (count := int(np.sum(decisions.decision == decision)))
     }
-    rejected = {split: dict(sorted(tally.rejected[split].items())) for split in SPLITS}
-    for decision in removals:
-        for input_split in SplitCode:
-            count = int(np.sum((decisions.decision == decision) & (records.input_split == input_split)))
-            if count:
-                rejected[input_split.label][decision.label] = count
 
     def per_split(kind: SampleKind, value: Any) -> dict[str, Any]:
         return {split.label: value(decisions.written(records, kind, split)) for split in SplitCode}
@@ -55,7 +50,7 @@ def build_report(
     report: dict[str, Any] = {
         "inputs": [asdict(counts) for counts in tally.files],
         "read": {split: tally.read[split] for split in SPLITS},
-        "rejected": rejected,
+        "rejected": _rejected(tally, records, decisions),
         "cleaned": dict(sorted(tally.checks.cleaned.items())),
         "pii": {
             "mode": data.pii.mode,
@@ -85,6 +80,19 @@ def build_report(
     if data.stratify_by is not None:
         report["strata"] = _strata(records, decisions, data.stratify_by)
     return report
+
+
+def _rejected(tally: ScanTally, records: AcceptedRecords, decisions: Decisions) -> dict[str, dict[str, int]]:
+    """Records rejected per input split and kind: the scan's, by kind name, then the decide pass's."""
+    rejected: dict[str, dict[str, int]] = {
+        split: dict(sorted(tally.rejected[split].items())) for split in SPLITS
+    }
+    for decision in REMOVALS:
+        for input_split in SplitCode:
+            count = int(np.sum((decisions.decision == decision) & (records.input_split == input_split)))
+            if count:
+                rejected[input_split.label][decision.label] = count
+    return rejected
 
 
 def _strata(records: AcceptedRecords, decisions: Decisions, field: str) -> dict[str, Any]:
