@@ -21,6 +21,9 @@ Models (`--model`, repeatable), each with its own batch, sequence lengths and gr
 - smollm2-135m: the embedded SmolLM2-135M-Instruct, the same grid at batch 2;
 - tiny-llama3: the tiny Llama with the Llama 3 tokenizer (vocabulary 128,256); batch 2, sequences 128 and
   256, checkpointing as a run gets it (auto: off on CPU, on on CUDA) — the smallest run of the GPU's grid;
+- tiny-llama4: the tiny Llama 4 of tests/tiny_models.py (4 layers, hidden 64, 4 routed experts and a shared
+  one in layers 1 and 3, dense MLPs in 0 and 2); LoRA on all-linear and on the experts too (targets: experts,
+  rank 16 // 4 per expert); batch 4, sequences 256 and 1024, checkpointing off and on;
 - llama-3.2-1b-shaped: built as bench/train_throughput.py builds it (the same folder under `--work`); batch
   2 at sequences 1024 and 4096, checkpointing auto (on on CUDA: what a user's run gets) and off (where the
   saved activations, about 12 GB at 4096 for LoRA, outgrow the weights: the planner's activation terms on
@@ -53,14 +56,18 @@ import yaml
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 MIB = 2**20
-SHAPED, TINY_LLAMA3 = "llama-3.2-1b-shaped", "tiny-llama3"
+SHAPED, TINY_LLAMA3, TINY_LLAMA4 = "llama-3.2-1b-shaped", "tiny-llama3", "tiny-llama4"
 GOAL = 0.10  # the planner's goal: within ±10% of the measured peak
+
+
+EVERY_METHOD = (("lora", "all-linear"), ("qlora", "all-linear"), ("full", "all-linear"))
 
 
 class Grid(NamedTuple):
     batch: int
     seq_lens: tuple[int, ...]
     checkpointing: tuple[bool | str, ...]
+    methods: tuple[tuple[str, str], ...] = EVERY_METHOD  # (train.method, train.lora.targets)
 
 
 GRIDS = {
@@ -68,6 +75,7 @@ GRIDS = {
     "smollm2-135m": Grid(2, (256, 1024), (False, True)),
     TINY_LLAMA3: Grid(2, (128, 256), ("auto",)),
     SHAPED: Grid(2, (1024, 4096), ("auto", False)),
+    TINY_LLAMA4: Grid(4, (256, 1024), (False, True), (("lora", "all-linear"), ("lora", "experts"))),
 }
 
 
@@ -78,6 +86,7 @@ class Row(NamedTuple):
     checkpointing: bool | str
     seq_len: int
     batch: int
+    targets: str = "all-linear"
 
 
 def measure(run_file: Path) -> dict:
@@ -153,7 +162,7 @@ def write_run(folder: Path, row: Row) -> Path:
             "batch_size": row.batch,
             "gradient_checkpointing": row.checkpointing,
             "save_steps": 1000,
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": row.targets},
         },
     }
     path = folder / "run.yaml"
@@ -166,10 +175,12 @@ def model_base(label: str, work: Path) -> str:
     """What a run file names as model.base for `label`, the model built first where it is a random one."""
     if label == "smollm2-135m":
         return "smollm2-135m-instruct"
-    if label == "tiny":
+    if label in ("tiny", TINY_LLAMA4):
         from llamatailor.cache import cache_dir
-        from tiny_models import build_tiny_model
+        from tiny_models import build_tiny_llama4, build_tiny_model
 
+        if label == TINY_LLAMA4:
+            return str(build_tiny_llama4(cache_dir() / "bench" / TINY_LLAMA4))
         return str(build_tiny_model("chatml", cache_dir() / "bench" / "tiny-chatml"))
     from train_throughput import model_folder  # bench/ is this script's folder: one builder for both benches
 
@@ -227,9 +238,9 @@ def main() -> None:
         raise SystemExit("--device cuda: torch sees no CUDA device")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = [
-        Row(label, model_base(label, args.work), method, checkpointing, seq_len, GRIDS[label].batch)
+        Row(label, model_base(label, args.work), method, checkpointing, seq_len, GRIDS[label].batch, targets)
         for label in args.model
-        for method in ("lora", "qlora", "full")
+        for method, targets in GRIDS[label].methods
         for checkpointing in GRIDS[label].checkpointing
         for seq_len in args.seq_len or GRIDS[label].seq_lens
     ]
@@ -287,7 +298,8 @@ def table_row(row: Row, run_file: Path, measured: dict[str, Any], device: str, e
 
     arch, setup = setup_for(run_file)
     predicted = estimate(arch, setup).total
-    head = f"| {row.label} | {row.method} | {setup.gradient_checkpointing} | {row.seq_len} | {row.batch} "
+    method = row.method if row.targets == "all-linear" else f"{row.method} ({row.targets})"
+    head = f"| {row.label} | {method} | {setup.gradient_checkpointing} | {row.seq_len} | {row.batch} "
     if "error" in measured:
         print(f"{row}: the measurement failed:\n{measured['error']}", file=sys.stderr)
         return head + f"| {predicted / MIB:,.0f} | failed | - | - |" + (" - |" if device == "cpu" else "")

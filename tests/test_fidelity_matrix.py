@@ -1,13 +1,16 @@
 """The fidelity matrix: every hand-off, checked with numbers, for every chat family and training method.
 
 Families: ChatML (SmolLM2's vocabulary), Llama 2 (32k SentencePiece), Llama 3.1, 3.2 and 3.3 (Meta's own
-templates on the 128k vocabulary, on a base with Llama 3's RoPE scaling). Methods: LoRA, DoRA, rsLoRA,
-QLoRA (4-bit NF4 base), full fine-tuning, LoRA then DPO. Each cell trains a tiny model for a few steps to
+templates on the 128k vocabulary, on a base with Llama 3's RoPE scaling), Llama 4 (a Mixture-of-Experts
+`Llama4ForCausalLM` with Llama 4's pre-tokenizer, special tokens and template: tests/tiny_models.py). Methods:
+LoRA, DoRA, rsLoRA, QLoRA (4-bit NF4 base), full fine-tuning, LoRA then DPO. Each cell trains a tiny model for a few steps to
 answer "ok" and stop, then merges it in fp32 and in bf16 and exports each merge to GGUF. ChatML and Llama 2 run
 every method. The three Llama 3.x families share one vocabulary, RoPE scaling and random weights and differ only
 in their template, which no method sees (methods train on rendered ids): each runs two of the methods
-(LLAMA3_METHODS), so every method runs on the 128k vocabulary and every template through every hand-off. The
-checks:
+(SPLIT_METHODS), so every method runs on the 128k vocabulary and every template through every hand-off; Llama
+4 runs LoRA then DPO, and QLoRA (whose routed experts stay unquantized). LoRA on Llama 4's routed experts
+(targets: experts) goes through the same hand-offs in tests/test_export_llama4.py, with every GGUF type it
+checks, and its merge in tests/test_llama4.py. The checks:
 
 * rendered ids = `apply_chat_template`, the loss mask = the assistant spans and their end-of-turn token
   (per family: the method never sees the template);
@@ -33,7 +36,7 @@ from llamatailor.pipeline import STAGE_BY_NAME, run_stage
 from llamatailor.serve.target import run_served
 from llamatailor.train.dpo import train_dpo
 from llamatailor.train.sft import train_sft
-from tiny_models import TINY_SHAPE, llama_cpp_model_file, real_tokenizer, save_random_llama
+from tiny_models import TINY_SHAPE, build_tiny_llama4, llama_cpp_model_file, real_tokenizer, save_random_llama
 
 SYSTEM_PROMPT = "You answer every question with ok."
 LLAMA3_ROPE = {
@@ -50,6 +53,7 @@ FAMILIES = {  # name: (vocabulary, Meta's template file or None for the tokenize
     "llama3.1": ("llama3", "meta-llama-Llama-3.1-8B-Instruct.jinja", LLAMA3_ROPE),
     "llama3.2": ("llama3", "meta-llama-Llama-3.2-3B-Instruct.jinja", LLAMA3_ROPE),
     "llama3.3": ("llama3", "meta-llama-Llama-3.3-70B-Instruct.jinja", LLAMA3_ROPE),
+    "llama4": ("llama4", None, None),  # built by build_tiny_llama4, its own tokenizer and template
 }
 METHODS = {
     "lora": {"method": "lora"},
@@ -59,13 +63,14 @@ METHODS = {
     "full": {"method": "full", "learning_rate": 2e-3},
     "lora+dpo": {"method": "lora"},
 }
-# The Llama 3.x families split the methods between them; ChatML and Llama 2 run all six.
-LLAMA3_METHODS = {
+# The Llama 3.x and 4 families split the methods between them; ChatML and Llama 2 run all six.
+SPLIT_METHODS = {
     "llama3.1": ("lora", "qlora"),
     "llama3.2": ("dora", "lora+dpo"),
     "llama3.3": ("rslora", "full"),
+    "llama4": ("lora+dpo", "qlora"),
 }
-CELLS = [(family, method) for family in FAMILIES for method in LLAMA3_METHODS.get(family, METHODS)]
+CELLS = [(family, method) for family in FAMILIES for method in SPLIT_METHODS.get(family, METHODS)]
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +79,9 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     llama3 = real_tokenizer("llama3")  # loaded once (a 128k vocabulary); each save below takes its template
     for name, (vocabulary, template, rope) in FAMILIES.items():
+        if vocabulary == "llama4":
+            folders[name] = build_tiny_llama4(root / name, seed=1, max_position_embeddings=256)
+            continue
         tokenizer = llama3 if vocabulary == "llama3" else real_tokenizer(vocabulary)
         if template:
             tokenizer.chat_template = llama_cpp_model_file(f"templates/{template}").read_text(

@@ -1,5 +1,6 @@
 """Model sources, chat families and tokenizer preparation."""
 
+import json
 import os
 import re
 import shutil
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from llamatailor.config import ModelSection
@@ -15,7 +17,7 @@ from llamatailor.errors import ModelLoadError
 from llamatailor.models.families import FAMILIES, LLAMA3_TEMPLATE
 from llamatailor.models.loading import prepare_tokenizer
 from llamatailor.models.source import embedded_gguf_path, resolve_source
-from tiny_models import real_tokenizer
+from tiny_models import TINY_LLAMA4_SHAPE, llama4_tokenizer, real_tokenizer
 
 
 def test_local_folder_hub_id_and_bad_specs(tmp_path, tiny_models):
@@ -333,3 +335,66 @@ def test_gguf_cut_inside_its_header_is_refused_by_name(tmp_path, empty_cache):
         == f"{empty}: the file is empty (0 bytes), not a GGUF model (an interrupted download?)"
     )
     assert not (empty_cache / "models").exists()
+
+
+def test_llama4_family_from_its_template_and_from_its_vocabulary():
+    """Llama 4's format is told from its template, or for a base without one from its special tokens; it stops
+    on <|eot|> (end of turn), <|eom|> (end of a tool-call message) and <|end_of_text|>."""
+    chat = prepare_tokenizer(llama4_tokenizer(), ModelSection())
+    assert chat.family.name == "llama4" and chat.template_origin == "tokenizer"
+    assert chat.tokenizer.convert_ids_to_tokens(chat.stop_ids) == ["<|eot|>", "<|eom|>", "<|end_of_text|>"]
+    base = llama4_tokenizer()
+    base.chat_template = None
+    chat = prepare_tokenizer(base, ModelSection())
+    assert chat.family.name == "llama4" and "has none" in chat.template_origin
+    text = chat.tokenizer.apply_chat_template(
+        [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "ok"}], tokenize=False
+    )
+    assert text == (
+        "<|begin_of_text|><|header_start|>user<|header_end|>\n\nhi<|eot|>"
+        "<|header_start|>assistant<|header_end|>\n\nok<|eot|>"
+    )
+    assert chat.tokenizer.pad_token == "<|finetune_right_pad|>"
+
+
+def test_llama4_multimodal_checkpoint_loads_as_its_text_model(tmp_path):
+    """Meta's Llama 4 releases are Llama4ForConditionalGeneration checkpoints (text + vision), whose config.json
+    transformers 5.23 refuses as written: a run loads their tokenizer and text model (the vision tower is not
+    tuned, merged or exported) with every text weight and the same logits."""
+    from transformers import (
+        Llama4Config,
+        Llama4ForConditionalGeneration,
+        Llama4TextConfig,
+        Llama4VisionConfig,
+    )
+
+    from llamatailor.models.loading import load_base_model, load_tokenizer
+
+    text = Llama4TextConfig(vocab_size=512, **TINY_LLAMA4_SHAPE)
+    vision = Llama4VisionConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vision_output_dim=64,
+        projector_input_dim=64,
+        projector_output_dim=64,
+        image_size=28,
+        patch_size=14,
+    )
+    torch.manual_seed(0)
+    full = Llama4ForConditionalGeneration(
+        Llama4Config(text_config=text.to_dict(), vision_config=vision.to_dict())
+    )
+    folder = tmp_path / "scout-like"
+    full.save_pretrained(folder)
+    real_tokenizer("llama3").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["text_config"]["attn_temperature_tuning"] = 4  # as Meta writes it; transformers declares a bool
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert load_tokenizer(ModelSection(base=str(folder))).tokenizer.bos_token == "<|begin_of_text|>"
+    loaded = load_base_model(ModelSection(base=str(folder)))
+    assert type(loaded).__name__ == "Llama4ForCausalLM" and loaded.config.attn_temperature_tuning is True
+    ids = torch.tensor([[1, 7, 42, 300, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, full(input_ids=ids).logits)

@@ -15,6 +15,7 @@ llama.cpp (tests/test_tokenizer_fidelity.py).
 import fcntl
 import hashlib
 import inspect
+import json
 import subprocess
 import sys
 import tarfile
@@ -26,7 +27,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from llamatailor.cache import cache_dir
 from llamatailor.errors import ModelLoadError
-from llamatailor.models.families import LLAMA2_TEMPLATE
+from llamatailor.export.pre_tokenizer import LLAMA4_SPLIT
+from llamatailor.models.families import LLAMA2_TEMPLATE, LLAMA4_TEMPLATE
 from llamatailor.models.gguf_tokenizer import tokenizer_from_gguf
 from llamatailor.models.source import embedded_gguf_path
 from llamatailor.rundir import atomic_path
@@ -129,9 +131,99 @@ def save_random_llama(
             **shape,
         }
     )
+    return save_random_weights(LlamaForCausalLM, config, tokenizer, folder, seed)
+
+
+def save_random_weights(
+    model_class: type, config: object, tokenizer: PreTrainedTokenizerBase, folder: Path, seed: int
+) -> Path:
+    """`model_class(config)` with weights drawn under `seed`, saved with `tokenizer` into `folder`."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     with atomic_path(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder
+
+
+# Llama 4's special tokens that Llama 3's vocabulary lacks (it has <|begin_of_text|> and <|end_of_text|>).
+LLAMA4_SPECIAL_TOKENS = (
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eom|>",
+    "<|eot|>",
+    "<|step|>",
+    "<|finetune_right_pad|>",
+    "<|python_start|>",
+    "<|python_end|>",
+)
+# The tiny Llama 4: 4 layers so that layer 3 has no RoPE (llama.cpp hard-codes every 4th); MoE every 2nd layer
+# (layers 1 and 3; 0 and 2 dense, as in Maverick), 4 routed experts of width 64, top-1 routing with a shared
+# expert; chunked attention, QK norm and attention temperature left at Llama 4's values (llama.cpp reads none).
+# Widths are multiples of 64: bitsandbytes 0.50.2's CPU 4-bit inference fails on narrower layer inputs (QLoRA).
+TINY_LLAMA4_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "intermediate_size_mlp": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 2,
+}
+
+
+def llama4_tokenizer() -> PreTrainedTokenizerBase:
+    """A Llama 4-style tokenizer: Llama 3's 128k byte-level BPE vocabulary split with Llama 4's pre-tokenizer
+    (merges applied to every piece, as Llama 4's tokenizer.json does), plus Llama 4's special tokens and a
+    chat template with the structure of llama.cpp's built-in llama4 format. No Llama 4 vocabulary exists
+    offline; what matters to the hand-offs is the split, the specials and the template. Built once into the
+    cache (keyed by this function's source), like `cached_tokenizer`."""
+    identity = inspect.getsource(llama4_tokenizer) + LLAMA4_SPLIT + LLAMA4_TEMPLATE
+    folder = cache_dir() / "tokenizers" / f"llama4-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f"{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "tokenizer.json").is_file():
+            with atomic_path(folder) as tmp:
+                real_tokenizer("llama3").save_pretrained(tmp)
+                path = tmp / "tokenizer.json"
+                data = json.loads(path.read_text(encoding="utf-8"))
+                split = next(
+                    part for part in data["pre_tokenizer"]["pretokenizers"] if part["type"] == "Split"
+                )
+                split["pattern"] = {"Regex": LLAMA4_SPLIT}
+                data["model"]["ignore_merges"] = False
+                path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+                tokenizer = AutoTokenizer.from_pretrained(tmp)
+                tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA4_SPECIAL_TOKENS)})
+                tokenizer.eos_token = "<|eot|>"
+                tokenizer.pad_token = "<|finetune_right_pad|>"
+                tokenizer.chat_template = LLAMA4_TEMPLATE
+                tokenizer.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_tiny_llama4(folder: Path, seed: int = 0, **shape: object) -> Path:
+    """Save a random text-only `Llama4ForCausalLM` (TINY_LLAMA4_SHAPE, overridden by `shape`) with
+    `llama4_tokenizer()` into `folder` (once); return the folder."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = llama4_tokenizer()
+    config = Llama4TextConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 2048,
+            **TINY_LLAMA4_SHAPE,
+            **shape,
+        }
+    )
+    return save_random_weights(Llama4ForCausalLM, config, tokenizer, folder, seed)

@@ -32,6 +32,7 @@ from llamatailor.vocabulary import (
     ALL_LINEAR,
     AUTO,
     DEFAULT_PHONE_REGIONS,
+    EXPERTS,
     GGUF_TYPES,
     LLAMA_LINEARS,
     PII_KINDS,
@@ -206,12 +207,41 @@ class DataSection(Section):
 class LoraSection(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the adapter's input; 0 with targets: experts (none there)."
+    )
     targets: LoraTargetPreset | list[str] = Field(
-        ALL_LINEAR, description="attention, mlp, all-linear (the family's linear layers), or module names."
+        ALL_LINEAR,
+        description="attention, mlp, all-linear (the family's linear layers), experts (all-linear plus a "
+        "Mixture-of-Experts model's routed experts), or module names.",
+    )
+    expert_r: Annotated[int, Field(ge=1)] | Auto = Field(
+        AUTO, description="LoRA rank per routed expert (targets: experts); auto: max(1, r // experts)."
     )
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
+
+    # PEFT 0.21's adapter on fused expert parameters (lora.ParamWrapper) has neither dropout nor DoRA.
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dropout_on_experts(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("targets") == EXPERTS and "dropout" not in data:
+            return {**data, "dropout": 0.0}
+        return data
+
+    @model_validator(mode="after")
+    def _experts_adapter_is_plain(self) -> "LoraSection":
+        if self.targets == EXPERTS and self.dora:
+            raise ValueError(
+                "dora: true cannot go with targets: experts: PEFT has no DoRA for fused expert parameters; "
+                "use targets: all-linear for DoRA, or dora: false"
+            )
+        if self.targets == EXPERTS and self.dropout:
+            raise ValueError(
+                f"dropout: {self.dropout:g} cannot go with targets: experts: PEFT applies no dropout to fused "
+                "expert parameters; set dropout: 0"
+            )
+        return self
 
     def linears(self, all_linear: tuple[str, ...] = LLAMA_LINEARS) -> tuple[str, ...]:
         """The module names the adapter goes on: the preset's (all-linear: `all_linear`, the family's linear

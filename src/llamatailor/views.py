@@ -116,10 +116,36 @@ def _fmt(value: float | None) -> str:
 
 
 def plan_view(plan: Plan) -> RenderableType:
+    setup = plan.setup
+    shapes = (
+        f"sequence {setup.seq_len}, micro-batch {setup.micro_batch}, {setup.precision}, gradient checkpointing "
+        f"{'on' if setup.gradient_checkpointing else 'off'}, optimizer {setup.optimizer}, LoRA r={setup.lora_r} on "
+        f"{', '.join(setup.lora_targets)}, {setup.gpus} device(s), sharding {setup.sharding}"
+    )
+    if plan.arch.experts:
+        expert_r = setup.expert_r or "auto"
+        adapted = f"LoRA r={expert_r} per expert" if setup.lora_experts else "frozen"
+        held = f"{setup.expert_bits}-bit (linearized, as Axolotl)" if setup.expert_bits else setup.precision
+        shapes += f"; routed experts {adapted}, under qlora {held}"
+    verdict = Text(
+        f"recommended: {plan.recommended}" if plan.recommended else "recommended: nothing fits as planned",
+        style="bold green" if plan.recommended else "bold red",
+    )
+    return Group(
+        _plan_training_table(plan),
+        Text(shapes, style="dim"),
+        verdict,
+        *(Text(f"- {line}") for line in plan.advice),
+        _plan_inference_table(plan),
+    )
+
+
+def _plan_training_table(plan: Plan) -> Table:
     gib = 2**30
+    active = f", {plan.arch.active_params() / 1e9:.2f}B active" if plan.arch.experts else ""
     table = Table(
-        title=f"{plan.arch.name} ({plan.arch.total_params() / 1e9:.2f}B parameters): peak memory per "
-        f"{'GPU' if plan.setup.device == 'cuda' else 'CPU process'}, GiB",
+        title=f"{plan.arch.name} ({plan.arch.total_params() / 1e9:.2f}B parameters{active}): peak training "
+        f"memory per {'GPU' if plan.setup.device == 'cuda' else 'CPU process'}, GiB",
         show_edge=False,
     )
     table.add_column("term")
@@ -127,8 +153,16 @@ def plan_view(plan: Plan) -> RenderableType:
         table.add_column(
             fit.label + (" (4-bit)" if fit.label == "qlora" and fit.setup.bits == 4 else ""), justify="right"
         )
+    parts = list(dict.fromkeys(name for fit in plan.methods for name in fit.breakdown.weight_terms))
     for term in plan.methods[0].breakdown.terms():
         table.add_row(term, *(f"{fit.breakdown.terms()[term] / gib:.2f}" for fit in plan.methods))
+        if term == "weights" and plan.arch.experts:  # a MoE model's weights, part by part
+            for part in parts:
+                sizes = (fit.breakdown.weight_terms.get(part, 0) / gib for fit in plan.methods)
+                table.add_row(f"  {part}", *(f"{size:.2f}" for size in sizes), style="dim")
+        if term == "optimizer states" and plan.setup.lora_experts and plan.arch.experts:
+            sizes = (fit.breakdown.expert_optimizer / gib for fit in plan.methods)
+            table.add_row("  of the experts' LoRA", *(f"{size:.2f}" for size in sizes), style="dim")
     table.add_row(
         "trainable parameters", *(f"{fit.breakdown.trainable_parameters:,}" for fit in plan.methods)
     )
@@ -140,18 +174,31 @@ def plan_view(plan: Plan) -> RenderableType:
     table.add_row("largest micro-batch", *(str(fit.max_micro_batch) for fit in plan.methods))
     table.add_row("longest sequence", *(f"{fit.max_seq_len:,}" for fit in plan.methods))
     table.add_row("GPUs needed (FSDP)", *(str(fit.gpus_needed or ">64") for fit in plan.methods))
-    setup = plan.setup
-    shapes = Text(
-        f"sequence {setup.seq_len}, micro-batch {setup.micro_batch}, {setup.precision}, gradient checkpointing "
-        f"{'on' if setup.gradient_checkpointing else 'off'}, optimizer {setup.optimizer}, LoRA r={setup.lora_r} on "
-        f"{', '.join(setup.lora_targets)}, {setup.gpus} device(s), sharding {setup.sharding}",
-        style="dim",
+    return table
+
+
+def _plan_inference_table(plan: Plan) -> Table:
+    gib = 2**30
+    context = plan.inference[0].breakdown.context if plan.inference else 0
+    table = Table(
+        title=f"serving {plan.arch.name}: weights at 4, 8, 16 bits, KV cache of {context:,} tokens "
+        f"({plan.setup.precision}), GiB",
+        show_edge=False,
     )
-    verdict = Text(
-        f"recommended: {plan.recommended}" if plan.recommended else "recommended: nothing fits as planned",
-        style="bold green" if plan.recommended else "bold red",
+    table.add_column("term")
+    for fit in plan.inference:
+        bits = fit.breakdown.bits
+        table.add_column(f"int{bits}" if bits < 16 else plan.setup.precision, justify="right")
+    for label, term in (("weights", "weights"), ("KV cache", "kv_cache"), ("overhead", "overhead")):
+        sizes = (getattr(fit.breakdown, term) / gib for fit in plan.inference)
+        table.add_row(label, *(f"{size:.2f}" for size in sizes))
+    table.add_row("total", *(f"{fit.breakdown.total / gib:.2f}" for fit in plan.inference), style="bold")
+    table.add_row(
+        f"fits in {plan.memory / gib:.1f} GiB",
+        *(Text("yes", style="green") if fit.fits else Text("no", style="red") for fit in plan.inference),
     )
-    return Group(table, shapes, verdict, *(Text(f"- {line}") for line in plan.advice))
+    table.add_row("devices needed", *(str(fit.gpus_needed or ">64") for fit in plan.inference))
+    return table
 
 
 def merge_view(result: MergeResult) -> RenderableType:

@@ -38,9 +38,11 @@ CPU_OPTIMIZER: Optimizer = "adamw"  # the others are bitsandbytes kernels, which
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LLAMA_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
-LoraTargetPreset = Literal["attention", "mlp", "all-linear"]
+LoraTargetPreset = Literal["attention", "mlp", "all-linear", "experts"]
 LORA_TARGET_PRESETS: tuple[LoraTargetPreset, ...] = get_args(LoraTargetPreset)
 ALL_LINEAR: LoraTargetPreset = "all-linear"  # every linear layer the model's family has
+# all-linear plus a Mixture-of-Experts model's routed experts (fused 3-D parameters, not linear layers)
+EXPERTS: LoraTargetPreset = "experts"
 PRESET_LINEARS: dict[str, tuple[str, ...]] = {"attention": ATTENTION_LINEARS, "mlp": MLP_LINEARS}
 
 PiiKind = Literal["email", "phone", "card", "ip", "iban", "national_id", "secret"]
@@ -77,12 +79,13 @@ def lora_linears(targets: str | Iterable[str], all_linear: Iterable[str] = LLAMA
     """The module names a LoRA `targets` setting stands for: a preset's linear layers, or the names given.
 
     A string is a preset: attention, mlp, or all-linear (`all_linear`, the model family's linear layers);
-    any other iterable holds module names, kept as given. Raises ValueError (with `unknown_name`'s message)
+    experts has the same linear layers (its routed-expert parameters are resolved by `models.moe`); any
+    other iterable holds module names, kept as given. Raises ValueError (with `unknown_name`'s message)
     for a string that is not a preset.
     """
     if not isinstance(targets, str):
         return tuple(targets)
-    if targets == ALL_LINEAR:
+    if targets in (ALL_LINEAR, EXPERTS):
         return tuple(all_linear)
     if targets not in PRESET_LINEARS:
         raise ValueError(unknown_name("LoRA target preset", targets, LORA_TARGET_PRESETS))

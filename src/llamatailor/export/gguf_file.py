@@ -1,4 +1,5 @@
-"""Our own conversion of a merged Llama-architecture folder to GGUF, with the `gguf` package.
+"""Our own conversion of a merged Llama-architecture folder to GGUF, with the `gguf` package: Llama 1-3 (and
+SmolLM2) under llama.cpp's `llama` architecture, text-only Llama 4 under `llama4` (export/gguf_llama4.py).
 
 What llama.cpp needs beyond the weights, and what peers lose most often, is written from the tokenizer the
 model was trained with: the vocabulary (byte-level BPE for Llama 3 and SmolLM2, SentencePiece-style for
@@ -16,9 +17,16 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import LlamaConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from llamatailor.errors import CheckFailed
+from llamatailor.export.gguf_llama4 import (
+    LLAMA4_TEXT,
+    check_llama4,
+    kept_f32,
+    llama4_arrays,
+    write_moe_metadata,
+)
 from llamatailor.export.pre_tokenizer import pre_tokenizer_name
 from llamatailor.export.rope import GgufRope, gguf_rope
 from llamatailor.models.loading import ChatTokenizer
@@ -29,6 +37,8 @@ WRITTEN_HERE = {
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
 }
+# transformers' model_type -> llama.cpp's architecture
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, LLAMA4_TEXT: gguf.MODEL_ARCH.LLAMA4}
 
 
 def vocabulary(folder: Path, chat: ChatTokenizer, vocab_size: int) -> dict[str, Any]:
@@ -80,14 +90,17 @@ def space_prefix_everywhere(tokenizer_json: dict[str, Any]) -> bool:
 
 
 def write_metadata(
-    writer: gguf.GGUFWriter, config: LlamaConfig, name: str, file_type: int, rope: GgufRope
+    writer: gguf.GGUFWriter, config: PretrainedConfig, name: str, file_type: int, rope: GgufRope
 ) -> None:
+    """The model's hyperparameters under `writer.arch`'s keys (llama or llama4), RoPE as `rope` says."""
+    llama4 = config.model_type == LLAMA4_TEXT
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    # llama4's dense layers are intermediate_size_mlp wide; its intermediate_size is the experts'
+    writer.add_feed_forward_length(config.intermediate_size_mlp if llama4 else config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(head_dim)
@@ -104,6 +117,8 @@ def write_metadata(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
+    if llama4:
+        write_moe_metadata(writer, config)
 
 
 def write_tokenizer(writer: gguf.GGUFWriter, vocab: dict[str, Any], chat: ChatTokenizer) -> None:
@@ -139,45 +154,94 @@ def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def tensors(folder: Path, config: LlamaConfig, rope: GgufRope) -> Any:
-    """(GGUF name, fp32 array) for every weight of the merged folder, and `rope_freqs` when RoPE has factors."""
+def hf_arrays(key: str, array: np.ndarray, config: PretrainedConfig) -> Any:
+    """(transformers name, array) in the layout llama.cpp wants: Llama 1-3's Q and K rows permuted for
+    its rotary pairs; Llama 4's experts as `gguf_llama4.llama4_arrays` splits them."""
+    if config.model_type == LLAMA4_TEXT:
+        yield from llama4_arrays(key, array)
+    elif key.endswith("q_proj.weight"):
+        yield key, permute_rotary(array, config.num_attention_heads)
+    elif key.endswith("k_proj.weight"):
+        yield key, permute_rotary(array, config.num_key_value_heads)
+    else:
+        yield key, array
+
+
+def tensors(folder: Path, config: PretrainedConfig, rope: GgufRope) -> Any:
+    """(GGUF name, fp32 array) for every weight of the merged folder, and `rope_freqs` when RoPE has factors,
+    named for the config's architecture (ARCHITECTURES)."""
+    arch = ARCHITECTURES[config.model_type]
     if rope.factors is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope.factors
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 if "rotary_emb" in key:
                     continue
                 array = handle.get_tensor(key).to(torch.float32).numpy()
-                if key.endswith("q_proj.weight"):
-                    array = permute_rotary(array, config.num_attention_heads)
-                elif key.endswith("k_proj.weight"):
-                    array = permute_rotary(array, config.num_key_value_heads)
-                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise CheckFailed(f"{shard}: tensor {key} has no GGUF name for the llama architecture")
-                yield name, array
+                for hf_name, part in hf_arrays(key, array, config):
+                    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                    if name is None:
+                        raise CheckFailed(
+                            f"{shard}: tensor {hf_name} has no GGUF name for the "
+                            f"{gguf.MODEL_ARCH_NAMES[arch]} architecture"
+                        )
+                    yield name, part
+
+
+def export_config(folder: Path) -> tuple[PretrainedConfig, gguf.MODEL_ARCH]:
+    """The merged model's config and llama.cpp's architecture for it, after refusing what llama.cpp would
+    run differently. Raises CheckFailed for a model_type other than llama and llama4_text (naming it), and
+    for a Llama 4 config llama.cpp hard-codes otherwise (gguf_llama4.check_llama4)."""
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except ValueError as error:  # a model_type transformers does not know
+        raise CheckFailed(
+            f"{folder}: {error}; GGUF export handles {' and '.join(ARCHITECTURES)} only"
+        ) from error
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        multimodal = (
+            " (a Llama4ForConditionalGeneration: llama.cpp keeps its vision tower in a separate mmproj file; "
+            "save its language model as a Llama4ForCausalLM, model_type llama4_text, to export the text part)"
+            if config.model_type == "llama4"
+            else ""
+        )
+        raise CheckFailed(
+            f"{folder}: model_type {config.model_type!r}{multimodal}; GGUF export handles "
+            f"{' and '.join(ARCHITECTURES)} only"
+        )
+    if arch == gguf.MODEL_ARCH.LLAMA4:
+        check_llama4(config, str(folder))
+    return config, arch
+
+
+def check_export(folder: Path) -> GgufRope:
+    """Refuse, before anything is written, a model folder GGUF export cannot write faithfully: its
+    architecture (`export_config`) or its RoPE (export/rope.py). Returns what will be written for RoPE;
+    raises CheckFailed naming the key, its value and what llama.cpp would do instead."""
+    config, _ = export_config(folder)
+    return gguf_rope(config, str(folder))
 
 
 def write_gguf(folder: Path, target: Path, gguf_type: str, chat: ChatTokenizer, name: str) -> Path:
-    """Write `folder` (a merged Llama model) as a GGUF file of type f32, f16 or bf16.
+    """Write `folder` (a merged Llama 1-3 or text-only Llama 4 model) as a GGUF file of type f32, f16 or
+    bf16, under llama.cpp's `llama` or `llama4` architecture.
 
-    Raises CheckFailed before anything is written when the model is not a llama or its RoPE type is one
-    llama.cpp cannot reproduce (export/rope.py: check_gguf_rope, which the export stage can call earlier)."""
-    config = LlamaConfig.from_pretrained(folder)
-    if config.model_type != "llama":
-        raise CheckFailed(f"{folder}: model_type {config.model_type!r}; GGUF export handles llama only")
+    Raises CheckFailed before anything is written when `check_export` refuses the model (another model_type,
+    a Llama 4 config llama.cpp hard-codes otherwise, a RoPE type llama.cpp cannot reproduce)."""
+    config, arch = export_config(folder)
     rope = gguf_rope(config, str(folder))
     file_type, tensor_type = WRITTEN_HERE[gguf_type]
     vocab = vocabulary(folder, chat, config.vocab_size)
     with atomic_path(target) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         write_metadata(writer, config, name, file_type, rope)
         write_tokenizer(writer, vocab, chat)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for tensor_name, array in tensors(folder, config, rope):
-            if array.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
+            if array.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32 or kept_f32(tensor_name):
                 writer.add_tensor(tensor_name, array)
             else:
                 writer.add_tensor(

@@ -47,6 +47,16 @@ LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+# Meta's Llama 4 split pattern as its tokenizer.json spells it: llama.cpp's `llama4` names it (pre-type GPT4O,
+# merges applied to every piece, no space clean-up). llama-vocab.cpp runs an ASCII approximation of it in which
+# every non-ASCII letter is both upper and lower case, so a lower-case word running into a non-ASCII capital
+# ("данныеМир") stays one piece there and its ids can differ (tests/test_export_llama4.py pins one such case).
+LLAMA4_SPLIT = (
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+"
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+"
+    "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 
 
 def check_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -59,7 +69,8 @@ def check_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 def structural_name(tokenizer_json: dict[str, Any]) -> str | None:
     """The name whose splitting this tokenizer.json's pre-tokenizer reproduces exactly, or None when it is none
     of the shapes below (each is the tokenizer.json of the model llama.cpp's table names, and llama.cpp's split
-    for that name: llama-vocab.cpp's regexes, and `ignore_merges` for llama-bpe only)."""
+    for that name: llama-vocab.cpp's regexes, and `ignore_merges` for llama-bpe only; llama4 merges every
+    piece, so a Llama 4 split that takes whole words first is none of them)."""
     if tokenizer_json.get("normalizer"):
         return None  # llama.cpp normalizes nothing before a byte-level BPE split
     pre = tokenizer_json.get("pre_tokenizer") or {}
@@ -74,14 +85,21 @@ def structural_name(tokenizer_json: dict[str, Any]) -> str | None:
         return "smollm"
     split = parts[0]
     if (
-        kinds == ["Split", "ByteLevel"]
-        and not byte_regex
-        and split.get("pattern", {}).get("Regex") == LLAMA3_SPLIT
-        and split.get("behavior") == "Isolated"
-        and not split.get("invert")
+        kinds != ["Split", "ByteLevel"]
+        or byte_regex
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
     ):
+        return None
+    pattern, whole_words = (
+        split.get("pattern", {}).get("Regex"),
+        tokenizer_json.get("model", {}).get("ignore_merges"),
+    )
+    if pattern == LLAMA3_SPLIT:
         # the two names split alike; llama-bpe also takes a whole word from the vocabulary before merging
-        return "llama-bpe" if tokenizer_json.get("model", {}).get("ignore_merges") else "smaug-bpe"
+        return "llama-bpe" if whole_words else "smaug-bpe"
+    if pattern == LLAMA4_SPLIT and not whole_words:
+        return "llama4"
     return None
 
 
@@ -118,7 +136,8 @@ def pre_tokenizer_name(tokenizer: PreTrainedTokenizerBase, tokenizer_json: dict[
             f"llama.cpp's pre-tokenizer for this tokenizer is unknown: the hash of its check-text ids, {digest}, "
             f"is none of {sorted(set(KNOWN_HASHES.values()))}, and its pre-tokenizer {pre} (normalizer "
             f"{json.dumps(tokenizer_json.get('normalizer'))[:100]}) is none of the shapes recognised here "
-            "(GPT-2 byte-level; SmolLM digits + byte-level; Llama 3 split + byte-level); a GGUF would tokenize "
+            "(GPT-2 byte-level; SmolLM digits + byte-level; Llama 3 or Llama 4 split + byte-level); a GGUF would "
+            "tokenize "
             "differently from the model's tokenizer"
         )
     return name

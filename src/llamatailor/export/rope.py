@@ -6,7 +6,7 @@ is the reference):
 - llama_model::load_hparams (src/llama-model.cpp) reads `rope.freq_base`, `rope.scaling.type` (none, linear,
   yarn, longrope; "linear" when absent), `rope.scaling.factor` (freq_scale = 1/factor),
   `rope.scaling.attn_factor` and `rope.scaling.original_context_length` (default: `context_length`). The
-  llama architecture reads none of the `rope.scaling.yarn_*` keys (only grok and mistral3 do), so YaRN's
+  llama and llama4 architectures read none of the `rope.scaling.yarn_*` keys (only grok and mistral3 do), so YaRN's
   beta_fast and beta_slow are always 32 and 1 there.
 - The llama_context constructor (src/llama-context.cpp) turns YaRN on (ext_factor 1) for type yarn and sets
   the attention factor to get_mscale(factor) / (1 + 0.1 ln factor) times `rope.scaling.attn_factor`;
@@ -16,9 +16,15 @@ is the reference):
   divided by its factor), or `rope_factors_long`/`rope_factors_short` under longrope, chosen by the context
   size (llama_model::get_rope_factors).
 
-Every written plan is checked here against transformers' own rotary embedding (`LlamaRotaryEmbedding`):
-the angle per position of every dimension pair and the cos/sin scale that llama.cpp will use must equal
-transformers' (relative difference below RELATIVE_TOLERANCE), otherwise the type is refused.
+- Llama 4 (src/models/llama4.cpp) reads the same keys under `llama4.` and rotates its RoPE layers with the
+  same ggml_rope_ext (adjacent pairs, as transformers' complex view; the rope_freqs of layer 0 serve every
+  layer); its RoPE layers are its chunked-attention layers, whose base and scale are copied from the keys
+  above (rope_freq_base_train_swa, rope_freq_scale_train_swa) after they are read.
+
+Every written plan is checked here against transformers' own rotary embedding (`LlamaRotaryEmbedding`, or
+`Llama4TextRotaryEmbedding` for Llama 4): the angle per position of every dimension pair and the cos/sin
+scale that llama.cpp will use must equal transformers' (relative difference below RELATIVE_TOLERANCE),
+otherwise the type is refused.
 """
 
 import math
@@ -28,10 +34,12 @@ from typing import Any
 
 import gguf
 import numpy as np
-from transformers import LlamaConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
 
 from llamatailor.errors import CheckFailed
+from llamatailor.export.gguf_llama4 import LLAMA4_TEXT
 
 # transformers computes its frequencies in fp32: 1e-5 is ~100 fp32 ulps, far below any real mismatch
 # (a wrong factor or ramp changes some pair's frequency by 10% or more).
@@ -85,7 +93,15 @@ class GgufRope:
         return keys
 
 
-def rope_parameters(config: LlamaConfig) -> dict[str, Any]:
+def rotary_embedding(config: PretrainedConfig) -> LlamaRotaryEmbedding | Llama4TextRotaryEmbedding:
+    """transformers' rotary embedding for `config`'s model type (Llama 1-3 or Llama 4 text): its `inv_freq`
+    (radians per position, per dimension pair) and `attention_scaling` are the reference."""
+    if config.model_type == LLAMA4_TEXT:
+        return Llama4TextRotaryEmbedding(config)
+    return LlamaRotaryEmbedding(config)
+
+
+def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     """The config's RoPE parameters, whichever name they were saved under (`rope_parameters` in
     transformers 5, `rope_scaling` before), with `rope_type` and `rope_theta` filled in."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
@@ -94,7 +110,7 @@ def rope_parameters(config: LlamaConfig) -> dict[str, Any]:
     return params
 
 
-def head_dim_of(config: LlamaConfig) -> int:
+def head_dim_of(config: PretrainedConfig) -> int:
     """Width of one attention head (= the rotated dimensions: Llama rotates the whole head)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -123,7 +139,7 @@ def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def plan_rope(config: LlamaConfig, params: dict[str, Any]) -> GgufRope:
+def plan_rope(config: PretrainedConfig, params: dict[str, Any]) -> GgufRope:
     """The llama.cpp keys for one of the WRITTEN types (before verification)."""
     rope_type, base = params["rope_type"], float(params["rope_theta"])
     if rope_type == "linear":
@@ -135,7 +151,7 @@ def plan_rope(config: LlamaConfig, params: dict[str, Any]) -> GgufRope:
         factor = float(params.get("factor") or config.max_position_embeddings / original)
         # transformers scales cos/sin by attention_factor (default get_mscale(factor)); llama.cpp by
         # get_mscale(factor) times rope.scaling.attn_factor, so the key carries the ratio.
-        attention = LlamaRotaryEmbedding(config).attention_scaling
+        attention = rotary_embedding(config).attention_scaling
         return GgufRope(rope_type, base, "yarn", factor, attention / get_mscale(factor), original)
     return GgufRope(rope_type, base)
 
@@ -162,9 +178,9 @@ def llama_cpp_rotation(rope: GgufRope, head_dim: int, context_length: int) -> tu
     return angle, get_mscale(rope.factor) / growth * rope.attn_factor * growth
 
 
-def verify_rope(rope: GgufRope, config: LlamaConfig, where: str) -> None:
+def verify_rope(rope: GgufRope, config: PretrainedConfig, where: str) -> None:
     """Raise CheckFailed unless llama.cpp's rotation for `rope` equals transformers' for `config`."""
-    reference = LlamaRotaryEmbedding(config)
+    reference = rotary_embedding(config)
     expected = reference.inv_freq.double().numpy()
     angle, scale = llama_cpp_rotation(rope, head_dim_of(config), config.max_position_embeddings)
     if angle.shape != expected.shape:
@@ -179,13 +195,13 @@ def verify_rope(rope: GgufRope, config: LlamaConfig, where: str) -> None:
             f"{where}: rope_type {rope.rope_type!r} with parameters {rope_parameters(config)} cannot be written "
             f"to GGUF: llama.cpp would rotate dimension pair {worst} by {angle[worst]:.6g} rad/token where "
             f"transformers uses {expected[worst]:.6g}, and scale cos/sin by {scale:.6g} where transformers uses "
-            f"{reference.attention_scaling:.6g} (llama.cpp's llama architecture reads rope.scaling.type, factor, "
+            f"{reference.attention_scaling:.6g} (llama.cpp's llama and llama4 read rope.scaling.type, factor, "
             "attn_factor, original_context_length and rope_freqs only; YaRN's beta_fast/beta_slow are fixed at "
             "32/1, truncated)"
         )
 
 
-def gguf_rope(config: LlamaConfig, where: str = "the model") -> GgufRope:
+def gguf_rope(config: PretrainedConfig, where: str = "the model") -> GgufRope:
     """What to write for `config`'s RoPE (keys and the optional `rope_freqs` tensor), proven to rotate as
     transformers does. Raises CheckFailed naming the rope type and the reason when llama.cpp cannot
     reproduce it (dynamic, longrope, unknown types, or parameters the llama architecture has no key for);
@@ -208,4 +224,4 @@ def gguf_rope(config: LlamaConfig, where: str = "the model") -> GgufRope:
 def check_gguf_rope(folder: Path) -> GgufRope:
     """Refuse, before anything is written, a model folder whose RoPE llama.cpp cannot reproduce: the check
     export runs first. Returns what GGUF export will write; raises CheckFailed (see gguf_rope)."""
-    return gguf_rope(LlamaConfig.from_pretrained(folder), str(folder))
+    return gguf_rope(AutoConfig.from_pretrained(folder), str(folder))

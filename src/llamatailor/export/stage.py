@@ -23,11 +23,10 @@ from llamatailor.export.gguf_check import (
     check_tokenizer,
     logit_reference,
 )
-from llamatailor.export.gguf_file import WRITTEN_HERE, quantize_gguf, write_gguf
+from llamatailor.export.gguf_file import WRITTEN_HERE, check_export, quantize_gguf, write_gguf
 from llamatailor.export.gguf_gates import gate_for
 from llamatailor.export.merge import build_probe
 from llamatailor.export.ollama import build_modelfile, write_modelfile
-from llamatailor.export.rope import check_gguf_rope
 from llamatailor.generation.engines import LlamaCppEngine, TransformersEngine
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
 from llamatailor.rundir import remove_path, write_json
@@ -64,8 +63,9 @@ def export_run(config: RunConfig, progress: Progress | None = None) -> ExportRes
 
     Raises:
         StageError: merged/ has no model (run `llamatailor merge` first), or a split is missing.
-        CheckFailed: the model cannot be exported (not a llama, an unsupported RoPE or tokenizer, a
-            quantization that llama.cpp refuses), or a file fails a gate; the report is written first.
+        CheckFailed: the model cannot be exported (not a Llama 1-3 or text-only Llama 4, a Llama 4 config
+            llama.cpp hard-codes otherwise, an unsupported RoPE or tokenizer, a quantization that llama.cpp
+            refuses), or a file fails a gate; the report is written first.
         ModelLoadError: the merged model's tokenizer has no chat template.
     """
     run, settings = config.run_dir, config.export
@@ -159,7 +159,7 @@ class Checker:
         self.evaluation = Evaluation(config.model_copy(update={"eval": no_perplexity}), chat, None)
         self.probe = build_probe(config, chat)
         run = config.run_dir
-        self.rope = check_gguf_rope(run.merged)
+        self.rope = check_export(run.merged)  # refuses what llama.cpp would run differently
         conversations = [r["messages"] for name in (VAL_SPLIT, TEST_SPLIT) for r in run.read_split(name)]
         self.texts = [chat.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
 

@@ -29,6 +29,7 @@ from transformers.integrations.gguf import reader as gguf_reader
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from llamatailor.errors import EncodingError, ModelLoadError
+from llamatailor.models.model_config import corrected_config
 from llamatailor.textfiles import read_text
 
 Shape = tuple[int, ...]
@@ -191,7 +192,7 @@ def check_hf_folder(folder: Path) -> None:
 
 def _hf_config(folder: Path) -> Any:
     try:
-        return AutoConfig.from_pretrained(folder)
+        return corrected_config(str(folder)) or AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{folder}/config.json: not a config transformers can read ({exc})") from None
 

@@ -71,7 +71,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
-        Family("llama4", ("<|header_start|>",), ("<|eot|>", "<|end_of_text|>"), LLAMA4_TEMPLATE),
+        Family("llama4", ("<|header_start|>",), ("<|eot|>", "<|eom|>", "<|end_of_text|>"), LLAMA4_TEMPLATE),
         Family(
             "llama3",
             ("<|start_header_id|>",),

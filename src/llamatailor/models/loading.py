@@ -24,6 +24,7 @@ from llamatailor.config import ModelSection
 from llamatailor.errors import ModelLoadError
 from llamatailor.models.base_check import refuse_missing_weights
 from llamatailor.models.families import Family, detect_family
+from llamatailor.models.model_config import corrected_config
 from llamatailor.models.source import ModelSource, resolve_source
 from llamatailor.textfiles import read_text
 from llamatailor.vocabulary import BF16, FP16, FP32, Precision
@@ -161,6 +162,9 @@ def base_model_of(tuned: PreTrainedModel, model: ModelSection) -> Iterator[PreTr
 def _from_pretrained(loader: Any, source: ModelSource, revision: str | None, **kwargs: Any) -> Any:
     hub_kwargs = {"revision": revision} if source.kind == "hub" and revision else {}
     try:
+        config = corrected_config(source.location, hub_kwargs)
+        if config is not None:
+            kwargs["config"] = config
         return loader(source.location, **hub_kwargs, **kwargs)
     except (OSError, HFValidationError) as exc:
         if source.kind == "hub":

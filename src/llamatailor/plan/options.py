@@ -10,10 +10,12 @@ from llamatailor.errors import ConfigError
 from llamatailor.hardware import available_memory
 from llamatailor.models.source import resolve_source
 from llamatailor.plan.architectures import load_architecture
+from llamatailor.plan.inference import INFERENCE_CONTEXT
 from llamatailor.plan.memory import GIB, Setup
 from llamatailor.plan.run_setup import setup_from_config
 from llamatailor.plan.verdict import Plan, make_plan
 from llamatailor.vocabulary import (
+    EXPERTS,
     FP32,
     LLAMA_LINEARS,
     LORA_TARGET_PRESETS,
@@ -37,6 +39,7 @@ def build_plan(
     gpu_mem_gib: float | None,
     gpus: int,
     sharding: str,
+    inference_context: int | None = None,
     **options: str | int | bool | None,
 ) -> Plan:
     """The `plan` verb: a model's shape and a setup, with command-line overrides, to `make_plan`.
@@ -48,14 +51,17 @@ def build_plan(
             None: this machine's GPU memory, or its available RAM (then fp32 on CPU).
         gpus: Devices.
         sharding: none, zero2, zero3 or fsdp.
-        options: method, optimizer, lora_targets, bits, seq_len (tokens), micro_batch (rows), lora_r
-            and checkpointing, each None to keep the setup's value.
+        inference_context: Tokens of KV cache for the inference rows; None: INFERENCE_CONTEXT.
+        options: method, optimizer, lora_targets, bits, expert_bits (QLoRA's routed experts: 4 or 8 as
+            Axolotl's linearized experts), seq_len (tokens), micro_batch (rows), lora_r, expert_r and
+            checkpointing, each None to keep the setup's value.
 
     Returns:
         The Plan (see `verdict.make_plan`).
 
     Raises:
-        ConfigError: neither a run file nor `model`, or an option outside its allowed values.
+        ConfigError: neither a run file nor `model`, an option outside its allowed values, or experts
+            options (`--lora-targets experts`, `--expert-bits`, `--expert-r`) for a model without them.
         ModelLoadError: no architecture for the model (`load_architecture`).
     """
     if config is not None:
@@ -69,8 +75,13 @@ def build_plan(
     cuda = torch.cuda.is_available() or gpu_mem_gib is not None
     setup = replace(setup, device="cuda" if cuda else "cpu", precision=setup.precision if cuda else FP32)
     setup = replace(setup, **_changes(options, sharding, gpus))
+    if not arch.experts and (setup.lora_experts or setup.expert_bits or options.get("expert_r")):
+        raise ConfigError(
+            f"{arch.name} has no routed experts: --lora-targets experts, --expert-bits and --expert-r plan a "
+            "Mixture-of-Experts model's experts (Llama 4)"
+        )
     memory = int(gpu_mem_gib * GIB) if gpu_mem_gib is not None else available_memory()
-    return make_plan(arch, setup, memory)
+    return make_plan(arch, setup, memory, inference_context or INFERENCE_CONTEXT)
 
 
 def _changes(options: dict[str, str | int | bool | None], sharding: str, gpus: int) -> dict[str, Any]:
@@ -83,9 +94,11 @@ def _changes(options: dict[str, str | int | bool | None], sharding: str, gpus: i
     targets = options.get("lora_targets")
     if targets is not None:
         changes["lora_targets"] = _lora_targets(str(targets))
-    if options.get("bits") is not None:
-        changes["bits"] = int(_choice("bits", str(options["bits"]), ("4", "8")))
-    for name in ("seq_len", "micro_batch", "lora_r"):
+        changes["lora_experts"] = targets == EXPERTS
+    for name in ("bits", "expert_bits"):
+        if options.get(name) is not None:
+            changes[name] = int(_choice(name, str(options[name]), ("4", "8")))
+    for name in ("seq_len", "micro_batch", "lora_r", "expert_r"):
         size = options.get(name)
         if size is not None:
             changes[name] = int(size)

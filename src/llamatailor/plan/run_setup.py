@@ -10,18 +10,20 @@ from llamatailor.hardware import micro_batch_tokens, resolve_precision, use_grad
 from llamatailor.models.source import resolve_source
 from llamatailor.plan.architectures import Architecture, load_architecture
 from llamatailor.plan.memory import GIB, Setup, estimate
-from llamatailor.vocabulary import TRAIN_SPLIT
+from llamatailor.vocabulary import AUTO, EXPERTS, TRAIN_SPLIT
 
 
 def setup_from_config(config: RunConfig, arch: Architecture, seq_len: int | None = None) -> Setup:
     """The planner's Setup for a run file's train section, resolved on this machine as `train` resolves it
     (`llamatailor.hardware`); `seq_len` defaults to data.max_seq_len. Raises ConfigError for an unknown
-    LoRA target preset or optimizer."""
+    LoRA target preset or optimizer. With `targets: experts` the routed experts' LoRA is planned at
+    `train.lora.expert_r` (auto: `models.moe.expert_rank`'s rule); their weights as the trainer keeps them (compute dtype, also under QLoRA)."""
     train = config.train
     precision = resolve_precision(train.precision)
     seq_len = seq_len or config.data.max_seq_len
     budget = micro_batch_tokens(train.micro_batch_tokens)  # a batch over it runs as passes of fewer rows
     rows = train.batch_size if budget is None else max(1, min(train.batch_size, budget // seq_len))
+    experts = train.lora.targets == EXPERTS and arch.experts > 0
     return Setup(
         method=train.method,
         seq_len=seq_len,
@@ -31,6 +33,8 @@ def setup_from_config(config: RunConfig, arch: Architecture, seq_len: int | None
         optimizer=train.optimizer,
         lora_r=train.lora.r,
         lora_targets=train.lora.linears(),
+        lora_experts=experts,
+        expert_r=None if train.lora.expert_r == AUTO else int(train.lora.expert_r),
         lora_dropout=train.lora.dropout,
         dora=train.lora.dora,
         bits=train.quantization.bits,

@@ -179,6 +179,10 @@ def policy_with_reference(config: RunConfig, sft: Path, precision: Precision) ->
         base = quantized_base(config, precision)
     else:
         base = load_base_model(config.model, dtype)
+    if base.base_model is base and isinstance(getattr(base, "model", None), torch.nn.Module):
+        # TRL 1.16's fused log-prob head runs `base_model` as the decoder; Llama4ForCausalLM's prefix names the
+        # multimodal checkpoint's `language_model`, so its `base_model` is the whole model: name the decoder.
+        base.base_model_prefix = "model"
     return PeftModel.from_pretrained(base, sft, is_trainable=True)
 
 
@@ -243,8 +247,14 @@ def build_dpo_trainer(
     arguments = trainer_arguments(
         dpo, "dpo", run.dpo / "checkpoints", precision, len(val_set) > 0, config.seed
     )
+    # No router load-balancing loss: Llama 4's own forward (and so SFT) has none, and TRL 1.16's would read
+    # Mixtral's `num_experts`, which Llama 4's config lacks.
     args = DPOConfig(
-        **arguments, beta=dpo.beta, loss_type=[dpo.loss_type], max_length=config.data.max_seq_len
+        **arguments,
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        max_length=config.data.max_seq_len,
+        router_aux_loss_coef=0.0,
     )
     callbacks = stage_callbacks(dpo, run.dpo / "metrics.jsonl", run.dpo / "tensorboard", resumed_at)
     trainer = DPOTrainer(
