@@ -135,7 +135,7 @@ def test_error_from_override_names_the_override(tmp_path):
     message = str(info.value)
     assert "train.lora.rank (from override 'train.lora.rank=4')" in message
     assert "did you mean 'train.lora.r'?" not in message  # too far from 'rank' for a confident hint
-    assert "Allowed here: r, alpha, dropout, targets" in message
+    assert "Allowed here: r, alpha, targets, expert_r, dropout" in message
 
 
 def test_bad_override_syntax(tmp_path):

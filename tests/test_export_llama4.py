@@ -83,12 +83,13 @@ def tuned(tmp_path_factory) -> tuple[RunConfig, ChatTokenizer, list[dict]]:
             "method": "lora",
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "experts"},
         },
-        eval={"max_new_tokens": 6, "json_fields": None, "batch_size": 8, "perplexity": False},
+        eval={"max_new_tokens": 6, "json_fields": None, "batch_size": 8},
         export={"check_samples": 3, "gguf": list(TYPES)},
     )
     config = load_config(run_file)
     prepare(config, chat)
     train_sft(config)
+    run_stage(STAGE_BY_NAME["eval"], config)  # with perplexity: TRL's fused head on Llama 4's decoder
     run_stage(STAGE_BY_NAME["merge"], config)
     exported = run_stage(STAGE_BY_NAME["export"], config)  # raises on any failed gate
     return config, chat, exported.files
@@ -113,6 +114,18 @@ def gguf_file(path: Path) -> tuple[dict, dict[str, tuple[tuple[int, ...], str, i
 def merged_tensor(config: RunConfig, key: str) -> np.ndarray:
     with safe_open(config.run_dir.merged / "model.safetensors", framework="pt") as handle:
         return handle.get_tensor(key).float().numpy()
+
+
+def test_eval_scores_base_and_tuned_with_perplexity(tuned):
+    """The eval stage on a Llama 4 run: the tuned model answers "ok" where the random base does not, and the
+    answers' perplexity is computed for both (Llama 4's decoder reached through `base_model`)."""
+    config = tuned[0]
+    metrics = json.loads((config.run_dir.root / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    base, tuned_metrics = metrics["base"], metrics["tuned"]
+    assert base["exact_match"] == 0.0 and tuned_metrics["exact_match"] == 1.0
+    for split in ("val", "test"):
+        name = f"answer_perplexity_{split}"
+        assert 1.0 < tuned_metrics[name] < base[name], (name, base[name], tuned_metrics[name])
 
 
 def test_every_gate_passes_and_the_chat_answer_stops(tuned):

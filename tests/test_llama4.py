@@ -222,10 +222,16 @@ def test_expert_adapter_limits_are_refused_in_the_run_file(tmp_path):
     """PEFT's adapter on fused parameters has no DoRA and no dropout: refused by name; dropout defaults to 0."""
     model = tmp_path / "model"
     with pytest.raises(
-        ConfigError, match=r"train\.lora.*dora: true cannot go with targets: experts.*all-linear"
+        ConfigError, match=r"train\.lora\.dora .*got True: DoRA cannot go with targets: experts.*all-linear"
     ):
         run_config(tmp_path, model, lora={"targets": "experts", "dora": True})
-    with pytest.raises(ConfigError, match=r"train\.lora.*dropout: 0\.1 cannot go with targets: experts"):
+    with pytest.raises(
+        ConfigError, match=r"train\.lora\.dropout .*got 0\.1: dropout cannot go with targets: experts"
+    ):
         run_config(tmp_path, model, lora={"targets": "experts", "dropout": 0.1})
+    with pytest.raises(
+        ConfigError, match=r"\(1 problem\)\n.*train\.lora\.expert_r .*got 0: expected a whole number"
+    ):
+        run_config(tmp_path, model, lora={"targets": "experts", "expert_r": 0})
     assert run_config(tmp_path, model, lora={"targets": "experts"}).train.lora.dropout == 0.0
     assert run_config(tmp_path, model, lora={"targets": "all-linear"}).train.lora.dropout == 0.05

@@ -19,6 +19,7 @@ from llamatailor.config import LoraSection, RunConfig, Schedule, load_config
 from llamatailor.errors import ConfigError, ModelLoadError, StageError
 from llamatailor.models.families import FAMILIES
 from llamatailor.models.loading import load_tokenizer
+from llamatailor.models.moe import check_run_model
 from llamatailor.plan.architectures import PRESETS, from_config
 from llamatailor.plan.inference import inference_estimate
 from llamatailor.plan.memory import (
@@ -303,7 +304,7 @@ def test_schema_planner_and_trainer_know_the_same_lora_target_presets():
         "all-linear": all_linear,
         "experts": all_linear,  # plus the routed experts' fused parameters, which are not modules
     }.items():
-        assert set(planned_with_targets(preset).lora_targets) == modules
+        assert set(planned_with_targets(preset, PRESETS["llama-4-scout"]).lora_targets) == modules
         trained = lora_config(LoraSection(targets=preset), FAMILIES["llama4"], SCOUT_CONFIG).target_modules
         assert set(trained) == modules
 
@@ -501,3 +502,28 @@ def test_other_mixture_of_experts_layouts_are_refused(tmp_path, model_type, key,
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = runner.invoke(app, ["plan", "--model", str(tmp_path), "--gpu-mem", "80"])
     assert result.exit_code == 1 and "supports only Llama 4" in " ".join(result.output.split())
+
+
+def test_experts_on_a_dense_model_are_refused_by_plan_and_train_alike(tmp_path):
+    """`targets: experts` on a model without routed experts: `plan RUN.yaml` refuses it (it planned all-linear
+    silently before), as `plan --lora-targets experts` and the train stage's check do, naming the key."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}), encoding="utf-8")
+    run = RunConfig.model_validate(
+        {
+            "name": "dense",
+            "output_dir": str(tmp_path),
+            "model": {"base": str(tmp_path)},
+            "data": {"train": ["x.jsonl"]},
+            "train": {"lora": {"targets": "experts"}},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"train\.lora\.targets: experts .* llama-3\.1-8b has none"):
+        setup_from_config(run, PRESETS["llama-3.1-8b"])
+    with pytest.raises(
+        ConfigError, match=r"train\.lora\.targets: experts .*model_type 'llama'.*no routed experts"
+    ):
+        check_run_model(run)
+    config.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 8}), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"model_type 'mixtral', num_local_experts: 8"):
+        check_run_model(run.model_copy(update={"train": run.train.model_copy(update={"method": "full"})}))

@@ -313,6 +313,25 @@ def _plan(config: "RunConfig", stages: Sequence["Stage"], force: bool) -> list["
     return [stage for stage in stages if stage.enabled(config)] if force else stages_to_run(config, stages)
 
 
+# The planner's Mixture-of-Experts and serving options (`plan`).
+ExpertBitsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="QLoRA's routed experts (Llama 4) at 4 or 8 bits. llamatailor's own QLoRA keeps them in bf16 "
+        "(bitsandbytes quantizes nn.Linear only; the experts are fused 3-D tensors), which is the default; "
+        "this plans what Axolotl's linearized, quantized experts would need."
+    ),
+]
+ExpertRankOption = Annotated[
+    int | None,
+    typer.Option(help="LoRA rank per routed expert (--lora-targets experts); default r // experts."),
+]
+InferenceContextOption = Annotated[
+    int | None,
+    typer.Option(help="Tokens of KV cache for the inference rows (one sequence); default 8192."),
+]
+
+
 @app.command()
 @user_errors
 def plan(
@@ -332,22 +351,9 @@ def plan(
         str | None, typer.Option(help=f"{', '.join(LORA_TARGET_PRESETS)}, or comma-separated module names.")
     ] = None,
     bits: Annotated[int | None, typer.Option(help="QLoRA base bits: 4 or 8.")] = None,
-    expert_bits: Annotated[
-        int | None,
-        typer.Option(
-            help="QLoRA's routed experts (Llama 4) at 4 or 8 bits. llamatailor's own QLoRA keeps them in bf16 "
-            "(bitsandbytes quantizes nn.Linear only; the experts are fused 3-D tensors), which is the default; "
-            "this plans what Axolotl's linearized, quantized experts would need."
-        ),
-    ] = None,
-    expert_r: Annotated[
-        int | None,
-        typer.Option(help="LoRA rank per routed expert (--lora-targets experts); default r // experts."),
-    ] = None,
-    inference_context: Annotated[
-        int | None,
-        typer.Option(help="Tokens of KV cache for the inference rows (one sequence); default 8192."),
-    ] = None,
+    expert_bits: ExpertBitsOption = None,
+    expert_r: ExpertRankOption = None,
+    inference_context: InferenceContextOption = None,
     gpus: Annotated[int, typer.Option(help="Devices.")] = 1,
     sharding: Annotated[str, typer.Option(help=f"{', '.join(SHARDINGS)}.")] = "none",
     gpu_mem: Annotated[

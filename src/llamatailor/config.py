@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -207,16 +208,17 @@ class DataSection(Section):
 class LoraSection(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(
-        0.05, ge=0, lt=1, description="Dropout on the adapter's input; 0 with targets: experts (none there)."
-    )
+    # targets comes before dropout and dora: their validators read it.
     targets: LoraTargetPreset | list[str] = Field(
         ALL_LINEAR,
         description="attention, mlp, all-linear (the family's linear layers), experts (all-linear plus a "
         "Mixture-of-Experts model's routed experts), or module names.",
     )
-    expert_r: Annotated[int, Field(ge=1)] | Auto = Field(
+    expert_r: int | Auto = Field(
         AUTO, description="LoRA rank per routed expert (targets: experts); auto: max(1, r // experts)."
+    )
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the adapter's input; 0 with targets: experts (none there)."
     )
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
@@ -229,19 +231,32 @@ class LoraSection(Section):
             return {**data, "dropout": 0.0}
         return data
 
-    @model_validator(mode="after")
-    def _experts_adapter_is_plain(self) -> "LoraSection":
-        if self.targets == EXPERTS and self.dora:
+    @field_validator("expert_r", mode="before")
+    @classmethod
+    def _expert_rank(cls, value: Any) -> Any:
+        if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("expected a whole number of at least 1, or auto")
+
+    @field_validator("dora")
+    @classmethod
+    def _no_dora_on_experts(cls, dora: bool, info: ValidationInfo) -> bool:
+        if dora and info.data.get("targets") == EXPERTS:
             raise ValueError(
-                "dora: true cannot go with targets: experts: PEFT has no DoRA for fused expert parameters; "
+                "DoRA cannot go with targets: experts (PEFT has no DoRA for fused expert parameters); "
                 "use targets: all-linear for DoRA, or dora: false"
             )
-        if self.targets == EXPERTS and self.dropout:
+        return dora
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout_given_on_experts(cls, dropout: float, info: ValidationInfo) -> float:
+        if dropout and info.data.get("targets") == EXPERTS:
             raise ValueError(
-                f"dropout: {self.dropout:g} cannot go with targets: experts: PEFT applies no dropout to fused "
-                "expert parameters; set dropout: 0"
+                "dropout cannot go with targets: experts (PEFT applies none to fused expert parameters); "
+                "set dropout: 0"
             )
-        return self
+        return dropout
 
     def linears(self, all_linear: tuple[str, ...] = LLAMA_LINEARS) -> tuple[str, ...]:
         """The module names the adapter goes on: the preset's (all-linear: `all_linear`, the family's linear
@@ -716,7 +731,8 @@ def _describe(error: ErrorDetails, loc: tuple[str, ...]) -> str:
         hint = _closest(str(value), options)
         suggestion = f"; did you mean '{hint}'?" if hint else ""
         return f"got {value!r}, expected one of {expected}{suggestion}"
-    return f"got {value!r}: {error['msg']}"
+    reason = error.get("ctx", {}).get("error") if kind == "value_error" else None  # without "Value error, "
+    return f"got {value!r}: {reason or error['msg']}"
 
 
 def _closest(word: str, options: list[str]) -> str | None:

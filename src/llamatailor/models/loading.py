@@ -135,7 +135,18 @@ def load_base_model(
         AutoModelForCausalLM.from_pretrained, source, model.revision, **kwargs
     )
     refuse_missing_weights(f"model.base {source.spec!r}", loading_info)
+    name_the_decoder(loaded)
     return loaded
+
+
+def name_the_decoder(model: PreTrainedModel) -> None:
+    """Make `model.base_model` the decoder stack, as code outside transformers expects of a causal LM (TRL's
+    fused log-prob head in eval's perplexity and in DPO, our answer loss). Llama4ForCausalLM's
+    `base_model_prefix` names the multimodal checkpoint's `language_model`, which the text model lacks, so its
+    `base_model` is the whole model; its decoder is `model`. Changed on this instance only: loading is done,
+    and no checkpoint conversion is registered for Llama 4 that would read the prefix when PEFT saves."""
+    if model.base_model is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        model.base_model_prefix = "model"
 
 
 def load_tuned_model(

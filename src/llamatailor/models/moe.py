@@ -12,11 +12,13 @@ Config values are read from a config.json as parsed (or `PretrainedConfig.to_dic
 config keeps the text model's keys under `text_config`.
 """
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from llamatailor.config import LoraSection
+from llamatailor.config import LoraSection, RunConfig
 from llamatailor.errors import ConfigError, ModelLoadError
 from llamatailor.vocabulary import AUTO, EXPERTS
 
@@ -129,3 +131,38 @@ def is_expert_parameter(name: str, layout: MoeLayout) -> bool:
     """Whether a parameter's full name is one of the layout's fused experts, by PEFT's rule for
     target_parameters (the name, or a suffix after a dot)."""
     return any(name == suffix or name.endswith(f".{suffix}") for suffix in layout.expert_parameters)
+
+
+def check_run_model(config: RunConfig) -> None:
+    """The train stage's check before anything is loaded or written: the base's config.json, where it is on
+    this machine (a model folder, or a hub id in the Hugging Face cache), has no routed experts in a layout
+    other than Llama 4's, and has routed experts if `train.lora.targets` is experts (`expert_adapter`). A
+    base whose config.json is not here yet (a hub id to download, a GGUF file, the embedded model: dense
+    Llamas) is checked by the trainer once loaded.
+
+    Raises:
+        ConfigError: `targets: experts` on a model without routed experts.
+        ModelLoadError: routed experts in a layout other than Llama 4's.
+    """
+    path = local_config_json(config.model.base)
+    if path is None:
+        return
+    model_config = json.loads(path.read_text(encoding="utf-8"))
+    if config.train.method == "full":
+        moe_layout(model_config)
+    else:
+        expert_adapter(config.train.lora, model_config)
+
+
+def local_config_json(spec: str) -> Path | None:
+    """config.json of `model.base` where it is on this machine without a download: a folder's, or a hub id's
+    in the Hugging Face cache; None otherwise."""
+    folder = Path(spec).expanduser()
+    if (folder / "config.json").is_file():
+        return folder / "config.json"
+    if "/" not in spec or folder.exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json")
+    return Path(cached) if isinstance(cached, str) else None

@@ -5,7 +5,7 @@ import json
 import torch
 
 from llamatailor.config import RunConfig
-from llamatailor.errors import ModelLoadError
+from llamatailor.errors import ConfigError, ModelLoadError
 from llamatailor.hardware import micro_batch_tokens, resolve_precision, use_gradient_checkpointing
 from llamatailor.models.source import resolve_source
 from llamatailor.plan.architectures import Architecture, load_architecture
@@ -23,7 +23,12 @@ def setup_from_config(config: RunConfig, arch: Architecture, seq_len: int | None
     seq_len = seq_len or config.data.max_seq_len
     budget = micro_batch_tokens(train.micro_batch_tokens)  # a batch over it runs as passes of fewer rows
     rows = train.batch_size if budget is None else max(1, min(train.batch_size, budget // seq_len))
-    experts = train.lora.targets == EXPERTS and arch.experts > 0
+    experts = train.lora.targets == EXPERTS and train.method != "full"
+    if experts and not arch.experts:
+        raise ConfigError(
+            f"train.lora.targets: experts adapts a Mixture-of-Experts model's routed experts, but {arch.name} "
+            "has none; use all-linear"
+        )
     return Setup(
         method=train.method,
         seq_len=seq_len,

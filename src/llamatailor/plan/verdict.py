@@ -127,6 +127,8 @@ def make_plan(
     ]
     by_label = {fit.label: fit for fit in methods}
     preference = ["full", "lora", "qlora"] if setup.method == "full" else ["lora", "qlora", "full"]
+    if arch.experts and setup.expert_bits is not None:
+        preference.remove("qlora")  # quantized experts are Axolotl's way: llamatailor's trainer cannot run it
     recommended = next((label for label in preference if by_label[label].fits), None)
     lines = advice(arch, setup, memory, by_label, recommended) + expert_advice(
         arch, by_label["qlora"], memory
@@ -138,8 +140,15 @@ def make_plan(
 def expert_advice(arch: Architecture, qlora: MethodFit, memory: int) -> list[str]:
     """For a MoE model whose QLoRA keeps the routed experts in the compute dtype (llamatailor's trainer):
     what they weigh, and what QLoRA would need with them linearized to 4 bits, as Axolotl does."""
-    if not arch.experts or qlora.setup.expert_bits is not None:
+    if not arch.experts:
         return []
+    if qlora.setup.expert_bits is not None:
+        verdict = "fits" if qlora.fits else "does not fit"
+        return [
+            f"The qlora column plans the routed experts at {qlora.setup.expert_bits} bits, as Axolotl's linearized "
+            f"experts ({verdict}); llamatailor's own QLoRA keeps them in {qlora.setup.precision}, so it is not "
+            "recommended here. Without --expert-bits the plan is llamatailor's."
+        ]
     experts = qlora.breakdown.weight_terms.get("routed experts", 0)
     linearized = estimate(arch, replace(qlora.setup, expert_bits=4)).total
     verdict = "fits" if linearized <= memory else "does not fit either"
@@ -163,13 +172,19 @@ def advice(
             f"{setup.seq_len} and micro-batch {setup.micro_batch}; {gib:.1f} GiB are available."
         )
     if recommended is None:
-        for label in ("qlora", "lora", "full"):
+        # with --expert-bits, qlora is Axolotl's (expert_advice says so), not a way to run llamatailor
+        trainable = (
+            ("lora", "full") if arch.experts and setup.expert_bits is not None else ("qlora", "lora", "full")
+        )
+        for label in trainable:
             needed = by_label[label].gpus_needed
             if needed:
                 lines.append(f"{label} fits on {needed} such GPUs with FSDP (or ZeRO-3) full sharding.")
-        qlora = by_label["qlora"].setup
+        qlora = replace(by_label["qlora"].setup, expert_bits=None)
         smaller = [
-            name for name, other in PRESETS.items() if other is not arch and fits(other, qlora, memory)
+            name
+            for name, other in PRESETS.items()
+            if other.total_params() < arch.total_params() and fits(other, qlora, memory)
         ]
         if smaller:
             largest_fitting = max(smaller, key=lambda name: PRESETS[name].total_params())

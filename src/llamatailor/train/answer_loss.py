@@ -137,9 +137,7 @@ def add_answer_loss(model: PreTrainedModel) -> None:
             return original(*args, num_items_in_batch=num_items_in_batch, **kwargs)
         labels = kwargs.pop("labels")
         kwargs["use_cache"] = False
-        # The decoder stack is `model` in every causal LM class (Llama 4's base_model_prefix names the
-        # multimodal checkpoint's `language_model` instead)
-        hidden = self.model(*args, **kwargs).last_hidden_state
+        hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
         following = labels[:, 1:]
         scored = following != IGNORE_INDEX
         total = chunked_cross_entropy(hidden[:, :-1][scored], head.weight, following[scored])

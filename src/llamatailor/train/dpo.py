@@ -179,10 +179,6 @@ def policy_with_reference(config: RunConfig, sft: Path, precision: Precision) ->
         base = quantized_base(config, precision)
     else:
         base = load_base_model(config.model, dtype)
-    if base.base_model is base and isinstance(getattr(base, "model", None), torch.nn.Module):
-        # TRL 1.16's fused log-prob head runs `base_model` as the decoder; Llama4ForCausalLM's prefix names the
-        # multimodal checkpoint's `language_model`, so its `base_model` is the whole model: name the decoder.
-        base.base_model_prefix = "model"
     return PeftModel.from_pretrained(base, sft, is_trainable=True)
 
 

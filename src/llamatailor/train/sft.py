@@ -64,6 +64,7 @@ from llamatailor.distributed import world_size
 from llamatailor.errors import StageError
 from llamatailor.hardware import available_memory, micro_batch_tokens, resolve_precision
 from llamatailor.models.loading import ChatTokenizer, load_tokenizer
+from llamatailor.models.moe import check_run_model
 from llamatailor.plan.run_setup import fit_warning, planned_peak
 from llamatailor.rundir import RunDir
 from llamatailor.stage_contract import Stage, chat_template_file, weights
@@ -196,6 +197,7 @@ STAGE = Stage(
         config.run_dir.metrics,
     ],
     action=train_sft,
+    precheck=check_run_model,  # routed experts refused or missing, before the weights load
     trains=True,
 )
 
