@@ -103,13 +103,12 @@ def test_experts_preset_adapts_the_routed_experts_and_all_linear_leaves_them(
                 assert moved == 0.0, key
     shared = "model.layers.1.feed_forward.shared_expert.down_proj.weight"
     assert not torch.equal(after[shared], base[shared])  # both presets adapt the shared expert
+    if targets == "experts":
+        assert_bf16_merge_passes(config)
 
 
-def test_bf16_merge_of_expert_adapter(llama4, llama4_chat, tmp_path):
+def assert_bf16_merge_passes(config: RunConfig) -> None:
     """The experts' LoRA merged and saved in bf16 passes the merge gate (1e-3 plus the rounding yardstick)."""
-    config = run_config(tmp_path, llama4, max_steps=3, lora={"r": 8, "alpha": 16, "targets": "experts"})
-    prepare(config, llama4_chat)
-    train_sft(config)
     bf16 = config.model_copy(update={"export": config.export.model_copy(update={"merge_dtype": "bf16"})})
     merged = run_stage(STAGE_BY_NAME["merge"], bf16)
     assert merged.dtype == "bfloat16" and merged.max_abs_logit_diff <= 1e-3
@@ -158,7 +157,8 @@ def test_other_presets_leave_the_experts_frozen(llama4, llama4_chat, tmp_path):
 
 def test_qlora_trains_with_experts_unquantized(llama4, llama4_chat, tmp_path):
     """QLoRA on the tiny Llama 4 with the experts adapted: the loss is finite and falls, the experts' adapters
-    move; the linear layers are 4-bit and the fused experts stay in the compute dtype (bf16 here)."""
+    move, and the adapter merges into the base reloaded unquantized within the merge gate (what the export then
+    writes is any merged Llama 4: tests/test_export_llama4.py)."""
     config = run_config(tmp_path, llama4, method="qlora", lora={"r": 8, "alpha": 16, "targets": "experts"})
     prepare(config, llama4_chat)
     result = train_sft(config)
@@ -166,6 +166,8 @@ def test_qlora_trains_with_experts_unquantized(llama4, llama4_chat, tmp_path):
     adapter = load_file(config.run_dir.adapter / "adapter_model.safetensors")
     experts_b = [value for key, value in adapter.items() if ".experts." in key and "lora_B" in key]
     assert len(experts_b) == 4 and all(float(value.abs().max()) > 0 for value in experts_b)
+    merged = run_stage(STAGE_BY_NAME["merge"], config)  # raises when the merge is not the adapter model
+    assert merged.max_abs_logit_diff <= 1e-3 and merged.greedy_identical == merged.greedy_compared
 
 
 def test_quantized_base_keeps_the_experts_in_the_compute_dtype(llama4, tmp_path, caplog):
