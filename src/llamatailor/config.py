@@ -205,6 +205,15 @@ class DataSection(Section):
         return [(split, item) for split in SPLITS for item in getattr(self, split)]
 
 
+# What PEFT 0.21's adapter on fused expert parameters (lora.ParamWrapper) lacks, by train.lora key.
+NOT_ON_EXPERTS = {
+    "dora": "DoRA cannot go with targets: experts (PEFT has no DoRA for fused expert parameters); use "
+    "targets: all-linear for DoRA, or dora: false",
+    "dropout": "dropout cannot go with targets: experts (PEFT applies none to fused expert parameters); set "
+    "dropout: 0",
+}
+
+
 class LoraSection(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
@@ -238,25 +247,12 @@ class LoraSection(Section):
             return value
         raise ValueError("expected a whole number of at least 1, or auto")
 
-    @field_validator("dora")
+    @field_validator("dropout", "dora")
     @classmethod
-    def _no_dora_on_experts(cls, dora: bool, info: ValidationInfo) -> bool:
-        if dora and info.data.get("targets") == EXPERTS:
-            raise ValueError(
-                "DoRA cannot go with targets: experts (PEFT has no DoRA for fused expert parameters); "
-                "use targets: all-linear for DoRA, or dora: false"
-            )
-        return dora
-
-    @field_validator("dropout")
-    @classmethod
-    def _no_dropout_given_on_experts(cls, dropout: float, info: ValidationInfo) -> float:
-        if dropout and info.data.get("targets") == EXPERTS:
-            raise ValueError(
-                "dropout cannot go with targets: experts (PEFT applies none to fused expert parameters); "
-                "set dropout: 0"
-            )
-        return dropout
+    def _plain_on_experts(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and info.data.get("targets") == EXPERTS:
+            raise ValueError(NOT_ON_EXPERTS[str(info.field_name)])
+        return value
 
     def linears(self, all_linear: tuple[str, ...] = LLAMA_LINEARS) -> tuple[str, ...]:
         """The module names the adapter goes on: the preset's (all-linear: `all_linear`, the family's linear
