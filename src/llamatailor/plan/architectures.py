@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llamatailor.errors import ModelLoadError
-from llamatailor.models.moe import moe_layout
+from llamatailor.models.moe import local_config_json, moe_layout
 
 LLAMA4_NO_ROPE_EVERY = 4  # transformers' default no_rope_layer_interval: every 4th layer has no RoPE
 LLAMA4_ATTENTION_CHUNK = 8192  # transformers' default attention_chunk_size (RoPE layers)
@@ -261,14 +261,11 @@ def load_architecture(spec: str) -> Architecture:
     """
     if spec in PRESETS:
         return PRESETS[spec]
-    folder = Path(spec).expanduser()
-    if (folder / "config.json").is_file():
-        return from_config(folder.name, json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(spec, "config.json") if "/" in spec else None
-    if isinstance(cached, str):
-        return from_config(spec, json.loads(Path(cached).read_text(encoding="utf-8")))
+    path = local_config_json(spec)
+    if path is not None:
+        folder = Path(spec).expanduser()
+        name = folder.name if path.parent == folder else spec
+        return from_config(name, json.loads(path.read_text(encoding="utf-8")))
     raise ModelLoadError(
         f"no architecture for {spec!r}: not a preset ({', '.join(PRESETS)}), a folder with config.json, "
         "or a hub id whose config.json is in the local Hugging Face cache"
