@@ -439,6 +439,10 @@ def test_scout_plan_for_one_80_gib_gpu_from_its_config(tmp_path):
     # auto rank 16 // 16 = 1 per expert: 48 layers x 16 x ((5120 + 16384) + (8192 + 5120))
     assert lora["expert_adapter_parameters"] == 48 * 16 * (5120 + 16384 + 8192 + 5120)
     assert lora["expert_adapter_optimizer_bytes"] == 8 * lora["expert_adapter_parameters"]
+    shown = runner.invoke(
+        app, ["plan", "--model", str(SCOUT), "--lora-targets", "experts", "--gpu-mem", "80"]
+    )
+    assert "routed experts LoRA r=1 per expert" in " ".join(shown.output.split())  # auto, resolved
 
 
 def test_published_llama4_memory_figures_within_15_percent():

@@ -4,6 +4,7 @@ The CLI prints a view with `crop=False`: lines marked `no_wrap` (file:line refer
 """
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -16,6 +17,7 @@ from llamatailor.evaluate.report import metric_rows
 from llamatailor.evaluate.result import EvalResult
 from llamatailor.export.merge import MergeResult
 from llamatailor.export.stage import ExportResult
+from llamatailor.plan.memory import expert_lora_rank
 from llamatailor.plan.verdict import Plan
 from llamatailor.train.dpo import DpoResult
 from llamatailor.train.sft import TrainResult
@@ -123,7 +125,7 @@ def plan_view(plan: Plan) -> RenderableType:
         f"{', '.join(setup.lora_targets)}, {setup.gpus} device(s), sharding {setup.sharding}"
     )
     if plan.arch.experts:
-        expert_r = setup.expert_r or "auto"
+        expert_r = expert_lora_rank(plan.arch, replace(setup, method="lora"))  # auto resolved as train does
         adapted = f"LoRA r={expert_r} per expert" if setup.lora_experts else "frozen"
         held = f"{setup.expert_bits}-bit (linearized, as Axolotl)" if setup.expert_bits else setup.precision
         shapes += f"; routed experts {adapted}, under qlora {held}"
