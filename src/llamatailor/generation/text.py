@@ -9,7 +9,7 @@ trailing U+FFFD is read as incomplete bytes (invalid bytes at the very end are d
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Decode = Callable[[list[int]], str]
 
@@ -23,13 +23,28 @@ class Generation:
     stopped: bool  # ended at a stop token rather than at the token budget
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (nats) with its UTF-8 bytes, and the most likely alternatives
+    at its position as (token, logprob, bytes), most likely first (OpenAI's `logprobs.content` item)."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
+
+
 @dataclass
 class Delta:
-    """A piece of streamed answer text; the last one of an answer carries the finish reason."""
+    """A piece of streamed answer text; the last one of an answer carries the finish reason. `index`: the
+    choice it belongs to (a request may ask for n answers); `logprobs`: its tokens' log-probabilities, when
+    asked for."""
 
     text: str
     finish_reason: str | None = None  # "stop" or "length" on the last delta
     completion_tokens: int = 0
+    index: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def finished(new_ids: list[int], decode: Decode, stop_ids: set[int]) -> Generation:

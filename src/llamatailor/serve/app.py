@@ -11,7 +11,6 @@
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamatailor.data.templating import RenderError
-from llamatailor.generation.engines import Sampling
 from llamatailor.generation.text import Delta
+from llamatailor.serve.backend import Backend, Job
+from llamatailor.serve.llama_server import UpstreamError
 from llamatailor.serve.metrics import ServerMetrics
-from llamatailor.serve.models import ServedModels
 from llamatailor.serve.protocol import (
     ERROR_TYPES,
     UNSUPPORTED,
@@ -38,7 +37,8 @@ from llamatailor.serve.protocol import (
     error_body,
 )
 from llamatailor.serve.request_log import RequestLog
-from llamatailor.serve.scheduler import Job, QueueFull, Scheduler
+from llamatailor.serve.responses import Choice, ResponseShape
+from llamatailor.serve.scheduler import QueueFull, Scheduler
 
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
 
@@ -127,13 +127,14 @@ class Guard:
         return capped
 
 
-def create_app(served: ServedModels, settings: ServerSettings) -> FastAPI:
+def create_app(served: Backend, settings: ServerSettings) -> FastAPI:
     scheduler = Scheduler(served, settings.max_queue)
+    after_cancel = getattr(served, "tokens_after_cancel", None)  # measured by one-slot engines only
     metrics = ServerMetrics(
         lambda: scheduler.depth,
-        lambda: served.engine.tokens_generated,
+        lambda: served.tokens_generated,
         lambda: scheduler.cancelled,
-        lambda: scheduler.tokens_after_cancel,
+        (lambda: served.tokens_after_cancel) if after_cancel is not None else None,  # type: ignore[attr-defined]
     )
     log = RequestLog(settings.request_log) if settings.request_log else None
     app = FastAPI(title="llamatailor", version="1", docs_url=None, redoc_url=None)
@@ -176,7 +177,7 @@ def create_app(served: ServedModels, settings: ServerSettings) -> FastAPI:
     return Guard(app, settings, metrics)  # type: ignore[return-value]
 
 
-def chat_prompt(served: ServedModels, messages: list[dict[str, Any]]) -> list[int]:
+def chat_prompt(served: Backend, messages: list[dict[str, Any]]) -> list[int]:
     """The prompt ids of a chat request; a conversation the chat template refuses (its raise_exception, e.g.
     roles that do not alternate) or cannot render safely is the client's error, a 400 in the template's
     words. A template with a syntax error is the server's, left to the 500 handler."""
@@ -209,6 +210,11 @@ def register_errors(app: FastAPI) -> None:
         code = UNSUPPORTED if first["type"] == UNSUPPORTED else None
         return error_response(400, f"{location}: {message}" if location else message, location or None, code)
 
+    @app.exception_handler(UpstreamError)
+    async def upstream(request: Request, exc: UpstreamError) -> JSONResponse:
+        status = exc.status if 400 <= exc.status < 500 else 500
+        return error_response(status, f"llama.cpp refused the request: {exc.message}")
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
@@ -223,14 +229,14 @@ class Service:
 
     def __init__(
         self,
-        served: ServedModels,
+        backend: Backend,
         scheduler: Scheduler,
         metrics: ServerMetrics,
         settings: ServerSettings,
         log: RequestLog | None,
     ) -> None:
-        self.served, self.scheduler, self.metrics, self.settings, self.log = (
-            served,
+        self.backend, self.scheduler, self.metrics, self.settings, self.log = (
+            backend,
             scheduler,
             metrics,
             settings,
@@ -238,16 +244,17 @@ class Service:
         )
 
     def check_model(self, model: str) -> None:
-        if model not in self.served.model_ids():
+        if model not in self.backend.model_ids():
             raise ApiError(
                 404,
-                f"model {model!r} does not exist; models: {', '.join(self.served.model_ids())}",
+                f"model {model!r} does not exist; models: {', '.join(self.backend.model_ids())}",
                 "model",
                 "model_not_found",
             )
 
-    def job(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Job:
-        context = self.served.context_length
+    def budget(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> int:
+        """Tokens each choice may generate. Raises ApiError (400) when the prompt and max_tokens do not fit."""
+        context = self.backend.context_length
         requested = body.token_budget()
         if len(prompt) >= context:
             raise ApiError(
@@ -269,9 +276,29 @@ class Service:
                 "max_tokens",
                 "context_length_exceeded",
             )
-        budget = requested or min(context - len(prompt), limit or context)
-        sampling = Sampling(body.temperature, body.top_p, body.seed)
-        return Job(body.model, prompt, sampling, budget, body.stop_sequences())
+        return requested or min(context - len(prompt), limit or context)
+
+    def job(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Job:
+        refuse_unhonoured(body, self.backend)
+        if body.n > self.backend.slots:  # llama.cpp decodes a request's choices in parallel slots
+            raise ApiError(
+                400, f"n: at most {self.backend.slots} choices per request on this server (its slots)", "n"
+            )
+        return Job(
+            body.model,
+            prompt,
+            self.budget(body, prompt),
+            body.stop_sequences(),
+            body.temperature,
+            body.top_p,
+            body.seed,
+            body.n,
+            body.presence_penalty or 0.0,
+            body.frequency_penalty or 0.0,
+            {int(token): bias for token, bias in body.logit_bias.items()},
+            body.logprobs_asked(),
+            body.json_schema(),
+        )
 
     async def respond(
         self,
@@ -284,19 +311,19 @@ class Service:
         job = self.job(body, prompt)
         if self.scheduler.waiting >= self.scheduler.max_queue:
             return error_response(429, f"the queue is full ({self.scheduler.max_queue} waiting); retry later")
-        shape = ResponseShape(chat, body.model, len(prompt))
+        shape = ResponseShape(chat, body.model, len(prompt), job.top_logprobs)
         deltas = self.timed(self.scheduler.run(job))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self.sse(shape, deltas, usage, logged_input), media_type="text/event-stream"
+                self.sse(shape, deltas, job.n, usage, logged_input), media_type="text/event-stream"
             )
         try:
-            text, finish, tokens = await self.collect(request, deltas)
+            choices = await self.collect(request, deltas, job.n)
         except QueueFull:
             return error_response(429, f"the queue is full ({self.scheduler.max_queue} waiting); retry later")
-        self.record(shape, logged_input, text, finish, tokens)
-        return shape.full(text, finish, tokens)
+        self.record(shape, logged_input, choices)
+        return shape.full(choices)
 
     async def timed(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         started = time.perf_counter()
@@ -314,16 +341,12 @@ class Service:
         finally:
             await deltas.aclose()  # type: ignore[attr-defined]
 
-    async def collect(self, request: Request, deltas: AsyncIterator[Delta]) -> tuple[str, str, int]:
-        pieces: list[str] = []
-        finish, tokens = "length", 0
+    async def collect(self, request: Request, deltas: AsyncIterator[Delta], n: int) -> list[Choice]:
+        choices = [Choice() for _ in range(n)]
 
         async def consume() -> None:
-            nonlocal finish, tokens
             async for delta in deltas:
-                pieces.append(delta.text)
-                if delta.finish_reason:
-                    finish, tokens = delta.finish_reason, delta.completion_tokens
+                choices[delta.index].add(delta)
 
         task = asyncio.create_task(consume())
         gone = asyncio.create_task(until_disconnected(request))
@@ -335,34 +358,63 @@ class Service:
         if task.cancelled():
             raise ApiError(499, "client closed the request")
         task.result()
-        return "".join(pieces), finish, tokens
+        return choices
 
     async def sse(
-        self, shape: "ResponseShape", deltas: AsyncIterator[Delta], usage: bool, logged_input: Any
+        self, shape: ResponseShape, deltas: AsyncIterator[Delta], n: int, usage: bool, logged_input: Any
     ) -> AsyncIterator[str]:
-        pieces: list[str] = []
+        choices = [Choice() for _ in range(n)]
         try:
-            yield event(shape.chunk(None, None, first=True))
+            for index in range(n):
+                yield event(shape.first_chunk(index))
             async for delta in deltas:
-                pieces.append(delta.text)
-                if delta.text:
-                    yield event(shape.chunk(delta.text, None))
-                if delta.finish_reason:
-                    yield event(shape.chunk(None, delta.finish_reason))
-                    if usage:
-                        yield event(shape.usage_chunk(delta.completion_tokens))
-                    self.record(
-                        shape, logged_input, "".join(pieces), delta.finish_reason, delta.completion_tokens
-                    )
+                offset = len(choices[delta.index].text)
+                choices[delta.index].add(delta)
+                if delta.text or delta.logprobs or delta.finish_reason:
+                    yield event(shape.chunk(delta, offset))
+            if usage:
+                yield event(shape.usage_chunk(sum(choice.tokens for choice in choices)))
+            self.record(shape, logged_input, choices)
         except QueueFull:
             yield event(error_body("the queue is full; retry later", "rate_limit_error"))
         except Exception as exc:  # the status is sent already: report in the stream, as OpenAI does
             yield event(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
         yield "data: [DONE]\n\n"
 
-    def record(self, shape: "ResponseShape", logged_input: Any, text: str, finish: str, tokens: int) -> None:
+    def record(self, shape: ResponseShape, logged_input: Any, choices: list[Choice]) -> None:
         if self.log:
-            self.log.write(shape.kind, shape.model, logged_input, text, finish, shape.prompt_tokens, tokens)
+            for choice in choices:
+                self.log.write(
+                    shape.kind,
+                    shape.model,
+                    logged_input,
+                    choice.text,
+                    choice.finish_reason,
+                    shape.prompt_tokens,
+                    choice.tokens,
+                )
+
+
+def refuse_unhonoured(body: ChatCompletionRequest | CompletionRequest, backend: Backend) -> None:
+    """Raises ApiError (400, "unsupported_value") naming the first field the backend would not apply, unless
+    its value changes nothing (n 1, penalties 0, no logit_bias, no logprobs, a text response_format)."""
+    values = {
+        "n": body.n != 1,
+        "presence_penalty": bool(body.presence_penalty),
+        "frequency_penalty": bool(body.frequency_penalty),
+        "logit_bias": bool(body.logit_bias),
+        "logprobs": body.logprobs_asked() is not None,
+        "response_format": body.json_schema() is not None,
+    }
+    for name, applied in values.items():
+        if applied and name not in backend.honours:
+            raise ApiError(
+                400,
+                f"{name}: not supported by this server's engine ({backend.description}); serve a GGUF file "
+                "(llama-server) or use --engine vllm for it",
+                name,
+                UNSUPPORTED,
+            )
 
 
 async def until_disconnected(request: Request) -> None:
@@ -374,49 +426,3 @@ async def until_disconnected(request: Request) -> None:
 
 def event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-class ResponseShape:
-    """OpenAI's JSON for one request: full responses, stream chunks, usage."""
-
-    def __init__(self, chat: bool, model: str, prompt_tokens: int) -> None:
-        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
-        self.kind = "chat.completion" if chat else "text_completion"
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
-        }
-
-    def head(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def full(self, text: str, finish: str, tokens: int) -> dict[str, Any]:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return {**self.head(self.kind), "choices": [choice], "usage": self.usage(tokens)}
-
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = (
-                {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            )
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {**self.head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {**self.head("text_completion"), "choices": [choice]}
-
-    def usage_chunk(self, tokens: int) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self.head(kind), "choices": [], "usage": self.usage(tokens)}

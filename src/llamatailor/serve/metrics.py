@@ -27,15 +27,16 @@ class LiveCounters(Collector):
 
 
 class ServerMetrics:
-    """`generated_tokens`, `cancelled` and `tokens_after_cancel` read the engine's and the scheduler's own
-    counters (see `serve.scheduler`)."""
+    """`generated_tokens`, `cancelled` and `tokens_after_cancel` read the backend's and the scheduler's own
+    counters (see `serve.scheduler`); `tokens_after_cancel` None: the backend does not count them (llama.cpp's
+    server counts tokens per slot, not per cancelled request)."""
 
     def __init__(
         self,
         queue_depth: LiveCount,
         generated_tokens: LiveCount,
         cancelled: LiveCount,
-        tokens_after_cancel: LiveCount,
+        tokens_after_cancel: LiveCount | None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -74,9 +75,10 @@ class ServerMetrics:
                 "Generations stopped because their client went away",
                 cancelled,
             ),
-            "llamatailor_tokens_after_cancel": (
+        }
+        if tokens_after_cancel is not None:  # an engine in this process: its own count
+            live["llamatailor_tokens_after_cancel"] = (
                 "Tokens the engine generated after a cancelled generation's stop was asked for",
                 tokens_after_cancel,
-            ),
-        }
+            )
         self.registry.register(LiveCounters(live))

@@ -1,14 +1,16 @@
-"""What the server answers with: one generation engine, the prompter for its vocabulary, and the model
-names a request may ask for (an adapter's name, or the base's own name for the adapters off).
+"""The in-process backend: one generation engine in this process (transformers, a base with adapters), the
+prompter for its vocabulary, and the model names a request may ask for (an adapter's name, or the base's own
+name for the adapters off).
 
-Prompts, decoding and stops come from `generation`: a run served by llama.cpp or by transformers renders
-the same ids for the same request (the training tokenizer, with the run's system prompt); a bare GGUF
-file is rendered by its own vocabulary and template. One generation runs at a time (the scheduler sees
-to it).
+Prompts, decoding and stops come from `generation`, as for `chat` and eval: a run's requests render the
+training tokenizer's ids with the run's system prompt. One generation runs at a time (one slot); the engine
+runs in a worker thread that hands deltas to the event loop and stops before its next token once the request
+is closed. A GGUF file is served by llama.cpp's own server (`serve.llama_server`).
 """
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from peft import PeftModel
@@ -17,20 +19,34 @@ from llamatailor.config import ModelSection
 from llamatailor.data.formats import Message
 from llamatailor.errors import ModelLoadError
 from llamatailor.generation.answers import stream_answer
-from llamatailor.generation.engines import Engine, LlamaCppEngine, Sampling, TransformersEngine
-from llamatailor.generation.prompts import GGUFPrompter, Prompter, TokenizerPrompter
+from llamatailor.generation.engines import Engine, Sampling, TransformersEngine
+from llamatailor.generation.prompts import Prompter, TokenizerPrompter
 from llamatailor.generation.text import Delta
-from llamatailor.models.loading import ChatTokenizer, load_base_model, load_saved_tokenizer
+from llamatailor.models.loading import load_base_model, load_saved_tokenizer
+from llamatailor.serve.backend import Job
+
+_DONE = object()
 
 
 class ServedModels:
-    """`adapters` maps each model name to the adapter generating for it (None: the adapters off)."""
+    """`adapters` maps each model name to the adapter generating for it (None: the adapters off).
+    `tokens_after_cancel`: tokens the engine generated after a closed request asked it to stop (at most the
+    one in flight each time)."""
+
+    slots = 1
+    honours: frozenset[str] = frozenset()  # OpenAI's extra sampling fields: none (see serve.backend)
 
     def __init__(
         self, engine: Engine, prompter: Prompter, adapters: dict[str, str | None], description: str
     ) -> None:
         self.engine, self.prompter, self.adapters, self.description = engine, prompter, adapters, description
         self.context_length = engine.context_length
+        self.tokens_after_cancel = 0
+        self._engine_lock = threading.Lock()  # a closed request's thread finishes before the next starts
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.engine.tokens_generated
 
     def model_ids(self) -> list[str]:
         return list(self.adapters)
@@ -44,32 +60,50 @@ class ServedModels:
         """A raw prompt, the client's own text: special-token text in it is read as control tokens."""
         return self.prompter.text_ids(text)
 
-    def deltas(
-        self,
-        model: str,
-        prompt: list[int],
-        sampling: Sampling,
-        max_tokens: int,
-        stop_strings: list[str],
-        cancelled: threading.Event,
-    ) -> Iterator[Delta]:
-        """The answer's text deltas from the adapter `model` names (see `generation.answers`)."""
-        with self.engine.adapter(self.adapters[model]):
+    def deltas(self, job: Job, cancelled: threading.Event) -> Iterator[Delta]:
+        """The answer's text deltas from the adapter `job.model` names (see `generation.answers`)."""
+        sampling = Sampling(job.temperature, job.top_p, job.seed)
+        with self._engine_lock, self.engine.adapter(self.adapters[job.model]):
             yield from stream_answer(
-                self.engine, self.prompter, prompt, sampling, max_tokens, stop_strings, cancelled
+                self.engine, self.prompter, job.prompt, sampling, job.max_tokens, job.stop_strings, cancelled
             )
 
+    async def generate(self, job: Job) -> AsyncIterator[Delta]:
+        """The deltas of `job` from a worker thread; closing this iterator sets the flag the engine checks
+        before each token (it needs no await, so it holds when the request's task is being cancelled)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancelled, at_cancel = threading.Event(), [0]
 
-def llama_cpp_models(
-    name: str, path: Path, chat: ChatTokenizer | None, context: int, threads: int, system_prompt: str | None
-) -> ServedModels:
-    """A GGUF file; prompts from the run's training tokenizer when there is one (export checked that
-    llama.cpp tokenizes identically), else from the file's own vocabulary and template."""
-    engine = LlamaCppEngine(name, path, context, threads)
-    prompter: Prompter = (
-        TokenizerPrompter(chat, system_prompt) if chat else GGUFPrompter(engine.llm, system_prompt)
-    )
-    return ServedModels(engine, prompter, {name: None}, f"llama.cpp over {path.name}")
+        def work() -> None:
+            try:
+                for delta in self.deltas(job, cancelled):
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except Exception as exc:  # handed to the request that asked for it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                if cancelled.is_set():
+                    self.tokens_after_cancel += self.engine.tokens_generated - at_cancel[0]
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        threading.Thread(target=work, daemon=True, name="llamatailor-generate").start()
+        ended = False
+        try:
+            while True:
+                item = await queue.get()
+                ended = item is _DONE or isinstance(item, Exception)
+                if item is _DONE:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            if not ended:  # the consumer left mid-generation
+                at_cancel[0] = self.engine.tokens_generated
+                cancelled.set()
+
+    def close(self) -> None:
+        """Nothing to stop: the engine lives in this process."""
 
 
 def transformers_models(

@@ -1,11 +1,12 @@
 """The OpenAI request bodies the server accepts, and the error shape it answers with.
 
-A field OpenAI has but the engine does not implement (penalties, logit_bias, logprobs, n, echo, ...) is
-accepted at the value that leaves the output as it is (0, {}, false, 1, or null), as clients such as
-LangChain send them; any other value is refused with 400 naming the field and saying what is supported
-(`code` "unsupported_value", as OpenAI answers for a value a model does not support), so that a
-parameter the server would ignore never looks as if it had been applied. Unknown fields are refused with
-400 naming the field. A null stands for the field's default.
+The sampling fields of `serve.backend.SAMPLING_FIELDS` (n, penalties, logit_bias, logprobs, response_format)
+are checked here for type and range; whether the engine applies them is the API's check (`serve.app`). A
+field no engine implements (echo, best_of, suffix, store) is accepted at the value that leaves the output as
+it is (false, 1, "" or null), as clients such as LangChain send them; any other value is refused with 400
+naming the field and saying what is supported (`code` "unsupported_value", as OpenAI answers for a value a
+model does not support), so that a parameter the server would ignore never looks as if it had been applied.
+Unknown fields are refused with 400 naming the field. A null stands for the field's default.
 """
 
 import json
@@ -34,8 +35,7 @@ def neutral_only(neutral: Any, reason: str) -> AfterValidator:
 
 
 Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0)]
-NO_PENALTIES = "this server applies no penalties"
-NO_LOGPROBS = "this server returns no log-probabilities"
+MAX_CHOICES = 16  # n: choices per request (each takes a slot's worth of decoding)
 
 
 class Strict(BaseModel):
@@ -79,12 +79,19 @@ class Sampling(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: Annotated[int | None, Field(ge=1), neutral_only(1, "this server gives one choice per request")] = None
-    frequency_penalty: Annotated[Penalty, neutral_only(0, NO_PENALTIES)] = None
-    presence_penalty: Annotated[Penalty, neutral_only(0, NO_PENALTIES)] = None
-    logit_bias: Annotated[
-        dict[str, float] | None, neutral_only({}, "this server does not bias token logits")
-    ] = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(default_factory=dict)
+    response_format: "ResponseFormat | None" = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float]) -> dict[str, float]:
+        wrong = [key for key in value if not key.isdigit()]
+        if wrong:
+            raise ValueError(f"keys are token ids (digits), got {wrong[0]!r}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -97,21 +104,58 @@ class Sampling(Strict):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must match; None for free text."""
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        if self.response_format.type == "json_object":
+            return {"type": "object"}
+        assert self.response_format.json_schema is not None  # the model's validator
+        return self.response_format.json_schema.schema_ or {"type": "object"}
+
+
+class JsonSchema(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}}')
+        return self
+
 
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
-    logprobs: Annotated[bool | None, neutral_only(False, NO_LOGPROBS)] = None
-    top_logprobs: Annotated[int | None, Field(ge=0, le=20), neutral_only(0, NO_LOGPROBS)] = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     store: Annotated[bool | None, neutral_only(False, "this server stores no completions")] = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprobs_asked(self) -> int | None:
+        """None: no log-probabilities; k: each token's and its k most likely alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(Sampling):
     prompt: str
-    logprobs: Annotated[int | None, Field(ge=0, le=5), neutral_only(None, NO_LOGPROBS)] = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     echo: Annotated[bool | None, neutral_only(False, "this server does not echo the prompt")] = None
     best_of: Annotated[
         int | None, Field(ge=1), neutral_only(1, "this server generates one candidate per request")
@@ -120,6 +164,14 @@ class CompletionRequest(Sampling):
 
     def token_budget(self) -> int | None:
         return self.max_tokens
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
+
+
+Sampling.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

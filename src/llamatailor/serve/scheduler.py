@@ -1,96 +1,60 @@
-"""One generation at a time per server, a bounded queue in front of it, and cancellation.
+"""As many generations at once as the backend has slots, a bounded queue in front, and cancellation.
 
-Generation runs in a worker thread and hands text deltas to the event loop; a client that goes away closes
-its stream, which sets the cancel flag the engine checks before each token. The engine is released only
-when its thread has finished, so a cancelled request never overlaps the next one. Each such cancel is
-counted, with the tokens the engine generated after it (read from the engine's own counter): at most the
-one token in flight when the flag was set.
+A request waits for a free slot (at most `max_queue` wait; more are refused with QueueFull), then streams the
+backend's deltas. A client that goes away closes its stream; the backend's generation is closed with it (an
+in-process engine's thread stops before its next token, llama.cpp frees the slot), and the slot is given back
+once the generation is closed. Each such cancel is counted. Closing needs no await from a backend in this
+process (a flag its thread reads) and the socket's close from llama.cpp's, so it holds while the request's
+task is itself being cancelled (Starlette cancels a streaming response whose client left).
 """
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from llamatailor.generation.engines import Sampling
 from llamatailor.generation.text import Delta
-from llamatailor.serve.models import ServedModels
-
-_DONE = object()
+from llamatailor.serve.backend import Backend, Job
 
 
 class QueueFull(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Job:
-    model: str
-    prompt: list[int]
-    sampling: Sampling
-    max_tokens: int
-    stop_strings: list[str]
-
-
 class Scheduler:
-    def __init__(self, served: ServedModels, max_queue: int) -> None:
-        self.served, self.max_queue = served, max_queue
+    def __init__(self, backend: Backend, max_queue: int) -> None:
+        self.backend, self.max_queue = backend, max_queue
         self.waiting = 0
         self.running = 0
         self.cancelled = 0  # generations stopped because their client went away
-        self.tokens_after_cancel = 0  # tokens the engine generated after those stops were asked for
-        self._lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(backend.slots)
 
     @property
     def depth(self) -> int:
         return self.waiting + self.running
 
     async def run(self, job: Job) -> AsyncIterator[Delta]:
+        """The job's deltas once a slot is free. Raises QueueFull when `max_queue` requests wait already."""
         if self.waiting >= self.max_queue:
             raise QueueFull
         self.waiting += 1
         try:
-            await self._lock.acquire()
+            await self._slots.acquire()
         finally:
             self.waiting -= 1
-        self.running = 1
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        cancelled, worker_done = threading.Event(), threading.Event()
-        at_cancel: list[int] = []  # the engine's token count when the cancel was asked for
-
-        def release() -> None:  # on the loop, once the worker has finished
-            if at_cancel:
-                self.tokens_after_cancel += self.served.engine.tokens_generated - at_cancel[0]
-            self.running = 0
-            self._lock.release()
-
-        def work() -> None:
-            try:
-                for delta in self.served.deltas(
-                    job.model, job.prompt, job.sampling, job.max_tokens, job.stop_strings, cancelled
-                ):
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
-            except Exception as exc:  # handed to the request that asked for it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                worker_done.set()
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-                loop.call_soon_threadsafe(release)
-
-        threading.Thread(target=work, daemon=True, name="llamatailor-generate").start()
-        ended = False
+        self.running += 1
+        deltas = self.backend.generate(job)
+        open_choices, failed = set(range(job.n)), False
         try:
-            while True:
-                item = await queue.get()
-                ended = item is _DONE or isinstance(item, Exception)
-                if item is _DONE:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item  # type: ignore[misc]
+            async for delta in deltas:
+                if delta.finish_reason:
+                    open_choices.discard(delta.index)
+                yield delta
+        except Exception:
+            failed = True
+            raise
         finally:
-            if not ended and not worker_done.is_set():  # the consumer left mid-generation
-                at_cancel.append(self.served.engine.tokens_generated)
-                self.cancelled += 1
-            cancelled.set()
+            self.cancelled += bool(open_choices) and not failed  # the consumer left mid-generation
+            try:
+                await deltas.aclose()  # type: ignore[attr-defined]
+            finally:
+                self.running -= 1
+                self._slots.release()

@@ -1,9 +1,11 @@
-"""What `llamatailor serve TARGET` serves: a run's best artifact, a GGUF file, or a model folder.
+"""What `llamatailor serve TARGET` serves, and on which engine: a run's best artifact, a GGUF file, or a model
+folder.
 
-For a run: its GGUF export when the export passed its gates (llama.cpp; the Modelfile's type), else its
-merged folder, else the base with the run's adapter (transformers). `--engine transformers` skips the GGUF:
-the merged folder when there is one and no `--adapter` is given, else the base with the run's adapter and
-every `--adapter NAME=PATH`. A merged folder or GGUF file counts only while its stage is up to date with the
+For a run: its GGUF export when the export passed its gates (llama.cpp's server; the Modelfile's type), else
+its merged folder, else the base with the run's adapter (transformers). `--engine transformers` (or `vllm`)
+skips the GGUF: the merged folder when there is one and no `--adapter` is given, else the base with the run's
+adapter and every `--adapter NAME=PATH`. A GGUF file is served by llama.cpp's server, with LoRA GGUF files as
+adapters. A merged folder or GGUF file counts only while its stage is up to date with the
 adapter and the run file (the manifest's fingerprints, as `llamatailor run` judges them): after a new
 training, the adapter itself is served, never the model merged from the one before.
 """
@@ -11,16 +13,34 @@ training, the adapter itself is served, never the model merged from the one befo
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from llamatailor.config import ModelSection, RunConfig, load_config
 from llamatailor.errors import ConfigError
-from llamatailor.models.loading import load_saved_tokenizer
-from llamatailor.serve.models import ServedModels, llama_cpp_models, transformers_models
+from llamatailor.generation.prompts import GGUFPrompter, Prompter, TokenizerPrompter
+from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
+from llamatailor.serve.backend import Backend
+from llamatailor.serve.llama_server import LlamaServerBackend, default_slots
+from llamatailor.serve.models import transformers_models
 
-EngineChoice = Literal["auto", "llama.cpp", "transformers"]
+EngineChoice = Literal["auto", "llama.cpp", "transformers", "vllm"]
+ENGINES = ("auto", "llama.cpp", "transformers", "vllm")
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`adapters`: NAME -> a PEFT adapter folder (transformers, vLLM) or a LoRA GGUF file (llama.cpp);
+    `context`: tokens per request (per slot); `slots`: llama-server's parallel slots (None: from the cores);
+    `tensor_parallel`: GPUs vLLM splits the model over."""
+
+    engine: EngineChoice = "auto"
+    adapters: dict[str, Path] = field(default_factory=dict)
+    context: int = 4096
+    slots: int | None = None
+    tensor_parallel: int = 1
 
 
 def parse_adapters(items: list[str]) -> dict[str, Path]:
@@ -33,37 +53,108 @@ def parse_adapters(items: list[str]) -> dict[str, Path]:
     return adapters
 
 
-def build_served(target: Path, engine: EngineChoice, adapters: dict[str, Path], context: int) -> ServedModels:
-    threads = os.cpu_count() or 1
+def build_served(target: Path, options: ServeOptions) -> Backend:
+    """The backend for `llamatailor serve TARGET`. Raises ConfigError for a target or option that does not
+    fit, ModelLoadError when an engine cannot start."""
     if not target.exists():
         raise ConfigError(
             f"{target}: no such file or folder; expected a run file or run directory, a .gguf file or a model folder"
         )
     if target.suffix == ".gguf":
-        if engine == "transformers":
-            raise ConfigError(f"{target}: a GGUF file is served by llama.cpp, not transformers")
-        return llama_cpp_models(target.stem, target, None, context, threads, None)
+        if options.engine in ("transformers", "vllm"):
+            raise ConfigError(f"{target}: a GGUF file is served by llama.cpp, not {options.engine}")
+        return gguf_backend(target.stem, target, None, None, options)
     if (target / "config.json").is_file():
-        return transformers_models(ModelSection(base=str(target)), target.name, adapters, target, None)
-    return run_served(load_config(target), engine, adapters, context, threads)
+        section = ModelSection(base=str(target))
+        if options.engine == "vllm":
+            return vllm_backend(
+                target.name,
+                target,
+                target,
+                section,
+                None,
+                options.adapters,
+                options.context,
+                options.tensor_parallel,
+            )
+        return transformers_models(section, target.name, options.adapters, target, None)
+    return run_served(load_config(target), options)
 
 
-def run_served(
-    config: RunConfig, engine: EngineChoice, adapters: dict[str, Path], context: int, threads: int
-) -> ServedModels:
+def gguf_backend(
+    name: str, gguf: Path, chat: ChatTokenizer | None, system_prompt: str | None, options: ServeOptions
+) -> LlamaServerBackend:
+    """llama-server over `gguf`, with each `--adapter NAME=FILE.gguf` as a LoRA a request's `model` chooses;
+    prompts by the run's training tokenizer when there is one (export checked that llama.cpp tokenizes
+    identically), else by the file's own vocabulary and template."""
+    for adapter, path in options.adapters.items():
+        if path.suffix != ".gguf" or not path.is_file():
+            raise ConfigError(f"--adapter {adapter}={path}: a GGUF file is served with LoRA GGUF files")
+    prompter: Prompter = TokenizerPrompter(chat, system_prompt) if chat else GGUFPrompter(vocabulary(gguf))
+    names: dict[str, int | None] = {name: None, **{a: i for i, a in enumerate(options.adapters)}}
+    threads = os.cpu_count() or 1
+    slots = options.slots or default_slots()
+    loras = list(options.adapters.values())
+    return LlamaServerBackend(gguf, prompter, names, loras, options.context, slots, threads)
+
+
+def vllm_backend(*args: Any) -> Backend:
+    """vLLM's server (serve.vllm_backend), imported only when asked for."""
+    from llamatailor.serve.vllm_backend import vllm_backend as start
+
+    return start(*args)
+
+
+def vocabulary(gguf: Path) -> Any:
+    """The file's vocabulary and metadata, loaded without its weights (llama-cpp-python)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+
+
+def run_served(config: RunConfig, options: ServeOptions) -> Backend:
     """A run: prompts by its training tokenizer with its system prompt (`data.system_prompt`), on every
     engine, so a request renders the ids training did."""
-    run, system_prompt = config.run_dir, config.data.system_prompt
-    gguf = exported_gguf(config)
-    if engine != "transformers" and gguf is not None:
+    run, system_prompt, engine, adapters = (
+        config.run_dir,
+        config.data.system_prompt,
+        options.engine,
+        options.adapters,
+    )
+    gguf = exported_gguf(config) if engine in ("auto", "llama.cpp") else None
+    if gguf is not None:
         chat = load_saved_tokenizer(run.merged, config.model)
-        return llama_cpp_models(config.name, gguf, chat, context, threads, system_prompt)
+        return gguf_backend(config.name, gguf, chat, system_prompt, options)
     if engine == "llama.cpp":
         raise ConfigError(f"{run.root}: no GGUF export that passed its gates; run `llamatailor export` first")
-    if not adapters and (run.merged / "config.json").is_file() and stages_current(config, "merge"):
-        merged = ModelSection(base=str(run.merged))
-        return transformers_models(merged, config.name, {}, run.merged, system_prompt)
+    merged = not adapters and (run.merged / "config.json").is_file() and stages_current(config, "merge")
     final = run.final(config.dpo.enabled)
+    if engine == "vllm":
+        if merged:
+            section = ModelSection(base=str(run.merged))
+            return vllm_backend(
+                config.name,
+                run.merged,
+                run.merged,
+                section,
+                system_prompt,
+                {},
+                options.context,
+                options.tensor_parallel,
+            )
+        return vllm_backend(
+            "base",
+            Path(config.model.base),
+            final,
+            config.model,
+            system_prompt,
+            {config.name: final, **adapters},
+            options.context,
+            options.tensor_parallel,
+        )
+    if merged:
+        section = ModelSection(base=str(run.merged))
+        return transformers_models(section, config.name, {}, run.merged, system_prompt)
     return transformers_models(config.model, "base", {config.name: final, **adapters}, final, system_prompt)
 
 
