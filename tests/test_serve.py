@@ -259,8 +259,32 @@ def test_fuzzed_requests_never_crash_the_server(server):
     assert 200 in seen and any(code >= 400 for code in seen)
 
 
+def children(pid: int) -> list[int]:
+    """Running processes whose parent is `pid` (from /proc; zombies excluded)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and not fields.get("State", "").startswith("Z"):
+            found.append(int(status.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "State:\tZ" not in status.read_text()
+    except OSError:
+        return False
+
+
 def test_shutdown_finishes_in_flight_requests(gguf_file, tmp_path):
+    """SIGTERM: the request in flight gets its whole answer, then llama-server's process stops too."""
     running = Server(gguf_file, log=tmp_path / "server.log")
+    engine = children(running.process.pid)
+    assert len(engine) == 1  # llama-server
     client = running.client(key=None)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
@@ -272,6 +296,22 @@ def test_shutdown_finishes_in_flight_requests(gguf_file, tmp_path):
     assert answer.usage.completion_tokens == 200
     # uvicorn re-raises the SIGTERM it handled once the in-flight requests are done
     assert running.process.wait(timeout=60) in (0, -15)
+    deadline = time.monotonic() + 10
+    while alive(engine[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(engine[0])
+
+
+def test_killed_server_takes_its_engine_along(gguf_file, tmp_path):
+    """SIGKILL leaves no shutdown to run: the kernel stops llama-server with its parent (PR_SET_PDEATHSIG)."""
+    running = Server(gguf_file, log=tmp_path / "server.log")
+    engine = children(running.process.pid)
+    running.process.kill()
+    running.process.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while alive(engine[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(engine) == 1 and not alive(engine[0])
 
 
 def test_transformers_engine_serves_base_and_adapters(tmp_path, tiny_models):

@@ -415,7 +415,12 @@ def serve(
         list[str] | None,
         typer.Option(help="NAME=PATH: serve this adapter too (a folder; a LoRA .gguf for llama.cpp)."),
     ] = None,
-    context: Annotated[int, typer.Option(help="Context per request, in tokens (llama.cpp, vLLM).")] = 4096,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            help="Context per request, in tokens (llama.cpp, vLLM; default: the model's, at most 4096)."
+        ),
+    ] = None,
     slots: Annotated[
         int | None, typer.Option(help="llama.cpp: requests decoded together (default: cores, at least 4).")
     ] = None,

@@ -9,6 +9,7 @@
 """
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -137,7 +138,13 @@ def create_app(served: Backend, settings: ServerSettings) -> FastAPI:
         (lambda: served.tokens_after_cancel) if after_cancel is not None else None,  # type: ignore[attr-defined]
     )
     log = RequestLog(settings.request_log) if settings.request_log else None
-    app = FastAPI(title="llamatailor", version="1", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        served.close()  # here, not after uvicorn returns: uvicorn ends by re-raising the SIGTERM it caught
+
+    app = FastAPI(title="llamatailor", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     register_errors(app)
     service = Service(served, scheduler, metrics, settings, log)
 

@@ -57,6 +57,16 @@ def find_binary() -> Path:
     return Path(found)
 
 
+def stop_with_parent() -> None:
+    """Run in a child before it starts (Popen's preexec_fn): on Linux the child gets SIGTERM when this process
+    dies, even when it is killed, so no engine process outlives its server (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def default_slots() -> int:
     """Parallel slots when not given: one per core, at least 4 (on a CPU, decoding 4 sequences in one batch
     costs little more than one; a GPU build is worth more, `--slots`)."""
@@ -105,7 +115,9 @@ class LlamaServerBackend:
         command = server_command(find_binary(), gguf, self.port, context, slots, threads, loras)
         log.info("starting %s", " ".join(command))
         with self.log_path.open("w") as out:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent
+            )
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
         self._wait_ready()
 

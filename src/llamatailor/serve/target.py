@@ -28,17 +28,18 @@ from llamatailor.serve.models import transformers_models
 EngineChoice = Literal["auto", "llama.cpp", "transformers", "vllm"]
 ENGINES = ("auto", "llama.cpp", "transformers", "vllm")
 log = logging.getLogger(__name__)
+DEFAULT_CONTEXT = 4096  # tokens per request when --context is not given, if the model was trained for as many
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     """`adapters`: NAME -> a PEFT adapter folder (transformers, vLLM) or a LoRA GGUF file (llama.cpp);
-    `context`: tokens per request (per slot); `slots`: llama-server's parallel slots (None: from the cores);
+    `context`: tokens per request (per slot; None: the model's trained context, at most DEFAULT_CONTEXT); `slots`: llama-server's parallel slots (None: from the cores);
     `tensor_parallel`: GPUs vLLM splits the model over."""
 
     engine: EngineChoice = "auto"
     adapters: dict[str, Path] = field(default_factory=dict)
-    context: int = 4096
+    context: int | None = None
     slots: int | None = None
     tensor_parallel: int = 1
 
@@ -67,15 +68,9 @@ def build_served(target: Path, options: ServeOptions) -> Backend:
     if (target / "config.json").is_file():
         section = ModelSection(base=str(target))
         if options.engine == "vllm":
+            context = options.context or folder_context(target)
             return vllm_backend(
-                target.name,
-                target,
-                target,
-                section,
-                None,
-                options.adapters,
-                options.context,
-                options.tensor_parallel,
+                target.name, target, target, section, None, options.adapters, context, options.tensor_parallel
             )
         return transformers_models(section, target.name, options.adapters, target, None)
     return run_served(load_config(target), options)
@@ -95,7 +90,16 @@ def gguf_backend(
     threads = os.cpu_count() or 1
     slots = options.slots or default_slots()
     loras = list(options.adapters.values())
-    return LlamaServerBackend(gguf, prompter, names, loras, options.context, slots, threads)
+    context = options.context or min(DEFAULT_CONTEXT, trained_context(gguf))
+    return LlamaServerBackend(gguf, prompter, names, loras, context, slots, threads)
+
+
+def trained_context(gguf: Path) -> int:
+    """The context the model was trained for (`<arch>.context_length`; DEFAULT_CONTEXT when absent)."""
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    fields, _ = read_gguf_metadata(str(gguf))
+    return int(fields.get(f"{fields.get('general.architecture', 'llama')}.context_length") or DEFAULT_CONTEXT)
 
 
 def vllm_backend(*args: Any) -> Backend:
@@ -130,32 +134,42 @@ def run_served(config: RunConfig, options: ServeOptions) -> Backend:
     merged = not adapters and (run.merged / "config.json").is_file() and stages_current(config, "merge")
     final = run.final(config.dpo.enabled)
     if engine == "vllm":
-        if merged:
-            section = ModelSection(base=str(run.merged))
-            return vllm_backend(
-                config.name,
-                run.merged,
-                run.merged,
-                section,
-                system_prompt,
-                {},
-                options.context,
-                options.tensor_parallel,
-            )
-        return vllm_backend(
-            "base",
-            Path(config.model.base),
-            final,
-            config.model,
-            system_prompt,
-            {config.name: final, **adapters},
-            options.context,
-            options.tensor_parallel,
-        )
+        return run_on_vllm(config, options, merged)
     if merged:
         section = ModelSection(base=str(run.merged))
         return transformers_models(section, config.name, {}, run.merged, system_prompt)
     return transformers_models(config.model, "base", {config.name: final, **adapters}, final, system_prompt)
+
+
+def run_on_vllm(config: RunConfig, options: ServeOptions, merged: bool) -> Backend:
+    """vLLM over the run's merged folder, or over its base with the run's adapter (and any `--adapter`) as
+    LoRA modules, the base itself as model `base`."""
+    run, system_prompt = config.run_dir, config.data.system_prompt
+    if merged:
+        context = options.context or folder_context(run.merged)
+        section = ModelSection(base=str(run.merged))
+        return vllm_backend(
+            config.name, run.merged, run.merged, section, system_prompt, {}, context, options.tensor_parallel
+        )
+    final = run.final(config.dpo.enabled)
+    adapters = {config.name: final, **options.adapters}
+    context = options.context or folder_context(final)
+    base = Path(config.model.base)  # a folder or a hub id, as vLLM's --model takes either
+    return vllm_backend(
+        "base", base, final, config.model, system_prompt, adapters, context, options.tensor_parallel
+    )
+
+
+def folder_context(folder: Path) -> int:
+    """The trained context of the model whose config.json (or its adapter's base) is in `folder`, at most
+    DEFAULT_CONTEXT; DEFAULT_CONTEXT when the folder does not say."""
+    config = folder / "config.json"
+    trained = (
+        json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+        if config.is_file()
+        else None
+    )
+    return min(DEFAULT_CONTEXT, int(trained or DEFAULT_CONTEXT))
 
 
 def stages_current(config: RunConfig, *names: str) -> bool:
