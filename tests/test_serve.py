@@ -663,13 +663,13 @@ def counters(running) -> dict[str, float]:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnecting_client_stops_its_generation(limited_server, stream):
-    """A client asks for 4000 tokens and goes away once they are being generated. llama.cpp's own count of
-    generated tokens (flushed when its slot is freed) shows the generation stopped: one cancel counted, and
-    a few tokens generated in all, not 4000. (The engine in this process: test_generation.py.)"""
+    """A client asks for 1800 tokens (the tiny model's context is 2048) and goes away once they are being
+    generated. llama.cpp's own count of generated tokens (flushed when its slot is freed) shows the
+    generation stopped: one cancel counted, and far fewer tokens generated than asked for."""
     running = limited_server
     before = counters(running)
     body = json.dumps(
-        {"model": "tiny", "prompt": "story", "max_tokens": 4000, "temperature": 0, "stream": stream}
+        {"model": "tiny", "prompt": "story", "max_tokens": 1800, "temperature": 0, "stream": stream}
     ).encode()
     received = disconnect_early(running, body, stream)
     deadline = time.monotonic() + 30
@@ -679,7 +679,7 @@ def test_disconnecting_client_stops_its_generation(limited_server, stream):
         after = counters(running)
     generated, cancels = (after[name] - before[name] for name in COUNTERS)
     assert cancels == 1, (generated, cancels)
-    assert received.count(b'"text"') - 1 <= generated < (200 if stream else 2000), (received, generated)
+    assert received.count(b'"text"') - 1 <= generated < (200 if stream else 1000), (received, generated)
 
 
 def disconnect_early(running, body: bytes, stream: bool) -> bytes:

@@ -70,6 +70,7 @@ CHANGES = {
     "export.gguf": ["export.gguf=[f16, q8_0]"],
     "export.gates": ["export.gates={f16: 5}"],
     "export.modelfile_from": ["export.modelfile_from=f16"],
+    "export.lora_gguf": ["export.lora_gguf=true"],
 }
 
 

@@ -416,11 +416,25 @@ class ExportSection(Section):
     modelfile_from: GgufType | None = Field(
         None, description="The GGUF type the Ollama Modelfile points at; default: the first in gguf."
     )
+    lora_gguf: bool = Field(
+        False,
+        description="Also write gguf/<name>-base-f16.gguf (the untuned base) and gguf/<name>-lora.gguf (the "
+        "adapter as a llama.cpp LoRA GGUF), checked together against the adapter model: several adapters "
+        "served over one base. LoRA, rsLoRA and QLoRA runs; not DoRA, full fine-tuning or Llama 4 experts.",
+    )
 
     @model_validator(mode="after")
     def _modelfile_type_is_exported(self) -> "ExportSection":
         if self.modelfile_from and self.modelfile_from not in self.gguf:
             raise ValueError(f"modelfile_from {self.modelfile_from!r} is not among gguf {self.gguf}")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_gguf_is_exported(self) -> "ExportSection":
+        if self.lora_gguf and not self.gguf:
+            raise ValueError(
+                "lora_gguf needs a type in gguf: the export stage, which writes it, runs only then"
+            )
         return self
 
 

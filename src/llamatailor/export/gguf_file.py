@@ -181,13 +181,19 @@ def tensors(folder: Path, config: PretrainedConfig, rope: GgufRope) -> Any:
                     continue
                 array = handle.get_tensor(key).to(torch.float32).numpy()
                 for hf_name, part in hf_arrays(key, array, config):
-                    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                    if name is None:
-                        raise CheckFailed(
-                            f"{shard}: tensor {hf_name} has no GGUF name for the "
-                            f"{gguf.MODEL_ARCH_NAMES[arch]} architecture"
-                        )
-                    yield name, part
+                    yield gguf_name(names, hf_name, arch, shard), part
+
+
+def gguf_name(names: gguf.TensorNameMap, hf_name: str, arch: gguf.MODEL_ARCH, where: Path) -> str:
+    """llama.cpp's name ("blk.0.attn_q.weight") for the transformers tensor `hf_name`
+    ("model.layers.0.self_attn.q_proj.weight"), from `names` (gguf.get_tensor_name_map of `arch`).
+    Raises CheckFailed naming `where` (the file it came from) when the architecture has no such tensor."""
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise CheckFailed(
+            f"{where}: tensor {hf_name} has no GGUF name for the {gguf.MODEL_ARCH_NAMES[arch]} architecture"
+        )
+    return str(name)
 
 
 def export_config(folder: Path) -> tuple[PretrainedConfig, gguf.MODEL_ARCH]:
@@ -225,16 +231,25 @@ def check_export(folder: Path) -> GgufRope:
     return gguf_rope(config, str(folder))
 
 
-def write_gguf(folder: Path, target: Path, gguf_type: str, chat: ChatTokenizer, name: str) -> Path:
+def write_gguf(
+    folder: Path,
+    target: Path,
+    gguf_type: str,
+    chat: ChatTokenizer,
+    name: str,
+    tokenizer_folder: Path | None = None,
+) -> Path:
     """Write `folder` (a merged Llama 1-3 or text-only Llama 4 model) as a GGUF file of type f32, f16 or
-    bf16, under llama.cpp's `llama` or `llama4` architecture.
+    bf16, under llama.cpp's `llama` or `llama4` architecture. The vocabulary is read from
+    `tokenizer_folder`'s tokenizer.json (default `folder`): the run's own, when `folder` is the untuned base
+    that a LoRA GGUF is applied to.
 
     Raises CheckFailed before anything is written when `check_export` refuses the model (another model_type,
     a Llama 4 config llama.cpp hard-codes otherwise, a RoPE type llama.cpp cannot reproduce)."""
     config, arch = export_config(folder)
     rope = gguf_rope(config, str(folder))
     file_type, tensor_type = WRITTEN_HERE[gguf_type]
-    vocab = vocabulary(folder, chat, config.vocab_size)
+    vocab = vocabulary(tokenizer_folder or folder, chat, config.vocab_size)
     with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         write_metadata(writer, config, name, file_type, rope)

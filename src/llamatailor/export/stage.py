@@ -1,6 +1,7 @@
 """The `export` stage: GGUF files of the merged model, each checked by llama.cpp, an Ollama Modelfile, and
-`gguf/export_report.json` with the quality-retention table. A file that fails a gate fails the stage,
-after the report is written, naming the file and by how much."""
+`gguf/export_report.json` with the quality-retention table; with `export.lora_gguf`, also the untuned base
+as a GGUF and the run's adapter as a llama.cpp LoRA GGUF (export/gguf_lora.py), checked together. A file
+that fails a gate fails the stage, after the report is written, naming the file and by how much."""
 
 import os
 from dataclasses import asdict, dataclass
@@ -25,10 +26,18 @@ from llamatailor.export.gguf_check import (
 )
 from llamatailor.export.gguf_file import WRITTEN_HERE, check_export, quantize_gguf, write_gguf
 from llamatailor.export.gguf_gates import gate_for
+from llamatailor.export.gguf_lora import (
+    LORA_BASE_TYPE,
+    LoraCheck,
+    attach_lora,
+    check_lora,
+    lora_gguf_paths,
+    write_lora_files,
+)
 from llamatailor.export.merge import build_probe
 from llamatailor.export.ollama import build_modelfile, write_modelfile
 from llamatailor.generation.engines import LlamaCppEngine, TransformersEngine
-from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
+from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tuned_model
 from llamatailor.rundir import remove_path, write_json
 from llamatailor.stage_contract import Progress, Stage, files_in, no_progress
 from llamatailor.vocabulary import TEST_SPLIT, VAL_SPLIT, GgufType
@@ -42,6 +51,7 @@ class ExportResult:
     modelfile: str
     modelfile_template: bool
     failures: list[str]
+    lora: dict[str, Any] | None = None  # the LoraCheck of gguf_lora.lora_gguf_paths, with export.lora_gguf
 
 
 def export_run(config: RunConfig, progress: Progress | None = None) -> ExportResult:
@@ -53,13 +63,14 @@ def export_run(config: RunConfig, progress: Progress | None = None) -> ExportRes
 
     Args:
         config: The resolved run file; reads `name`, `model`, `data`, `eval` and `export` (`gguf`,
-            `gates`, `modelfile_from`).
+            `gates`, `modelfile_from`, `lora_gguf`; `merge_tolerance` and `dpo.enabled` with `lora_gguf`).
         progress: Told what is being done (a message, no count) as each file is written and checked.
 
     Returns:
         ExportResult: gguf/, one `FileCheck` dict per file (sizes in MiB, perplexities, the increase
         in %, top-1 agreement, task metric and retention), the headline metric's name, the Modelfile's
-        path and whether it has a TEMPLATE, and the failures (empty when returned).
+        path and whether it has a TEMPLATE, the failures (empty when returned), and with
+        `export.lora_gguf` the LoraCheck of the base GGUF with the adapter GGUF.
 
     Raises:
         StageError: merged/ has no model (run `llamatailor merge` first), or a split is missing.
@@ -80,10 +91,12 @@ def export_run(config: RunConfig, progress: Progress | None = None) -> ExportRes
     for gguf_type, path in write_files(config, chat, say):
         say(f"checking {path.name} with llama.cpp")
         checks.append(checker.check(gguf_type, path))
+    lora = export_lora(config, checker, say) if settings.lora_gguf else None
     chosen = settings.modelfile_from or settings.gguf[0]
     modelfile = build_modelfile(chat, run.gguf_file(config.name, chosen).name, config.data.system_prompt)
     write_modelfile(run.gguf / "Modelfile", modelfile)
     failures = [f"{Path(c.path).name}: {failure}" for c in checks for failure in c.failures]
+    failures += [f"{Path(lora.adapter).name}: {failure}" for failure in lora.failures] if lora else []
     result = ExportResult(
         folder=run.gguf,
         files=[asdict(c) for c in checks],
@@ -91,6 +104,7 @@ def export_run(config: RunConfig, progress: Progress | None = None) -> ExportRes
         modelfile=str(run.gguf / "Modelfile"),
         modelfile_template=modelfile.template is not None,
         failures=failures,
+        lora=asdict(lora) if lora else None,
     )
     write_json(run.gguf / "export_report.json", {**asdict(result), "folder": str(result.folder)})
     if failures:
@@ -109,14 +123,19 @@ STAGE = Stage(
         "export.gates",
         "export.modelfile_from",
         "export.check_samples",
+        "export.lora_gguf",
+        "export.merge_tolerance",
+        "dpo.enabled",
     ),
     inputs=lambda config: [
         config.run_dir.split(VAL_SPLIT),
         config.run_dir.split(TEST_SPLIT),
         *files_in(config.run_dir.merged),
+        *(files_in(config.run_dir.final(config.dpo.enabled)) if config.export.lora_gguf else []),
     ],
     outputs=lambda config: [
         *(config.run_dir.gguf_file(config.name, gguf_type) for gguf_type in config.export.gguf),
+        *(lora_gguf_paths(config) if config.export.lora_gguf else ()),
         config.run_dir.gguf / "Modelfile",
         config.run_dir.gguf / "export_report.json",
     ],
@@ -147,6 +166,24 @@ def write_files(config: RunConfig, chat: ChatTokenizer, say: Progress) -> list[t
         if temporary:
             remove_path(source)
     return [(t, run.gguf_file(config.name, t)) for t in wanted]
+
+
+def export_lora(config: RunConfig, checker: "Checker", say: Progress) -> LoraCheck:
+    """Write the base GGUF and the adapter GGUF (gguf_lora.write_lora_files) and check them together: against
+    the adapter model (gguf_lora.check_lora), then by every check and gate a GGUF file gets, the adapter
+    applied (the base type's perplexity gate, against the merged model)."""
+    run = config.run_dir
+    say("writing the base model's GGUF and the adapter's LoRA GGUF")
+    base, adapter = write_lora_files(config, checker.chat, run.merged)
+    say(f"checking {adapter.name} on {base.name} against the adapter model")
+    model = load_tuned_model(config.model, run.final(config.dpo.enabled)).eval()
+    result = check_lora(model, checker.chat, base, adapter, checker.probe, config.export.merge_tolerance)
+    del model
+    say(f"checking {base.name} with {adapter.name} with llama.cpp")
+    file_check = checker.check(LORA_BASE_TYPE, base, lora=adapter)
+    result.file_check = asdict(file_check)
+    result.failures += file_check.failures
+    return result
 
 
 class Checker:
@@ -184,13 +221,14 @@ class Checker:
         )
         return scores[self.headline], runaway_share(generations)
 
-    def check(self, gguf_type: GgufType, path: Path) -> FileCheck:
+    def check(self, gguf_type: GgufType, path: Path, lora: Path | None = None) -> FileCheck:
         """Every check of one GGUF file, run by llama.cpp with a context of `data.max_seq_len +
         eval.max_new_tokens` tokens, then its gate applied (call `reference` first).
 
         Args:
             gguf_type: The file's type ("f16", "q8_0", ...), which picks its perplexity gate.
             path: The GGUF file.
+            lora: A LoRA GGUF that llama.cpp applies to `path` for every check (gguf_lora.attach_lora).
 
         Returns:
             FileCheck: size in MiB, metadata problems, tokenizer mismatches, top-1 agreement (0..1),
@@ -203,6 +241,8 @@ class Checker:
         context = self.config.data.max_seq_len + self.config.eval.max_new_tokens
         engine = LlamaCppEngine(gguf_type, path, context, scores=True)
         try:
+            if lora is not None:
+                attach_lora(engine.llm, lora)
             check_tokenizer(engine, self.chat, self.texts, result)
             check_logits(engine, self.logits, result)
             result.task_metric, _ = self.task_metric(engine)

@@ -154,7 +154,9 @@ def create_app(served: Backend, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # in a thread: llama.cpp's counters are read over HTTP, which must not stall the streams on this loop
+        text = await asyncio.to_thread(generate_latest, metrics.registry)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

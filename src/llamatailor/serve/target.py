@@ -13,12 +13,13 @@ training, the adapter itself is served, never the model merged from the one befo
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from llamatailor.config import ModelSection, RunConfig, load_config
 from llamatailor.errors import ConfigError
+from llamatailor.export.gguf_lora import lora_gguf_paths
 from llamatailor.generation.prompts import GGUFPrompter, Prompter, TokenizerPrompter
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
 from llamatailor.serve.backend import Backend
@@ -125,7 +126,10 @@ def run_served(config: RunConfig, options: ServeOptions) -> Backend:
         options.engine,
         options.adapters,
     )
-    gguf = exported_gguf(config) if engine in ("auto", "llama.cpp") else None
+    if engine in ("auto", "llama.cpp") and adapters and all(p.suffix == ".gguf" for p in adapters.values()):
+        return run_lora_ggufs(config, options)
+    # folder adapters are for transformers (or vLLM): `auto` passes the merged GGUF over for them
+    gguf = exported_gguf(config) if engine == "llama.cpp" or (engine == "auto" and not adapters) else None
     if gguf is not None:
         chat = load_saved_tokenizer(run.merged, config.model)
         return gguf_backend(config.name, gguf, chat, system_prompt, options)
@@ -139,6 +143,22 @@ def run_served(config: RunConfig, options: ServeOptions) -> Backend:
         section = ModelSection(base=str(run.merged))
         return transformers_models(section, config.name, {}, run.merged, system_prompt)
     return transformers_models(config.model, "base", {config.name: final, **adapters}, final, system_prompt)
+
+
+def run_lora_ggufs(config: RunConfig, options: ServeOptions) -> Backend:
+    """llama-server over the run's base GGUF with the run's LoRA GGUF and every `--adapter NAME=FILE.gguf`
+    (export.lora_gguf wrote and checked the run's two files); model `base` is the base alone. Raises
+    ConfigError when the run has no such export that passed its checks."""
+    base, lora = lora_gguf_paths(config)
+    if exported_gguf(config) is None or not (base.is_file() and lora.is_file()):
+        raise ConfigError(
+            f"{config.run_dir.root}: LoRA GGUF adapters are served over the run's base GGUF: set "
+            f"export.lora_gguf: true and run `llamatailor export` (it writes and checks {base.name} and "
+            f"{lora.name})"
+        )
+    chat = load_saved_tokenizer(config.run_dir.merged, config.model)
+    adapters = {config.name: lora, **options.adapters}
+    return gguf_backend("base", base, chat, config.data.system_prompt, replace(options, adapters=adapters))
 
 
 def run_on_vllm(config: RunConfig, options: ServeOptions, merged: bool) -> Backend:
