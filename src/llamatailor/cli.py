@@ -395,6 +395,18 @@ def plan(
         console.print(views.plan_view(result))
 
 
+ContextOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Context per request, in tokens (llama.cpp, vLLM; default: the model's, at most 4096)."
+    ),
+]
+SlotsOption = Annotated[
+    int | None, typer.Option(help="llama.cpp: requests decoded together (default: cores, at least 4).")
+]
+TensorParallelOption = Annotated[int, typer.Option(help="vLLM: GPUs to split the model over.")]
+
+
 @app.command()
 @user_errors
 def serve(
@@ -415,16 +427,9 @@ def serve(
         list[str] | None,
         typer.Option(help="NAME=PATH: serve this adapter too (a folder; a LoRA .gguf for llama.cpp)."),
     ] = None,
-    context: Annotated[
-        int | None,
-        typer.Option(
-            help="Context per request, in tokens (llama.cpp, vLLM; default: the model's, at most 4096)."
-        ),
-    ] = None,
-    slots: Annotated[
-        int | None, typer.Option(help="llama.cpp: requests decoded together (default: cores, at least 4).")
-    ] = None,
-    tensor_parallel: Annotated[int, typer.Option(help="vLLM: GPUs to split the model over.")] = 1,
+    context: ContextOption = None,
+    slots: SlotsOption = None,
+    tensor_parallel: TensorParallelOption = 1,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 16,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
     max_tokens_limit: Annotated[
