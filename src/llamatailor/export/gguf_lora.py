@@ -42,7 +42,7 @@ from transformers import PretrainedConfig
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from llamatailor.config import RunConfig
-from llamatailor.errors import CheckFailed, ModelLoadError
+from llamatailor.errors import CheckFailed
 from llamatailor.export.gguf_file import ARCHITECTURES, export_config, gguf_name, hf_arrays, write_gguf
 from llamatailor.export.merge import (
     ANSWER_TOKENS,
@@ -53,7 +53,7 @@ from llamatailor.export.merge import (
 )
 from llamatailor.generation.engines import TransformersEngine
 from llamatailor.models.loading import ChatTokenizer
-from llamatailor.models.source import resolve_source
+from llamatailor.models.source import local_folder
 from llamatailor.rundir import atomic_path
 from llamatailor.vocabulary import GgufType
 
@@ -240,24 +240,6 @@ def lora_gguf_paths(config: RunConfig) -> tuple[Path, Path]:
     return run.gguf_file(f"{config.name}-base", LORA_BASE_TYPE), run.gguf / f"{config.name}-lora.gguf"
 
 
-def base_folder(config: RunConfig) -> Path:
-    """The untuned base model's local folder (config.json, *.safetensors), as `model.base` resolves (an
-    embedded alias or a GGUF file to its converted folder); a hub id from the local Hugging Face cache, where
-    training downloaded it. Raises ModelLoadError when a hub id is not in the cache."""
-    source = resolve_source(config.model.base)
-    if source.kind != "hub":
-        return Path(source.location)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(source.location, revision=config.model.revision, local_files_only=True))
-    except LocalEntryNotFoundError as error:
-        raise ModelLoadError(
-            f"model.base {source.spec!r} is not in the local Hugging Face cache: {error}"
-        ) from None
-
-
 def write_lora_files(config: RunConfig, chat: ChatTokenizer, tokenizer_folder: Path) -> tuple[Path, Path]:
     """Write `lora_gguf_paths(config)`: the adapter first (it is refused before anything big is written),
     then the base, f16, with the run's tokenizer and chat template from `tokenizer_folder` (what the merged
@@ -266,7 +248,7 @@ def write_lora_files(config: RunConfig, chat: ChatTokenizer, tokenizer_folder: P
     Raises:
         CheckFailed: the run has no LoRA adapter (a full fine-tune), the adapter is refused
             (`write_lora_gguf`), or the base cannot be written (`gguf_file.write_gguf`).
-        ModelLoadError: the base model's folder cannot be found (`base_folder`).
+        ModelLoadError: the base model's folder cannot be found (`models.source.local_folder`).
     """
     final = config.run_dir.final(config.dpo.enabled)
     if not (final / ADAPTER_CONFIG).is_file():
@@ -275,7 +257,7 @@ def write_lora_files(config: RunConfig, chat: ChatTokenizer, tokenizer_folder: P
             "from a LoRA, rsLoRA or QLoRA run"
         )
     base, adapter = lora_gguf_paths(config)
-    folder = base_folder(config)
+    folder = local_folder(config.model.base, config.model.revision)
     write_lora_gguf(final, folder, adapter)
     write_gguf(folder, base, LORA_BASE_TYPE, chat, f"{config.name}-base", tokenizer_folder=tokenizer_folder)
     return base, adapter

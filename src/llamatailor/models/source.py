@@ -70,6 +70,24 @@ def resolve_source(spec: str) -> ModelSource:
     )
 
 
+def local_folder(spec: str, revision: str | None = None) -> Path:
+    """The base model's local folder (config.json, *.safetensors): `resolve_source`'s for an alias, a GGUF
+    file or a folder; for a hub id, its snapshot in the local Hugging Face cache, where training downloaded
+    it (no download here). Raises ModelLoadError when a hub id is not in the cache."""
+    source = resolve_source(spec)
+    if source.kind != "hub":
+        return Path(source.location)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source.location, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise ModelLoadError(
+            f"model.base {source.spec!r} is not in the local Hugging Face cache: {error}"
+        ) from None
+
+
 def embedded_gguf_path(alias: str) -> Path:
     package, filename = EMBEDDED_MODELS[alias]
     spec = importlib.util.find_spec(package)

@@ -27,8 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamatailor.data.templating import RenderError
 from llamatailor.generation.text import Delta
-from llamatailor.serve.backend import Backend, Job
-from llamatailor.serve.llama_server import UpstreamError
+from llamatailor.serve.backend import Backend, Job, UpstreamError
 from llamatailor.serve.metrics import ServerMetrics
 from llamatailor.serve.protocol import (
     ERROR_TYPES,
@@ -222,7 +221,7 @@ def register_errors(app: FastAPI) -> None:
     @app.exception_handler(UpstreamError)
     async def upstream(request: Request, exc: UpstreamError) -> JSONResponse:
         status = exc.status if 400 <= exc.status < 500 else 500
-        return error_response(status, f"llama.cpp refused the request: {exc.message}")
+        return error_response(status, f"the engine refused the request: {exc.message}")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -8,6 +8,9 @@ request fields beyond the basics (model, prompt, max_tokens, temperature, top_p,
 the API refuses the others with 400 unless their value changes nothing.
 """
 
+import json
+import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,3 +74,34 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class UpstreamError(Exception):
+    """An engine in its own process (llama-server, vLLM) refused a request: its HTTP status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def upstream_message(detail: str) -> str:
+    try:
+        return str(json.loads(detail)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return detail[:500]
+
+
+def stop_with_parent() -> None:
+    """Run in a child before it starts (Popen's preexec_fn): on Linux the child gets SIGTERM when this process
+    dies, even when it is killed, so no engine process outlives its server (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

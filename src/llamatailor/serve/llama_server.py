@@ -26,7 +26,14 @@ from llamatailor.data.formats import Message
 from llamatailor.errors import ConfigError, ModelLoadError
 from llamatailor.generation.prompts import Prompter
 from llamatailor.generation.text import Delta, TokenLogprob
-from llamatailor.serve.backend import SAMPLING_FIELDS, Job
+from llamatailor.serve.backend import (
+    SAMPLING_FIELDS,
+    Job,
+    UpstreamError,
+    free_port,
+    stop_with_parent,
+    upstream_message,
+)
 
 log = logging.getLogger(__name__)
 BINARY_ENV = "LLAMATAILOR_LLAMA_SERVER"
@@ -55,16 +62,6 @@ def find_binary() -> Path:
             f"{BINARY_ENV} to a llama-server built from llama.cpp; `--engine transformers` needs none"
         )
     return Path(found)
-
-
-def stop_with_parent() -> None:
-    """Run in a child before it starts (Popen's preexec_fn): on Linux the child gets SIGTERM when this process
-    dies, even when it is killed, so no engine process outlives its server (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform == "linux":
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def default_slots() -> int:
@@ -206,21 +203,6 @@ class LlamaServerBackend:
         self.log_path.unlink(missing_ok=True)
 
 
-class UpstreamError(Exception):
-    """llama.cpp refused a request: its HTTP status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def upstream_message(detail: str) -> str:
-    try:
-        return str(json.loads(detail)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return detail[:500]
-
-
 def delta_of(chunk: dict[str, Any], top_logprobs: int | None) -> Delta:
     """One streamed /completion chunk as a Delta. Raises UpstreamError for an error chunk."""
     if "error" in chunk:
@@ -239,11 +221,3 @@ def delta_of(chunk: dict[str, Any], top_logprobs: int | None) -> Delta:
 def token_logprob(item: dict[str, Any], top: int) -> TokenLogprob:
     alternatives = [(t["token"], float(t["logprob"]), list(t["bytes"])) for t in item.get("top_logprobs", [])]
     return TokenLogprob(item["token"], float(item["logprob"]), list(item["bytes"]), alternatives[:top])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -22,6 +22,7 @@ from llamatailor.errors import ConfigError
 from llamatailor.export.gguf_lora import lora_gguf_paths
 from llamatailor.generation.prompts import GGUFPrompter, Prompter, TokenizerPrompter
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
+from llamatailor.models.source import local_folder
 from llamatailor.serve.backend import Backend
 from llamatailor.serve.llama_server import LlamaServerBackend, default_slots
 from llamatailor.serve.models import transformers_models
@@ -174,7 +175,7 @@ def run_on_vllm(config: RunConfig, options: ServeOptions, merged: bool) -> Backe
     final = run.final(config.dpo.enabled)
     adapters = {config.name: final, **options.adapters}
     context = options.context or folder_context(final)
-    base = Path(config.model.base)  # a folder or a hub id, as vLLM's --model takes either
+    base = local_folder(config.model.base, config.model.revision)  # an alias or GGUF: its converted folder
     return vllm_backend(
         "base", base, final, config.model, system_prompt, adapters, context, options.tensor_parallel
     )

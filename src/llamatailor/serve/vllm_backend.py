@@ -35,15 +35,22 @@ from llamatailor.generation.prompts import TokenizerPrompter
 from llamatailor.generation.text import Delta, TokenLogprob
 from llamatailor.hardware import resolve_precision
 from llamatailor.models.loading import load_saved_tokenizer
-from llamatailor.serve.backend import SAMPLING_FIELDS, Job
-from llamatailor.serve.llama_server import UpstreamError, free_port, upstream_message
+from llamatailor.serve.backend import (
+    SAMPLING_FIELDS,
+    Job,
+    UpstreamError,
+    free_port,
+    stop_with_parent,
+    upstream_message,
+)
 from llamatailor.vocabulary import AUTO, BF16, FP16, FP32
 
 log = logging.getLogger(__name__)
 PYTHON_ENV = "LLAMATAILOR_VLLM_PYTHON"
 ARGS_ENV = "LLAMATAILOR_VLLM_ARGS"  # more vLLM server options, e.g. --gpu-memory-utilization 0.8
 BASE_ID = "base"
-# Loading a large model onto GPUs takes minutes; on a CPU the tiny test models took 30-120 s.
+# Loading a large model onto GPUs takes minutes; on a CPU the tiny test models took 25-60 s (--enforce-eager;
+# about twice that with vLLM's torch.compile).
 START_TIMEOUT_S = 900
 STOP_TIMEOUT_S = 30
 # vLLM queues and batches by itself: the API lets this many requests through to it at once.
@@ -108,6 +115,7 @@ def server_command(
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--model", str(model_dir), "--served-model-name", served_as]
     command += ["--tokenizer", str(chat_from), "--chat-template", str(template)]
+    # The hardware rule's precision: fp32 on a CPU (as the transformers engine there), bf16 or fp16 on GPUs.
     command += ["--generation-config", "vllm", "--dtype", VLLM_DTYPE[resolve_precision(AUTO)]]
     command += ["--max-model-len", str(context), "--tensor-parallel-size", str(tensor_parallel)]
     command += ["--disable-uvicorn-access-log"]
@@ -143,9 +151,14 @@ class VllmBackend:
         self.url = f"http://127.0.0.1:{port}"
         log.info("starting %s (log: %s)", shlex.join(command), self.log_path)
         with self.log_path.open("wb") as log_file:  # the child keeps its own handle
-            # Its own process group: vLLM's engine and worker processes stop with it (`close`).
+            # Its own process group: vLLM's engine and worker processes stop with it (`close`); and it stops
+            # if this process is killed (stop_with_parent).
             self.process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=stop_with_parent,
             )
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
         self._wait_ready()
@@ -189,7 +202,9 @@ class VllmBackend:
 
     def request_body(self, job: Job) -> dict[str, Any]:
         """The /v1/completions body for `job`: OpenAI's fields plus vLLM's `stop_token_ids` (the run's
-        end-of-turn and eos tokens) and `return_token_ids` (each chunk's token ids, counted)."""
+        end-of-turn and eos tokens) and `return_token_ids` (each chunk's token ids, counted). vLLM refuses
+        max_tokens over its context but shortens one that does not fit beside the prompt: the API checks
+        prompt + max_tokens before this."""
         body: dict[str, Any] = {
             "model": job.model,
             "prompt": job.prompt,
@@ -209,9 +224,8 @@ class VllmBackend:
             body["seed"] = job.seed
         if job.top_logprobs is not None:
             body["logprobs"] = job.top_logprobs
-        if job.json_schema == {}:
-            body["response_format"] = {"type": "json_object"}
-        elif job.json_schema is not None:
+        # vLLM's grammars (xgrammar) allow any whitespace between JSON tokens, as the JSON grammar does.
+        if job.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": job.json_schema},
