@@ -226,6 +226,27 @@ def test_non_loopback_bind_needs_a_key(gguf_file):
     assert missing.returncode == 2 and "absent.gguf: no such file or folder" in missing.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "environment", "message"),
+    [
+        (["--engine", "vllm"], {}, "a GGUF file is served by llama.cpp, not vllm"),
+        (["--engine", "sglang"], {}, "--engine 'sglang': expected auto, llama.cpp, transformers, vllm"),
+        (["--adapter", "other=some/folder"], {}, "other=some/folder: a GGUF file is served with LoRA GGUF"),
+        ([], {"LLAMATAILOR_LLAMA_SERVER": "/nowhere/llama-server"}, "/nowhere/llama-server: no such file"),
+    ],
+)
+def test_engine_choices_that_cannot_work_are_refused_before_starting(
+    gguf_file, options, environment, message
+):
+    result = subprocess.run(
+        [sys.executable, "-m", "llamatailor", "serve", str(gguf_file), *options],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **environment},
+    )
+    assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
+
+
 def test_fuzzed_requests_never_crash_the_server(server):
     """schemathesis generates requests from the server's OpenAPI schema, valid and broken on purpose; every
     answer is below 500 and every error is OpenAI-shaped. (Its pytest plugin does not run on pytest 9, so
