@@ -115,7 +115,13 @@ class LlamaServerBackend:
             self.process = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent
             )
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
+        # A new connection per request: llama-server closes each one after a streamed answer without saying
+        # so (no `Connection: close`), and a pooled connection it had closed failed ~1 answer in 50-200.
+        self.client = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=httpx.Timeout(None, connect=10),
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
         self._wait_ready()
 
     def _wait_ready(self) -> None:
