@@ -144,3 +144,13 @@ def labelled_runs(labels: list[int]) -> list[list[int]]:
             runs[-1].append(label)
         previous = label
     return runs
+
+
+def generated(backend: Any, job: Any) -> list[Any]:
+    """Every delta a serve backend generates for `job` (serve.backend.Job), in order."""
+    import asyncio
+
+    async def collect() -> list[Any]:
+        return [delta async for delta in backend.answer(job)]
+
+    return asyncio.run(collect())

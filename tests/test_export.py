@@ -257,7 +257,7 @@ def test_serve_picks_the_runs_checked_gguf(exported, tmp_path):
     finally:
         running.stop()
     assert reply.choices[0].message.content == "ok" and reply.choices[0].finish_reason == "stop"
-    assert "llama.cpp over tiny-f16.gguf" in (tmp_path / "server.log").read_text()
+    assert "llama-server over tiny-f16.gguf" in (tmp_path / "server.log").read_text()
 
 
 def test_serve_passes_over_a_merge_and_export_older_than_the_adapter(exported, caplog):
@@ -265,22 +265,26 @@ def test_serve_passes_over_a_merge_and_export_older_than_the_adapter(exported, c
     serves the adapter itself, on either engine choice, and says why; the old merge is never served."""
     from safetensors.torch import save_file
 
-    from llamatailor.serve.target import run_served
+    from llamatailor.serve.target import ServeOptions, run_served
+
+    def description(engine: str) -> str:
+        served = run_served(config, ServeOptions(engine, context=512, slots=1))  # type: ignore[arg-type]
+        served.close()
+        return served.description
 
     config, _ = exported
     run = config.run_dir
-    assert run_served(config, "auto", {}, 512, 1).description == "llama.cpp over tiny-f16.gguf"
+    assert description("auto") == "llama-server over tiny-f16.gguf, 1 slots"
     adapter = run.adapter / "adapter_model.safetensors"
     original = adapter.read_bytes()
     try:
         save_file({name: t + 0.01 for name, t in load_file(adapter).items()}, adapter)  # "trained again"
         for engine in ("auto", "transformers"):
-            served = run_served(config, engine, {}, 512, 1)
-            assert served.description == f"transformers over {config.model.base} with tiny", engine
+            assert description(engine) == f"transformers over {config.model.base} with tiny", engine
         assert "the merge stage's output is not up to date with the run" in caplog.text
     finally:
         adapter.write_bytes(original)
-    assert run_served(config, "transformers", {}, 512, 1).description == f"transformers over {run.merged}"
+    assert description("transformers") == f"transformers over {run.merged}"
 
 
 @pytest.mark.parametrize("engine", ["llama.cpp", "transformers"])
@@ -315,7 +319,8 @@ def test_serve_renders_the_training_ids_on_both_engines(exported, tmp_path, engi
     finally:
         running.stop()
     assert completion.usage.prompt_tokens == 16
-    assert f"{engine} over" in (tmp_path / "server.log").read_text()
+    described = "llama-server" if engine == "llama.cpp" else engine
+    assert f"{described} over" in (tmp_path / "server.log").read_text()
 
 
 def test_a_bf16_stored_base_merges_into_bf16_and_passes_its_own_check(tmp_path, tiny_models):

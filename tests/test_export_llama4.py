@@ -12,7 +12,6 @@ and the configs llama.cpp would run differently, refused before writing.
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import gguf
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM, Llama4TextConfig
 from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
 
-from helpers import conversation, write_jsonl, write_run_file
+from helpers import conversation, generated, write_jsonl, write_run_file
 from llamatailor.config import ModelSection, RunConfig, load_config
 from llamatailor.data.prepare import prepare
 from llamatailor.data.templating import render_prompt
@@ -33,10 +32,10 @@ from llamatailor.export.gguf_file import export_config, write_gguf
 from llamatailor.export.gguf_llama4 import check_llama4
 from llamatailor.export.pre_tokenizer import pre_tokenizer_name, structural_name
 from llamatailor.export.rope import gguf_rope
-from llamatailor.generation.engines import GREEDY
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tokenizer
 from llamatailor.pipeline import STAGE_BY_NAME, run_stage
-from llamatailor.serve.target import run_served
+from llamatailor.serve.backend import Job
+from llamatailor.serve.target import ServeOptions, run_served
 from llamatailor.train.sft import train_sft
 from tiny_models import TINY_LLAMA4_SHAPE, build_tiny_llama4
 
@@ -254,15 +253,18 @@ def test_serve_renders_the_training_ids_and_answers_ok_on_both_engines(tuned):
     chat = load_saved_tokenizer(config.run_dir.merged, config.model)
     record = config.run_dir.read_split("test")[0]
     trained = render_prompt(chat, record["messages"][:-1])
-    for engine in ("llama.cpp", "transformers"):
-        served = run_served(config, engine, {}, 256, 1)
-        prompt = served.chat_prompt(record["messages"][1:-1])  # the run's system prompt added
-        assert prompt == trained, engine
-        deltas = list(served.deltas(served.model_ids()[0], prompt, GREEDY, 8, [], threading.Event()))
-        assert "".join(d.text for d in deltas).strip() == "ok" and deltas[-1].finish_reason == "stop", engine
-        assert served.description.startswith(engine)
-        if engine == "llama.cpp":
-            served.engine.close()
+    for engine, described in (("llama.cpp", "llama-server"), ("transformers", "transformers")):
+        served = run_served(config, ServeOptions(engine, context=256, slots=1))
+        try:
+            prompt = served.chat_prompt(record["messages"][1:-1])  # the run's system prompt added
+            assert prompt == trained, engine
+            deltas = generated(served, Job(served.model_ids()[0], prompt, 8, [], temperature=0.0))
+            assert "".join(d.text for d in deltas).strip() == "ok" and deltas[-1].finish_reason == "stop", (
+                engine
+            )
+            assert served.description.startswith(described)
+        finally:
+            served.close()
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from llamatailor.data.prepare import prepare
 from llamatailor.data.templating import render_for_training, render_prompt
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tokenizer
 from llamatailor.pipeline import STAGE_BY_NAME, run_stage
-from llamatailor.serve.target import run_served
+from llamatailor.serve.target import ServeOptions, run_served
 from llamatailor.train.dpo import train_dpo
 from llamatailor.train.sft import train_sft
 from tiny_models import TINY_SHAPE, build_tiny_llama4, llama_cpp_model_file, real_tokenizer, save_random_llama
@@ -191,5 +191,8 @@ def assert_serve_renders_training_ids(config: RunConfig) -> None:
     record = config.run_dir.read_split("test")[0]
     trained = render_prompt(chat, record["messages"][:-1])
     for engine in ("llama.cpp", "transformers"):
-        served = run_served(config, engine, {}, 512, 1)
-        assert served.chat_prompt(record["messages"][1:-1]) == trained, engine
+        served = run_served(config, ServeOptions(engine, context=512, slots=1))
+        try:
+            assert served.chat_prompt(record["messages"][1:-1]) == trained, engine
+        finally:
+            served.close()

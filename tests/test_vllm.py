@@ -139,7 +139,7 @@ def served(
 
 def deltas(loop: asyncio.AbstractEventLoop, backend: VllmBackend, job: Job) -> list[Delta]:
     async def collect() -> list[Delta]:
-        return [delta async for delta in backend.generate(job)]
+        return [delta async for delta in backend.answer(job)]
 
     return loop.run_until_complete(collect())
 
@@ -301,7 +301,7 @@ class TestBaseWithAdapters:
         before, counted = metric("vllm:generation_tokens_total"), adapters.tokens_generated
 
         async def read_three() -> None:
-            stream = adapters.generate(Job("base", adapters.text_prompt("Once"), 2000, [], temperature=0.0))
+            stream = adapters.answer(Job("base", adapters.text_prompt("Once"), 2000, [], temperature=0.0))
             for _ in range(3):
                 await anext(stream)
             await stream.aclose()

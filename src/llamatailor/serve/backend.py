@@ -10,7 +10,6 @@ the API refuses the others with 400 unless their value changes nothing.
 
 import json
 import socket
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -68,7 +67,7 @@ class Backend(Protocol):
 
     def text_prompt(self, text: str) -> list[int]: ...
 
-    def generate(self, job: Job) -> AsyncIterator[Delta]:
+    def answer(self, job: Job) -> AsyncIterator[Delta]:
         """The answer's deltas, choice by choice interleaved; each choice's last delta carries its finish
         reason ("stop" or "length") and its token count. Closing the iterator cancels the generation."""
         ...
@@ -89,16 +88,6 @@ def upstream_message(detail: str) -> str:
         return str(json.loads(detail)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return detail[:500]
-
-
-def stop_with_parent() -> None:
-    """Run in a child before it starts (Popen's preexec_fn): on Linux the child gets SIGTERM when this process
-    dies, even when it is killed, so no engine process outlives its server (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform == "linux":
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def free_port() -> int:

@@ -12,10 +12,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import httpx2 as httpx
 
 from llamatailor.data.formats import Message
-from llamatailor.errors import ConfigError, ModelLoadError
+from llamatailor.errors import ConfigError
 from llamatailor.generation.prompts import Prompter
 from llamatailor.generation.text import Delta, TokenLogprob
 from llamatailor.serve.backend import (
@@ -31,9 +29,9 @@ from llamatailor.serve.backend import (
     Job,
     UpstreamError,
     free_port,
-    stop_with_parent,
     upstream_message,
 )
+from llamatailor.serve.engine_process import EngineProcess
 
 log = logging.getLogger(__name__)
 BINARY_ENV = "LLAMATAILOR_LLAMA_SERVER"
@@ -101,20 +99,14 @@ class LlamaServerBackend:
     ) -> None:
         self.prompter, self.adapters, self.loras = prompter, adapters, loras
         self.context_length, self.slots = context, slots
-        self.description = f"llama-server over {gguf.name}, {slots} slots" + (
+        self.description = f"llama-server over {gguf.name}, {slots} slot{'s' if slots > 1 else ''}" + (
             f", adapters {', '.join(n for n, i in adapters.items() if i is not None)}" if loras else ""
         )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        handle, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
-        os.close(handle)
-        self.log_path = Path(name)  # kept for a failure's message; llama.cpp's own log
-        command = server_command(find_binary(), gguf, self.port, context, slots, threads, loras)
-        log.info("starting %s", " ".join(command))
-        with self.log_path.open("w") as out:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent
-            )
+        port = free_port()
+        command = server_command(find_binary(), gguf, port, context, slots, threads, loras)
+        folder = Path(tempfile.mkdtemp(prefix="llamatailor-llama-server-"))
+        self.process = EngineProcess("llama-server", command, port, folder, START_TIMEOUT_S)
+        self.url = self.process.url
         # A new connection per request: llama-server closes each one after a streamed answer without saying
         # so (no `Connection: close`), and a pooled connection it had closed failed ~1 answer in 50-200.
         self.client = httpx.AsyncClient(
@@ -122,25 +114,6 @@ class LlamaServerBackend:
             timeout=httpx.Timeout(None, connect=10),
             limits=httpx.Limits(max_keepalive_connections=0),
         )
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ModelLoadError(f"llama-server exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.close()
-        raise ModelLoadError(f"llama-server did not answer within {START_TIMEOUT_S} s: {self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
 
     @property
     def tokens_generated(self) -> int:
@@ -188,9 +161,9 @@ class LlamaServerBackend:
             body["lora"] = [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in range(len(self.loras))]
         return body
 
-    async def generate(self, job: Job) -> AsyncIterator[Delta]:
+    async def answer(self, job: Job) -> AsyncIterator[Delta]:
         """Deltas as llama.cpp streams them; closing this iterator closes the connection, which cancels the
-        generation in its slot. Raises ModelLoadError with llama.cpp's message when it refuses the request."""
+        generation in its slot. Raises UpstreamError with llama.cpp's message when it refuses the request."""
         async with self.client.stream("POST", "/completion", json=self.request_body(job)) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode("utf-8", errors="replace")
@@ -200,13 +173,7 @@ class LlamaServerBackend:
                     yield delta_of(json.loads(line[6:]), job.top_logprobs)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.log_path.unlink(missing_ok=True)
+        self.process.stop(timeout_s=10)
 
 
 def delta_of(chunk: dict[str, Any], top_logprobs: int | None) -> Delta:

@@ -68,7 +68,7 @@ class ServedModels:
                 self.engine, self.prompter, job.prompt, sampling, job.max_tokens, job.stop_strings, cancelled
             )
 
-    async def generate(self, job: Job) -> AsyncIterator[Delta]:
+    async def answer(self, job: Job) -> AsyncIterator[Delta]:
         """The deltas of `job` from a worker thread; closing this iterator sets the flag the engine checks
         before each token (it needs no await, so it holds when the request's task is being cancelled)."""
         loop = asyncio.get_running_loop()

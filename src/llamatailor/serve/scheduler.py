@@ -41,7 +41,7 @@ class Scheduler:
         finally:
             self.waiting -= 1
         self.running += 1
-        deltas = self.backend.generate(job)
+        deltas = self.backend.answer(job)
         open_choices, failed = set(range(job.n)), False
         try:
             async for delta in deltas:

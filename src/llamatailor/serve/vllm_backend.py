@@ -16,12 +16,8 @@ import json
 import logging
 import os
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,9 +36,9 @@ from llamatailor.serve.backend import (
     Job,
     UpstreamError,
     free_port,
-    stop_with_parent,
     upstream_message,
 )
+from llamatailor.serve.engine_process import EngineProcess
 from llamatailor.vocabulary import AUTO, BF16, FP16, FP32
 
 log = logging.getLogger(__name__)
@@ -147,44 +143,8 @@ class VllmBackend:
         self.prompter, self.served, self.context_length = prompter, served, context
         self.description = f"vLLM over {what}"
         self.generated = 0
-        self.folder, self.log_path = folder, folder / "vllm.log"
-        self.url = f"http://127.0.0.1:{port}"
-        log.info("starting %s (log: %s)", shlex.join(command), self.log_path)
-        with self.log_path.open("wb") as log_file:  # the child keeps its own handle
-            # Its own process group: vLLM's engine and worker processes stop with it (`close`); and it stops
-            # if this process is killed (stop_with_parent).
-            self.process = subprocess.Popen(
-                command,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=stop_with_parent,
-            )
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        started = time.monotonic()
-        while time.monotonic() - started < START_TIMEOUT_S:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                tail = self.log_tail()
-                self.close()
-                raise ModelLoadError(f"vLLM's server exited with {code} while starting:\n{tail}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    log.info("vLLM ready in %.0f s", time.monotonic() - started)
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        tail = self.log_tail()
-        self.close()
-        raise ModelLoadError(f"vLLM's server did not answer within {START_TIMEOUT_S} s:\n{tail}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        self.process = EngineProcess("vLLM's server", command, port, folder, START_TIMEOUT_S)
+        self.client = httpx.AsyncClient(base_url=self.process.url, timeout=httpx.Timeout(None, connect=10))
 
     @property
     def tokens_generated(self) -> int:
@@ -232,7 +192,7 @@ class VllmBackend:
             }
         return body
 
-    async def generate(self, job: Job) -> AsyncIterator[Delta]:
+    async def answer(self, job: Job) -> AsyncIterator[Delta]:
         """Deltas as vLLM streams them, choices interleaved; closing this iterator closes the connection,
         which aborts the request in vLLM. Raises UpstreamError with vLLM's message when it refuses."""
         counts: dict[int, int] = {}
@@ -265,15 +225,8 @@ class VllmBackend:
         )
 
     def close(self) -> None:
-        """Stop vLLM's processes (SIGTERM to its process group, SIGKILL after STOP_TIMEOUT_S)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Stop vLLM's processes (its whole process group; EngineProcess.stop)."""
+        self.process.stop(timeout_s=STOP_TIMEOUT_S)
 
 
 def token_logprobs(logprobs: dict[str, Any], top: int) -> list[TokenLogprob]:
