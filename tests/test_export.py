@@ -274,7 +274,7 @@ def test_serve_passes_over_a_merge_and_export_older_than_the_adapter(exported, c
 
     config, _ = exported
     run = config.run_dir
-    assert description("auto") == "llama-server over tiny-f16.gguf, 1 slots"
+    assert description("auto") == "llama-server over tiny-f16.gguf, 1 slot"
     adapter = run.adapter / "adapter_model.safetensors"
     original = adapter.read_bytes()
     try:
