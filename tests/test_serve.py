@@ -233,6 +233,11 @@ def test_non_loopback_bind_needs_a_key(gguf_file):
         (["--engine", "sglang"], {}, "--engine 'sglang': expected auto, llama.cpp, transformers, vllm"),
         (["--adapter", "other=some/folder"], {}, "other=some/folder: a GGUF file is served with LoRA GGUF"),
         ([], {"LLAMATAILOR_LLAMA_SERVER": "/nowhere/llama-server"}, "/nowhere/llama-server: no such file"),
+        (["--adapter", "x=/nowhere/x.gguf"], {}, "x=/nowhere/x.gguf: no such file"),
+        (["--adapter", "tiny=/nowhere/x.gguf"], {}, "the name 'tiny' is taken (by the base model)"),
+        (["--slots", "0"], {}, "--slots"),
+        (["--context", "-5"], {}, "--context"),
+        (["--port", "99999"], {}, "--port"),
     ],
 )
 def test_engine_choices_that_cannot_work_are_refused_before_starting(

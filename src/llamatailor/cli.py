@@ -398,13 +398,13 @@ def plan(
 ContextOption = Annotated[
     int | None,
     typer.Option(
-        help="Context per request, in tokens (llama.cpp, vLLM; default: the model's, at most 4096)."
+        min=1, help="Context per request, in tokens (llama.cpp, vLLM; default: the model's, at most 4096)."
     ),
 ]
 SlotsOption = Annotated[
-    int | None, typer.Option(help="llama.cpp: requests decoded together (default: cores, at least 4).")
+    int | None, typer.Option(min=1, help="llama.cpp: requests decoded together (default: cores, at least 4).")
 ]
-TensorParallelOption = Annotated[int, typer.Option(help="vLLM: GPUs to split the model over.")]
+TensorParallelOption = Annotated[int, typer.Option(min=1, help="vLLM: GPUs to split the model over.")]
 
 
 @app.command()
@@ -416,7 +416,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None, typer.Option(envvar="LLAMATAILOR_API_KEY", help="Bearer key required on /v1 routes.")
     ] = None,
@@ -430,7 +430,7 @@ def serve(
     context: ContextOption = None,
     slots: SlotsOption = None,
     tensor_parallel: TensorParallelOption = 1,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait; more get 429.")] = 16,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
     max_tokens_limit: Annotated[
         int | None, typer.Option(help="Largest max_tokens a request may ask.")

@@ -212,7 +212,7 @@ def register_errors(app: FastAPI) -> None:
         if first["type"] == "json_invalid":  # its location is a character offset, not a field
             return error_response(400, f"invalid JSON body: {first['ctx']['error']}")
         location = ".".join(str(part) for part in first["loc"] if part != "body")
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
         if first["type"] == "extra_forbidden":
             message = f"unsupported field {location!r}"
         code = UNSUPPORTED if first["type"] == UNSUPPORTED else None

@@ -47,7 +47,11 @@ class EngineProcess:
                 start_new_session=True,
                 preexec_fn=stop_with_parent,
             )
-        self._wait_ready(start_timeout_s)
+        try:
+            self._wait_ready(start_timeout_s)
+        except BaseException:  # Ctrl-C while it starts too: nothing left running, no folder left
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout_s: float) -> None:
         started = time.monotonic()

@@ -68,12 +68,18 @@ def build_served(target: Path, options: ServeOptions) -> Backend:
             raise ConfigError(f"{target}: a GGUF file is served by llama.cpp, not {options.engine}")
         return gguf_backend(target.stem, target, None, None, options)
     if (target / "config.json").is_file():
+        if options.engine == "llama.cpp":
+            raise ConfigError(
+                f"{target}: a model folder is served by transformers or vllm; llama.cpp serves a .gguf file "
+                "(`llamatailor export` writes one)"
+            )
         section = ModelSection(base=str(target))
         if options.engine == "vllm":
             context = options.context or folder_context(target)
             return vllm_backend(
                 target.name, target, target, section, None, options.adapters, context, options.tensor_parallel
             )
+        distinct_names(target.name, options.adapters)
         return transformers_models(section, target.name, options.adapters, target, None)
     return run_served(load_config(target), options)
 
@@ -84,9 +90,12 @@ def gguf_backend(
     """llama-server over `gguf`, with each `--adapter NAME=FILE.gguf` as a LoRA a request's `model` chooses;
     prompts by the run's training tokenizer when there is one (export checked that llama.cpp tokenizes
     identically), else by the file's own vocabulary and template."""
+    distinct_names(name, options.adapters)
     for adapter, path in options.adapters.items():
-        if path.suffix != ".gguf" or not path.is_file():
+        if path.suffix != ".gguf":
             raise ConfigError(f"--adapter {adapter}={path}: a GGUF file is served with LoRA GGUF files")
+        if not path.is_file():
+            raise ConfigError(f"--adapter {adapter}={path}: no such file")
     prompter: Prompter = TokenizerPrompter(chat, system_prompt) if chat else GGUFPrompter(vocabulary(gguf))
     names: dict[str, int | None] = {name: None, **{a: i for i, a in enumerate(options.adapters)}}
     threads = os.cpu_count() or 1
@@ -102,6 +111,18 @@ def trained_context(gguf: Path) -> int:
 
     fields, _ = read_gguf_metadata(str(gguf))
     return int(fields.get(f"{fields.get('general.architecture', 'llama')}.context_length") or DEFAULT_CONTEXT)
+
+
+def distinct_names(base: str, adapters: dict[str, Path], run: str | None = None) -> None:
+    """Raises ConfigError when an `--adapter` name would hide the base (`base`), or the run's own adapter
+    (`run`): each model name must choose one thing."""
+    taken = {name for name in (base, run) if name is not None}
+    clash = sorted(taken & set(adapters))
+    if clash:
+        raise ConfigError(
+            f"--adapter {clash[0]}=...: the name {clash[0]!r} is taken (by the "
+            f"{'base model' if clash[0] == base else 'run'}); give this adapter another name"
+        )
 
 
 def vllm_backend(*args: Any) -> Backend:
@@ -143,6 +164,7 @@ def run_served(config: RunConfig, options: ServeOptions) -> Backend:
     if merged:
         section = ModelSection(base=str(run.merged))
         return transformers_models(section, config.name, {}, run.merged, system_prompt)
+    distinct_names("base", adapters, config.name)
     return transformers_models(config.model, "base", {config.name: final, **adapters}, final, system_prompt)
 
 
@@ -157,6 +179,7 @@ def run_lora_ggufs(config: RunConfig, options: ServeOptions) -> Backend:
             f"export.lora_gguf: true and run `llamatailor export` (it writes and checks {base.name} and "
             f"{lora.name})"
         )
+    distinct_names("base", options.adapters, config.name)
     chat = load_saved_tokenizer(config.run_dir.merged, config.model)
     adapters = {config.name: lora, **options.adapters}
     return gguf_backend("base", base, chat, config.data.system_prompt, replace(options, adapters=adapters))
@@ -173,6 +196,7 @@ def run_on_vllm(config: RunConfig, options: ServeOptions, merged: bool) -> Backe
             config.name, run.merged, run.merged, section, system_prompt, {}, context, options.tensor_parallel
         )
     final = run.final(config.dpo.enabled)
+    distinct_names("base", options.adapters, config.name)
     adapters = {config.name: final, **options.adapters}
     context = options.context or folder_context(final)
     base = local_folder(config.model.base, config.model.revision)  # an alias or GGUF: its converted folder
