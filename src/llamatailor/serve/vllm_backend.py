@@ -144,7 +144,8 @@ class VllmBackend:
         self.description = f"vLLM over {what}"
         self.generated = 0
         self.process = EngineProcess("vLLM's server", command, port, folder, START_TIMEOUT_S)
-        self.client = httpx.AsyncClient(base_url=self.process.url, timeout=httpx.Timeout(None, connect=10))
+        self.url = self.process.url
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
 
     @property
     def tokens_generated(self) -> int:
