@@ -191,13 +191,15 @@ def test_request_log_masks_pii(server):
 
 
 def test_full_queue_answers_429(gguf_file, tmp_path):
-    running = Server(gguf_file, "--max-queue", "1", log=tmp_path / "server.log")
+    """One slot, one place in the queue: of 6 requests at once (each about 2 s of generation), one runs, one
+    waits, the others get 429 with Retry-After."""
+    running = Server(gguf_file, "--slots", "1", "--max-queue", "1", log=tmp_path / "server.log")
     try:
         client = running.client(key=None)
 
         def long_request(n: int) -> int:
             try:
-                client.completions.create(model="tiny", prompt=f"story {n}", max_tokens=120, temperature=0)
+                client.completions.create(model="tiny", prompt=f"story {n}", max_tokens=1000, temperature=0)
                 return 200
             except openai.RateLimitError as exc:
                 assert exc.response.headers["retry-after"] == "1"
