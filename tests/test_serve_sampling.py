@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import time
-from pathlib import Path
 
 import httpx2 as httpx
 import numpy as np
@@ -15,11 +14,9 @@ import openai
 import pytest
 
 from helpers import Server, free_port
-from llamatailor.config import ModelSection
-from llamatailor.export.gguf_file import write_gguf
 from llamatailor.generation.prompts import GGUFPrompter
-from llamatailor.models.loading import load_saved_tokenizer
 from llamatailor.serve.llama_server import find_binary
+from test_serve import gguf_file  # noqa: F401 (the module's tiny GGUF, a fixture)
 
 QUESTION = [{"role": "user", "content": "Tell me a story about a cat"}]
 # llama.cpp's own sampling extras off, and OpenAI's top_p default (llama.cpp's is 0.95), as in our requests
@@ -27,14 +24,7 @@ LLAMA_DEFAULTS = {"top_k": 0, "min_p": 0.0, "top_p": 1.0}
 
 
 @pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory, tiny_models) -> Path:
-    folder = tiny_models["chatml"]
-    chat = load_saved_tokenizer(folder, ModelSection())
-    return write_gguf(folder, tmp_path_factory.mktemp("sampling") / "tiny.gguf", "f32", chat, "tiny")
-
-
-@pytest.fixture(scope="module")
-def servers(gguf_file, tmp_path_factory):
+def servers(gguf_file, tmp_path_factory):  # noqa: F811
     """Ours (4 slots) and a bare llama-server on the same file with the same slots and context."""
     folder = tmp_path_factory.mktemp("servers")
     ours = Server(gguf_file, "--slots", "4", "--context", "1024", log=folder / "ours.log")
@@ -57,7 +47,7 @@ def servers(gguf_file, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prompter(gguf_file) -> GGUFPrompter:
+def prompter(gguf_file) -> GGUFPrompter:  # noqa: F811
     """Renders a chat prompt's ids as our server does for a bare GGUF (the file's template)."""
     import llama_cpp
 
@@ -126,7 +116,7 @@ def test_logit_bias_bans_a_token_as_llama_cpp_does(servers, prompt_ids):
     assert texts(mine) == llama_texts(llamas(servers, prompt_ids, temperature=0, logit_bias=bias))
 
 
-def test_logprobs_equal_llama_cpps_and_the_logits(servers, prompt_ids, gguf_file):
+def test_logprobs_equal_llama_cpps_and_the_logits(servers, prompt_ids, gguf_file):  # noqa: F811
     """Each token's log-probability and its 3 most likely alternatives equal llama.cpp's OpenAI layer; the
     first token's equals log-softmax of llama-cpp-python's own logits for the prompt (a third computation)."""
     import llama_cpp
