@@ -57,3 +57,22 @@ def _chat_tokenizer(folder: Path) -> ChatTokenizer:
     from transformers import AutoTokenizer
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(folder), ModelSection(base=str(folder)))
+
+
+@pytest.fixture(scope="session")
+def ui_finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
+    """A finished tiny run (prepare, train, eval) for the UI tests, in <folder>/runs/tiny: its data holds
+    markup, an e-mail address and a rejected record (tests/ui_support.py: ui_rows). Treat it as read-only."""
+    from ui_support import finished_run
+
+    return finished_run(tmp_path_factory.mktemp("ui-runs"), tiny_models["chatml"])
+
+
+@pytest.fixture(scope="session")
+def browser():  # type: ignore[no-untyped-def]
+    """One headless Chromium per test worker (Selenium over Debian's chromedriver)."""
+    from ui_support import start_browser
+
+    driver = start_browser()
+    yield driver
+    driver.quit()

@@ -471,6 +471,43 @@ def serve(
 
 @app.command()
 @user_errors
+def ui(
+    runs: Annotated[
+        Path, typer.Option(help="The folder whose runs to show (a run file's output_dir).")
+    ] = Path("runs"),
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 7860,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LLAMATAILOR_API_KEY", help="Key the browser must present.")
+    ] = None,
+) -> None:
+    """A local web dashboard over a runs folder: runs and their stages, live training curves, eval and
+    export reports, chat side by side, and a form that starts new runs (docs/ui.md)."""
+    import uvicorn
+
+    from llamatailor.serve.target import is_loopback
+    from llamatailor.ui.app import create_app
+    from llamatailor.ui.paths import RunsFolder
+    from llamatailor.ui.security import LOOPBACK_NAMES
+    from llamatailor.ui.settings import UiSettings
+
+    if not is_loopback(host) and not api_key:
+        raise ConfigError(
+            f"--host {host}: binding beyond this machine needs --api-key (or LLAMATAILOR_API_KEY)"
+        )
+    # Without a key only loopback names are answered (a page on another name that resolves to 127.0.0.1
+    # must not reach the runs); with a key, the key is the gate, whatever name the browser used.
+    settings = UiSettings(RunsFolder.at(runs), api_key, ("*",) if api_key else LOOPBACK_NAMES)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    key = f"/?key={api_key}" if api_key else "/"
+    console.print(f"llamatailor ui: runs in {settings.runs.root}; open http://{shown}:{port}{key}")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+@app.command()
+@user_errors
 def chat(
     config: Annotated[Path | None, typer.Argument(help="The run file or run directory.")] = None,
     overrides: OverridesArg = None,

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import time
@@ -94,6 +95,9 @@ def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
         "fingerprint": fingerprint(stage, config, inputs),
         "inputs": inputs,
         "started_at": now_iso(),
+        # Who runs it: `llamatailor ui` tells a stage still running from one whose process died.
+        "pid": os.getpid(),
+        "host": platform.node(),
     }
     run.set_stage_record(stage.name, record)
     started = time.perf_counter()

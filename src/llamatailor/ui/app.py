@@ -1,0 +1,33 @@
+"""`llamatailor ui`: the FastAPI app that serves the dashboard's pages, its JSON routes and its static files."""
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
+
+from llamatailor.ui import routes_runs
+from llamatailor.ui.pages import STATIC
+from llamatailor.ui.paths import OutsideRunsFolder
+from llamatailor.ui.security import Handler, guard
+from llamatailor.ui.settings import UiSettings
+
+ROUTERS = (routes_runs.router,)
+
+
+def create_app(settings: UiSettings) -> FastAPI:
+    """The dashboard over `settings.runs`. Pages and routes read `request.app.state.settings`."""
+    app = FastAPI(title="llamatailor ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Handler) -> Response:
+        return await guard(request, call_next, settings.api_key, settings.hosts)
+
+    @app.exception_handler(OutsideRunsFolder)
+    async def _outside(request: Request, exc: OutsideRunsFolder) -> PlainTextResponse:
+        return PlainTextResponse(str(exc), status_code=404)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    for router in ROUTERS:
+        app.include_router(router)
+    return app

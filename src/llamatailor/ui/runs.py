@@ -1,0 +1,151 @@
+"""What the UI shows of a run, read from its run directory: the manifest's stages, headline numbers, and
+metrics.jsonl lines from a byte offset (for live curves)."""
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamatailor.rundir import RunDir
+
+STAGE_NAMES = ("prepare", "train", "dpo", "eval", "merge", "export")  # pipeline.STAGES' names, in order
+INTERRUPTED = "interrupted"  # recorded as running, but its process is gone
+
+
+@dataclass
+class RunSummary:
+    """One row of the runs page. Times in seconds; `headline` is eval's headline metric (base, tuned)."""
+
+    name: str
+    stages: dict[str, str]
+    seconds: float
+    created_at: str
+    updated_at: str
+    base_model: str
+    method: str
+    headline: str | None = None
+    base_score: float | None = None
+    tuned_score: float | None = None
+    last_loss: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """running, interrupted, failed, complete, or new: the run's state in one word."""
+        states = set(self.stages.values())
+        for state in ("running", INTERRUPTED, "failed"):
+            if state in states:
+                return state
+        return "complete" if states else "new"
+
+    @property
+    def delta(self) -> float | None:
+        if self.base_score is None or self.tuned_score is None:
+            return None
+        return self.tuned_score - self.base_score
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (a run being written)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def stage_state(record: dict[str, Any]) -> str:
+    """A stage record's status; `running` becomes `interrupted` when its process (pid on this host, as
+    `pipeline.run_stage` records) is not alive."""
+    status = str(record.get("status", "unknown"))
+    if status != "running":
+        return status
+    pid, host = record.get("pid"), record.get("host")
+    if not isinstance(pid, int) or host != platform.node():
+        return INTERRUPTED if pid is not None or host is not None else status
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return INTERRUPTED
+    except PermissionError:
+        pass  # alive, another user's
+    return status
+
+
+def summarize_run(run: RunDir) -> RunSummary:
+    """The runs page's row for `run`: reads manifest.json, config.yaml and eval/metrics.json only."""
+    manifest = read_json(run.manifest) or {}
+    records = manifest.get("stages") or {}
+    config = _read_yaml(run.config) or {}
+    train = config.get("train") or {}
+    summary = RunSummary(
+        name=run.root.name,
+        stages={name: stage_state(records[name]) for name in STAGE_NAMES if name in records},
+        seconds=sum(float(record.get("seconds") or 0) for record in records.values()),
+        created_at=str(manifest.get("created_at", "")),
+        updated_at=str(manifest.get("updated_at", "")),
+        base_model=str((config.get("model") or {}).get("base", "")),
+        method=str(train.get("method", "")),
+    )
+    metrics = read_json(run.eval / "metrics.json")
+    if isinstance(metrics, dict) and metrics.get("headline"):
+        summary.headline = str(metrics["headline"])
+        summary.base_score = _number((metrics.get("base") or {}).get(summary.headline))
+        summary.tuned_score = _number((metrics.get("tuned") or {}).get(summary.headline))
+    return summary
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+@dataclass
+class MetricsChunk:
+    """metrics.jsonl lines from a byte offset: the parsed rows, the offset and line number (1-based) to ask
+    from next time, and the line numbers of lines that were not JSON objects."""
+
+    rows: list[dict[str, Any]]
+    offset: int
+    line: int
+    bad_lines: list[int]
+
+
+def read_metrics(path: Path, offset: int = 0, first_line: int = 1) -> MetricsChunk:
+    """Complete lines of `path` from byte `offset` on (a line still being written is left for the next call).
+
+    A file shorter than `offset` was rewritten (a fresh training run): it is read again from the start, and
+    the chunk's rows begin with {"reset": true} so a chart clears its points.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return MetricsChunk([], 0, 1, [])
+    rows: list[dict[str, Any]] = []
+    if size < offset:
+        offset, first_line, rows = 0, 1, [{"reset": True}]
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        data = handle.read(size - offset)
+    complete = data[: data.rfind(b"\n") + 1]
+    bad = []
+    lines = complete.splitlines()
+    for number, line in enumerate(lines, start=first_line):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif line.strip():
+            bad.append(number)
+    return MetricsChunk(rows, offset + len(complete), first_line + len(lines), bad)

@@ -1,0 +1,157 @@
+"""Test support for `llamatailor ui`: the real server as a subprocess on 127.0.0.1, Debian's headless
+Chromium driven by Selenium (through Debian's chromedriver: nothing downloaded), and screenshots.
+
+Without chromium/chromedriver the browser tests skip, except in CI (CI=true), where .ci/run installs them.
+Screenshots go to $LLAMATAILOR_UI_SCREENSHOTS when set (`make ui-screenshots` sets docs/ui), else nowhere.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from helpers import alpaca_rows, free_port, write_jsonl, write_run_file
+
+CHROMIUM = os.environ.get("LLAMATAILOR_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("LLAMATAILOR_CHROMEDRIVER", "/usr/bin/chromedriver")
+
+
+class UiServer:
+    """`llamatailor ui --runs FOLDER` on a free port; `url` is its address (with no key asked)."""
+
+    def __init__(self, runs: Path, *options: str, log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "llamatailor", "ui", "--runs", str(runs), "--port", str(self.port)]
+        self.log = log
+        self.process = subprocess.Popen(
+            [*command, *options],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ui exited: {log.read_text()}")
+            try:
+                httpx.get(f"{self.url}/static/app.css", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"ui did not start: {log.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def require_browser() -> None:
+    """Skip (fail in CI) when Debian's chromium or chromedriver is missing."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
+    if missing:
+        message = f"needs {' and '.join(missing)} (Debian: apt-get install chromium chromium-driver)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; .ci/run installs them in CI")
+        pytest.skip(message)
+
+
+def start_browser(width: int = 1400, height: int = 1000):  # type: ignore[no-untyped-def]
+    """A headless Chromium under Selenium, isolated from any network but loopback."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    require_browser()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--disable-sync",
+        "--no-first-run",
+        "--metrics-recording-only",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    return driver
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10, what: str = "condition") -> object:
+    """Poll `condition` until it returns something truthy; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # a page still loading raises many kinds
+            last_error = exc
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
+
+
+def console_errors(driver) -> list[str]:  # type: ignore[no-untyped-def]
+    """The page's console errors (a failed script, a CSP refusal), for tests to assert there are none."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def screenshot(driver, name: str) -> Path | None:  # type: ignore[no-untyped-def]
+    """Save the page as <$LLAMATAILOR_UI_SCREENSHOTS>/<name>.png (full page height) when that is set."""
+    folder = os.environ.get("LLAMATAILOR_UI_SCREENSHOTS")
+    if not folder:
+        return None
+    path = Path(folder) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    width = driver.get_window_size()["width"]
+    driver.set_window_size(width, min(max(height + 120, 600), 4000))
+    driver.save_screenshot(str(path))
+    return path
+
+
+XSS = '<script>document.title="pwned"</script><img src=x onerror="document.title=\'pwned\'">'
+
+
+def ui_rows() -> list[dict[str, str]]:
+    """The UI tests' training data: successor records, one whose answer carries markup (XSS), one with an
+    e-mail address (a PII finding), and one with an empty answer (a rejected record, line 33)."""
+    rows = alpaca_rows(30)
+    rows[3]["input"] = f"n = 3 {XSS}"
+    rows[5]["input"] = "n = 5, mail ana.lopez@example.com"
+    return [*rows, {"instruction": f"Say nothing {XSS}", "input": "", "output": ""}]
+
+
+def finished_run(folder: Path, model: Path, name: str = "tiny", **sections: Any) -> Path:
+    """`llamatailor run` of a tiny run into folder/runs/<name> (prepare, train, eval); its run directory."""
+    from typer.testing import CliRunner
+
+    from llamatailor.cli import app
+
+    data = write_jsonl(folder / f"{name}-train.jsonl", ui_rows())
+    run_file = write_run_file(folder, model, [data], name=name, **sections)  # type: ignore[arg-type]
+    run_file = run_file.rename(folder / f"{name}.yaml")
+    result = CliRunner().invoke(app, ["run", str(run_file)])
+    assert result.exit_code == 0, result.output
+    return folder / "runs" / name
