@@ -6,7 +6,7 @@ CACHE ?= $(HOME)/.cache/llamatailor
 STAMP := $(VENV)/.installed
 export LLAMATAILOR_CACHE := $(CACHE)
 
-.PHONY: setup demo test test-fast test-vllm lint format clean bench-setup gpu-check-prepare gpu-check
+.PHONY: setup demo test test-fast test-vllm ui-screenshots lint format clean bench-setup gpu-check-prepare gpu-check
 
 setup: $(STAMP)
 
@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml requirements.lock scripts/install_llama_cpp.sh scripts/
 # it starts over instead of stopping to ask; up-to-date stages are still skipped.
 demo: setup
 	$(VENV)/bin/llamatailor run examples/demo.yaml --fresh
+	@echo
+	@echo "The demo's run in the web dashboard: $(VENV)/bin/llamatailor ui --runs runs   then open http://127.0.0.1:7860/runs/demo"
 
 # Tests run on one torch thread per pytest worker: on 2 cores, 2 threads under contention ran 10-17x slower
 # than 1, while 2 workers of 1 thread each ran the suite in about half the time of one.
@@ -39,6 +41,10 @@ test-fast: setup
 test-vllm: setup
 	vllm_python=$$(scripts/install_vllm_env.sh $(CACHE) $(PYTHON)) && \
 	LLAMATAILOR_VLLM_PYTHON=$$vllm_python OMP_NUM_THREADS=1 $(PY) -m pytest -m vllm tests/test_vllm.py
+
+# The UI's tests in headless Chromium, saving each page's screenshot into docs/ui/ (docs/ui.md shows them).
+ui-screenshots: setup
+	LLAMATAILOR_UI_SCREENSHOTS=$(CURDIR)/docs/ui OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) tests/test_ui_*.py
 
 # What the benchmarks need besides (bench/README.md): pinned, without dependencies of their own.
 bench-setup: setup

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("evaluate",),
     ("export",),
     ("serve", "chat", "views", "pipeline"),
+    ("ui",),
     ("cli", "__main__"),
 )
 FLOOR = {unit: floor for floor, units in enumerate(LAYERS) for unit in units}

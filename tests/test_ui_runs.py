@@ -1,13 +1,21 @@
 """`llamatailor ui`: the runs page, a run's overview with live curves, comparison, and path safety, in a real
 headless Chromium against the real server."""
 
+import http.client
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
+import httpx2 as httpx
 import pytest
+import yaml
 from selenium.webdriver.common.by import By
 
-from ui_support import UiServer, console_errors, screenshot
+from helpers import alpaca_rows, write_jsonl, write_run_file
+from ui_support import XSS, UiServer, console_errors, screenshot, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +43,217 @@ def test_runs_page_shows_the_manifest_numbers(ui, browser):
         assert row.find_element(By.CSS_SELECTOR, f'span[title^="{stage}:"]').text == "complete"
     assert console_errors(browser) == []
     screenshot(browser, "runs")
+
+
+def _copy_run(source, runs, name):
+    """A copy of a finished run under another name (its manifest's name too)."""
+    target = runs / name
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
+    return target
+
+
+def test_runs_sort_by_headline_delta_and_compare(ui, browser, ui_finished_run):
+    server, runs = ui
+    second = _copy_run(ui_finished_run, runs, "tiny-b")
+    metrics = json.loads((second / "eval" / "metrics.json").read_text())
+    headline = metrics["headline"]
+    metrics["tuned"][headline] = metrics["base"][headline] + 0.5  # the bigger gain
+    (second / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    browser.get(server.url + "/?sort=delta&desc=true")
+    order = [row.get_attribute("data-run") for row in browser.find_elements(By.CSS_SELECTOR, "tr[data-run]")]
+    assert order[:2] == ["tiny-b", "tiny"]
+    browser.get(server.url + "/?sort=delta&desc=false")
+    order = [row.get_attribute("data-run") for row in browser.find_elements(By.CSS_SELECTOR, "tr[data-run]")]
+    assert order[:2] == ["tiny", "tiny-b"]
+    for name in ("tiny", "tiny-b"):
+        browser.find_element(By.CSS_SELECTOR, f'input[value="{name}"]').click()
+    browser.find_element(By.ID, "compare-button").click()
+    wait_for(lambda: browser.find_element(By.ID, "compare-charts").get_attribute("data-ready"), what="charts")
+    plotted = browser.execute_script("return window.llamatailorCharts.train.data")
+    rows = [json.loads(line) for line in (runs / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    train = {row["step"]: row["loss"] for row in rows if "loss" in row}
+    assert plotted[0] == sorted(train) and plotted[1] == [train[step] for step in sorted(train)]
+    assert plotted[2] == plotted[1]  # the copy's curve lies on the original's
+    cell = browser.find_element(By.CSS_SELECTOR, f'tr[data-metric="{headline}"] td:nth-of-type(2)')
+    assert cell.text == f"{metrics['tuned'][headline]:.4g}"
+    assert console_errors(browser) == []
+    screenshot(browser, "compare")
+    shutil.rmtree(second)
+
+
+def test_run_page_shows_stages_config_and_curves(ui, browser):
+    server, runs = ui
+    browser.get(server.url + "/runs/tiny")
+    wait_for(lambda: browser.find_element(By.ID, "charts").get_attribute("data-points"), what="curves")
+    rows = [json.loads(line) for line in (runs / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    loss = browser.execute_script("return window.llamatailorCharts.loss.data")
+    steps = sorted({row["step"] for row in rows})
+    assert loss[0] == steps
+    assert loss[1] == [next((r["loss"] for r in rows if r["step"] == s and "loss" in r), None) for s in steps]
+    assert loss[2] == [
+        next((r["eval_loss"] for r in rows if r["step"] == s and "eval_loss" in r), None) for s in steps
+    ]
+    config_text = browser.find_element(By.ID, "config-text").text
+    assert config_text.strip() == (runs / "tiny" / "config.yaml").read_text().strip()
+    manifest = json.loads((runs / "tiny" / "manifest.json").read_text())
+    for stage, record in manifest["stages"].items():
+        row = browser.find_element(By.CSS_SELECTOR, f'tr[data-stage="{stage}"]')
+        assert row.find_element(By.CSS_SELECTOR, ".state").text == record["status"]
+    assert console_errors(browser) == []
+    screenshot(browser, "run")
+
+
+def test_markup_in_a_run_file_renders_as_text(ui, browser, ui_finished_run):
+    server, runs = ui
+    run = _copy_run(ui_finished_run, runs, "marked")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["base"] = XSS
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    browser.get(server.url + "/")
+    cell = browser.find_element(By.CSS_SELECTOR, 'tr[data-run="marked"] td.model')
+    assert cell.text == XSS
+    assert cell.find_elements(By.CSS_SELECTOR, "script, img") == []
+    browser.get(server.url + "/runs/marked")
+    assert XSS in browser.find_element(By.ID, "config-text").text
+    assert browser.title != "pwned"
+    shutil.rmtree(run)
+
+
+def _raw_get(port, path):
+    """GET `path` exactly as written (httpx would resolve `..` and %2E%2E before sending)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def test_paths_outside_the_runs_folder_are_refused(ui, tmp_path):
+    server, runs = ui
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the UI")
+    (runs / "tiny" / "leak.txt").symlink_to(secret)
+    outside_run = tmp_path / "outside"
+    shutil.copytree(runs / "tiny", outside_run, symlinks=True)
+    (runs / "linked").symlink_to(outside_run)
+    try:
+        for path in (
+            "/runs/tiny/files/leak.txt",
+            "/runs/tiny/files/%2E%2E/%2E%2E/secret.txt",
+            "/runs/tiny/files/..%2F..%2Fsecret.txt",
+            "/runs/linked",
+            "/runs/..",
+            "/api/runs/linked/metrics",
+            "/runs/%2E%2E/files/secret.txt",
+        ):
+            status, body = _raw_get(server.port, path)
+            assert status == 404, path
+            assert "not for the UI" not in body
+        assert "linked" not in [row["name"] for row in httpx.get(server.url + "/api/runs").json()]
+        image = httpx.get(server.url + "/runs/tiny/files/loss.png")
+        assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+        text = httpx.get(server.url + "/runs/tiny/files/config.yaml")
+        assert text.headers["content-type"].startswith("text/plain")
+    finally:
+        (runs / "tiny" / "leak.txt").unlink()
+        (runs / "linked").unlink()
+
+
+def test_host_origin_and_key_checks(ui, tmp_path):
+    server, runs = ui
+    assert httpx.get(server.url + "/", headers={"Host": "attacker.example"}).status_code == 421
+    refused = httpx.post(server.url + "/api/runs/tiny/stop", headers={"Origin": "http://attacker.example"})
+    assert refused.status_code == 403
+    page = httpx.get(server.url + "/")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    keyed = UiServer(runs, "--api-key", "sesame", log=tmp_path / "keyed.log")
+    try:
+        assert httpx.get(keyed.url + "/").status_code == 401
+        assert (
+            httpx.get(keyed.url + "/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        )
+        rows = httpx.get(keyed.url + "/api/runs", headers={"Authorization": "Bearer sesame"}).json()
+        assert "tiny" in [row["name"] for row in rows]
+        with httpx.Client(base_url=keyed.url, follow_redirects=True) as client:
+            landed = client.get("/runs/tiny?key=sesame")
+            assert landed.status_code == 200 and "key=" not in str(landed.url)
+            assert client.get("/api/runs").status_code == 200  # the cookie carries the key now
+    finally:
+        keyed.stop()
+
+
+def test_ui_refuses_another_address_without_a_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "llamatailor", "ui", "--runs", str(tmp_path), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "LLAMATAILOR_API_KEY"},
+    )
+    assert result.returncode != 0
+    assert "--api-key" in result.stderr + result.stdout
+
+
+def _steps_in(path):
+    """The distinct steps of metrics.jsonl's complete lines now."""
+    text = path.read_text() if path.is_file() else ""
+    return {json.loads(line)["step"] for line in text[: text.rfind("\n") + 1].splitlines()}
+
+
+def test_chart_gains_points_while_training(ui, browser, tiny_models, tmp_path):
+    server, runs = ui
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(40))
+    run_file = write_run_file(
+        tmp_path,
+        tiny_models["chatml"],
+        [data],
+        name="live",
+        output_dir=str(runs),
+        train={"max_steps": 150, "save_steps": 75, "eval_steps": 25, "batch_size": 2},
+        eval={"max_new_tokens": 2},
+    )
+    log = (tmp_path / "run.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamatailor", "run", str(run_file)], stdout=log, stderr=subprocess.STDOUT
+    )
+    metrics = runs / "live" / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.is_file(), timeout=120, what="training to start")
+        browser.get(server.url + "/runs/live")
+        observed = []
+        while process.poll() is None and len(observed) < 6:
+            steps = _steps_in(metrics)
+            # Within 2 s of a line reaching the file, its point is on the chart.
+            shown = wait_for(
+                lambda steps=steps: _chart_steps(browser) >= steps and _chart_steps(browser), timeout=2.5
+            )
+            observed.append(len(shown))
+            time.sleep(0.7)
+        assert len(set(observed)) >= 3, f"the chart grew only through {observed} points"
+        assert browser.find_element(By.ID, "run-status").text in ("running", "complete")
+        process.wait(timeout=180)
+        final = _steps_in(metrics)
+        wait_for(lambda: _chart_steps(browser) == final, timeout=6, what="the last points")
+    finally:
+        process.kill()
+        process.wait()
+        log.close()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    loss = browser.execute_script("return window.llamatailorCharts.loss.data")
+    assert loss[1] == [
+        next((r["loss"] for r in rows if r["step"] == s and "loss" in r), None) for s in loss[0]
+    ]
+    assert console_errors(browser) == []
+    shutil.rmtree(runs / "live")
+
+
+def _chart_steps(browser):
+    return set(
+        browser.execute_script(
+            "return window.llamatailorCharts.loss ? window.llamatailorCharts.loss.data[0] : []"
+        )
+    )
