@@ -76,3 +76,13 @@ def browser():  # type: ignore[no-untyped-def]
     driver = start_browser()
     yield driver
     driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def _browser_starts_blank(request: pytest.FixtureRequest) -> None:
+    """A browser test starts on a blank page with an empty console log: the page before it (still polling
+    a run another test removed) cannot leak errors into this test's console_errors."""
+    if "browser" in request.fixturenames:
+        driver = request.getfixturevalue("browser")
+        driver.get("about:blank")
+        driver.get_log("browser")

@@ -2,7 +2,7 @@
 the JSON and file routes behind them."""
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
@@ -84,11 +84,15 @@ def runs_json(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/api/runs/{name}/metrics")
-def metrics_json(request: Request, name: str, offset: int = 0, line: int = 1) -> dict[str, Any]:
-    """metrics.jsonl rows from byte `offset` (line number `line`): {rows, offset, line, bad_lines, status}.
-    A page polls it with the returned offset and line to follow a run while it trains."""
+def metrics_json(
+    request: Request, name: str, source: Literal["sft", "dpo"] = "sft", offset: int = 0, line: int = 1
+) -> dict[str, Any]:
+    """SFT's metrics.jsonl (or DPO's dpo/metrics.jsonl) rows from byte `offset` (line number `line`):
+    {rows, offset, line, bad_lines, status, stages}. A page polls it with the returned offset and line to
+    follow a run while it trains."""
     run = runs_of(request).run(name)
-    chunk = read_metrics(run.metrics, max(offset, 0), max(line, 1))
+    path = run.metrics if source == "sft" else run.dpo / "metrics.jsonl"
+    chunk = read_metrics(path, max(offset, 0), max(line, 1))
     summary = summarize_run(run)
     return {
         "rows": chunk.rows,

@@ -1,6 +1,7 @@
 // Training curves drawn with uPlot (vendored): one chart per quantity, x = optimizer step.
 // A Curves object merges metrics.jsonl rows by step (a val-loss row and a train row share a step) and
-// redraws its charts; window.llamatailorCharts holds them so tests and users can read the plotted values.
+// redraws its charts; window[registry] (llamatailorCharts for SFT, llamatailorDpoCharts for DPO) holds them so
+// tests and users can read the plotted values.
 "use strict";
 
 const CURVES = [
@@ -9,6 +10,8 @@ const CURVES = [
   {id: "grad_norm", title: "Gradient norm", series: [["grad_norm", "grad norm"]]},
   {id: "tokens_per_s", title: "Tokens per second", series: [["tokens_per_s", "tokens/s"]]},
   {id: "memory", title: "Memory (MiB)", series: [["rss_mb", "process RSS"], ["cuda_max_allocated_mb", "GPU peak"]]},
+  {id: "reward_margin", title: "DPO reward margin", series: [["reward_margin", "train"], ["eval_reward_margin", "val"]]},
+  {id: "reward_accuracy", title: "DPO reward accuracy", series: [["reward_accuracy", "train"], ["eval_reward_accuracy", "val"]]},
 ];
 const PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2", "#65a30d"];
 
@@ -31,11 +34,11 @@ function chartWidth(container) {
 }
 
 class Curves {
-  constructor(container) {
+  constructor(container, registry) {
     this.container = container;
     this.byStep = new Map();
     this.charts = {};
-    window.llamatailorCharts = this.charts;
+    window[registry] = this.charts;
   }
 
   reset() {
@@ -69,8 +72,9 @@ class Curves {
       return;
     }
     if (existing) existing.destroy();
-    const holder = document.getElementById("chart-" + curve.id) || document.createElement("div");
-    holder.id = "chart-" + curve.id;
+    const id = this.container.id + "-" + curve.id;
+    const holder = document.getElementById(id) || document.createElement("div");
+    holder.id = id;
     holder.className = "chart";
     this.container.appendChild(holder);
     this.charts[curve.id] = new uPlot(chartOptions(curve.title, present.map(([, label]) => label), chartWidth(this.container)), data, holder);

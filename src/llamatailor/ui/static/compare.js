@@ -8,7 +8,7 @@
   const train = [];
   const val = [];
   for (const name of names) {
-    const response = await fetch(`/api/runs/${encodeURIComponent(name)}/metrics`);
+    const response = await fetch(`/api/runs/${encodeURIComponent(name)}/metrics?source=sft`);
     if (!response.ok) continue;
     const chunk = await response.json();
     const trainLoss = new Map();
