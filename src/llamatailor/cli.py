@@ -502,6 +502,10 @@ def ui(
     settings = UiSettings(RunsFolder.at(runs), api_key, ("*",) if api_key else LOOPBACK_NAMES)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     key = f"/?key={api_key}" if api_key else "/"
+    if not settings.runs.root.is_dir():
+        console.print(
+            f"[yellow]{settings.runs.root} does not exist yet: the first run started from the form makes it[/]"
+        )
     console.print(f"llamatailor ui: runs in {settings.runs.root}; open http://{shown}:{port}{key}")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
 
