@@ -2,7 +2,6 @@
 page (a real export of the tiny run: retention table, every gate's value, limit and verdict, failures,
 Modelfile, merge checks) in a real headless Chromium against the real server; and paths that lead out."""
 
-import http.client
 import json
 import math
 import shutil
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 
 from llamatailor.cli import app
 from llamatailor.ui.reports import NOT_JSON, PER_PAGE
-from ui_support import XSS, UiServer, console_errors, screenshot
+from ui_support import XSS, UiServer, console_errors, raw_get, screenshot
 
 EXTRA_REJECTIONS = 120  # rows appended to the paged run's rejected.jsonl, kinds alternating
 BAD_LINE = 30  # the paged run's rejected.jsonl line that is not JSON
@@ -235,17 +234,6 @@ def test_export_page_shows_every_file_and_gate(ui, browser):
     assert_links_inside(browser, server)
     assert console_errors(browser) == []
     screenshot(browser, "export")
-
-
-def raw_get(port, path):
-    """GET `path` exactly as written (httpx would resolve `..` before sending)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    finally:
-        connection.close()
 
 
 def test_paths_leading_out_are_refused(ui):

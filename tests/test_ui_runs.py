@@ -1,7 +1,6 @@
 """`llamatailor ui`: the runs page, a run's overview with live curves, comparison, and path safety, in a real
 headless Chromium against the real server."""
 
-import http.client
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import yaml
 from selenium.webdriver.common.by import By
 
 from helpers import alpaca_rows, write_jsonl, write_run_file
-from ui_support import XSS, UiServer, console_errors, screenshot, wait_for
+from ui_support import XSS, UiServer, console_errors, raw_get, screenshot, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +120,6 @@ def test_markup_in_a_run_file_renders_as_text(ui, browser, ui_finished_run):
     shutil.rmtree(run)
 
 
-def _raw_get(port, path):
-    """GET `path` exactly as written (httpx would resolve `..` and %2E%2E before sending)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    finally:
-        connection.close()
-
-
 def test_paths_outside_the_runs_folder_are_refused(ui, tmp_path):
     server, runs = ui
     secret = tmp_path / "secret.txt"
@@ -150,7 +138,7 @@ def test_paths_outside_the_runs_folder_are_refused(ui, tmp_path):
             "/api/runs/linked/metrics",
             "/runs/%2E%2E/files/secret.txt",
         ):
-            status, body = _raw_get(server.port, path)
+            status, body = raw_get(server.port, path)
             assert status == 404, path
             assert "not for the UI" not in body
         assert "linked" not in [row["name"] for row in httpx.get(server.url + "/api/runs").json()]

@@ -5,6 +5,7 @@ Without chromium/chromedriver the browser tests skip, except in CI (CI=true), wh
 Screenshots go to $LLAMATAILOR_UI_SCREENSHOTS when set (`make ui-screenshots` sets docs/ui), else nowhere.
 """
 
+import http.client
 import os
 import shutil
 import subprocess
@@ -56,6 +57,18 @@ class UiServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def raw_get(port: int, path: str) -> tuple[int, str]:
+    """GET `path` from 127.0.0.1:`port` exactly as written (status, body): httpx would resolve `..` and
+    %2E%2E before sending, and the server would never see them."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
 
 
 def require_browser() -> None:
@@ -136,7 +149,7 @@ XSS = '<script>document.title="pwned"</script><img src=x onerror="document.title
 
 def ui_rows() -> list[dict[str, str]]:
     """The UI tests' training data: successor records, one whose answer carries markup (XSS), one with an
-    e-mail address (a PII finding), and one with an empty answer (a rejected record, line 33)."""
+    e-mail address (a PII finding), and one with an empty answer (a rejected record, line 31)."""
     rows = alpaca_rows(30)
     rows[3]["input"] = f"n = 3 {XSS}"
     rows[5]["input"] = "n = 5, mail ana.lopez@example.com"
