@@ -10,7 +10,7 @@
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from llamatailor.data.formats import Message
 from llamatailor.data.templating import IGNORE_INDEX
+from llamatailor.export.gates import CHAT_STOP, METADATA, PERPLEXITY, TOKENIZER, failed, file_gates
 from llamatailor.export.rope import GgufRope
 from llamatailor.generation.answers import stream_answer
 from llamatailor.generation.engines import GREEDY, LlamaCppEngine, scored
@@ -248,23 +249,39 @@ def stop_cause(result: FileCheck, stop_id: int) -> str:
     return "the file's template or vocabulary renders the conversation differently from training"
 
 
+def perplexity_failure(result: FileCheck, gate_pct: float) -> str:
+    """The failed perplexity gate: the increase over the merged model against the gate (percent), or that it
+    is no finite number, with the likely cause."""
+    cause = likely_cause(result)
+    if math.isfinite(result.perplexity_increase_pct):
+        measured = (
+            f"perplexity {result.perplexity:.4f} is {result.perplexity_increase_pct:+.2f}% over the merged "
+            f"model's {result.perplexity_merged:.4f}"
+        )
+    else:
+        measured = (
+            f"perplexity {result.perplexity:.4f} against the merged model's {result.perplexity_merged:.4f} is "
+            f"no finite increase ({result.perplexity_increase_pct}%): a log-probability is not finite"
+        )
+    return f"{measured}; the gate allows {gate_pct}% (top-1 agreement {result.top1_agreement:.3f})" + (
+        f"; likely cause: {cause}" if cause else ""
+    )
+
+
 def apply_gates(result: FileCheck, gate_pct: float, stop_id: int) -> None:
-    """Collect the failures of one file; each names what failed, by how much, and its likely cause."""
+    """Collect the failures of one file (gates.file_gates decides which); each names what failed, by how
+    much, and its likely cause."""
     result.gate_pct = gate_pct
-    failures = [f"metadata: {problem}" for problem in result.metadata_problems]
-    if result.tokenizer_mismatches:
+    failing = failed(file_gates(asdict(result), gate_pct))
+    failures = [f"metadata: {problem}" for problem in result.metadata_problems] if METADATA in failing else []
+    if TOKENIZER in failing:
         failures.append(
             f"tokenizer: llama.cpp's ids differ from the HF tokenizer's on {result.tokenizer_mismatches} of "
             f"{result.tokenizer_texts} texts ({result.first_mismatch})"
         )
-    if result.perplexity_increase_pct > gate_pct:
-        cause = likely_cause(result)
-        failures.append(
-            f"perplexity {result.perplexity:.4f} is {result.perplexity_increase_pct:+.2f}% over the merged "
-            f"model's {result.perplexity_merged:.4f}; the gate allows {gate_pct}% (top-1 agreement "
-            f"{result.top1_agreement:.3f})" + (f"; likely cause: {cause}" if cause else "")
-        )
-    if result.chat_finish_reason != "stop":
+    if PERPLEXITY in failing:
+        failures.append(perplexity_failure(result, gate_pct))
+    if CHAT_STOP in failing:
         failures.append(
             f"the chat answer did not end at the end-of-turn token (finish_reason {result.chat_finish_reason!r}); "
             f"likely cause: {stop_cause(result, stop_id)}"

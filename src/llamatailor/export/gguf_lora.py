@@ -28,7 +28,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +43,16 @@ from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from llamatailor.config import RunConfig
 from llamatailor.errors import CheckFailed
-from llamatailor.export.gguf_file import ARCHITECTURES, export_config, gguf_name, hf_arrays, write_gguf
-from llamatailor.export.merge import (
-    ANSWER_TOKENS,
+from llamatailor.export.gates import (
+    LORA_EFFECT,
+    LORA_GREEDY,
+    LORA_LOGITS,
     ROUNDING_FACTOR,
-    Probe,
-    logits_of,
-    max_abs_diff,
+    lora_gates,
+    rounded_tolerance,
 )
+from llamatailor.export.gguf_file import ARCHITECTURES, export_config, gguf_name, hf_arrays, write_gguf
+from llamatailor.export.merge import ANSWER_TOKENS, Probe, logits_of, max_abs_diff
 from llamatailor.generation.engines import TransformersEngine
 from llamatailor.models.loading import ChatTokenizer
 from llamatailor.models.source import local_folder
@@ -395,7 +397,7 @@ def check_lora(
     )
     run = run_llama_cpp(base, adapter, probe, stop_ids)
     yardstick = max_abs_diff(expected_base, run.alone)
-    tolerance = merge_tolerance + ROUNDING_FACTOR * yardstick
+    tolerance = rounded_tolerance(merge_tolerance, yardstick)
     rows = zip(probe.prompts, answers, run.answers, strict=True)
     margins = [parting_margin(model, prompt, a, b) for prompt, a, b in rows if a != b]
     fields, _ = read_gguf_metadata(str(adapter))
@@ -418,25 +420,30 @@ def check_lora(
 
 
 def lora_failures(result: LoraCheck) -> list[str]:
-    """What fails in a LoRA check, each naming the measured value and what was allowed: base + adapter
-    beyond the tolerance; an adapter whose effect is within it (not applied, or doing nothing: the
-    comparison could not tell); greedy answers that differ other than at a near-tie."""
+    """What fails in a LoRA check (gates.lora_gates decides), each naming the measured value and what was
+    allowed: base + adapter beyond the tolerance; an adapter whose effect is within it (not applied, or
+    doing nothing: the comparison could not tell) or not finite; greedy answers that differ other than at a
+    near-tie."""
+    gates = {gate.name: gate for gate in lora_gates(asdict(result))}
     failures = []
-    if result.max_abs_logit_diff > result.tolerance:
+    if not gates[LORA_LOGITS].passed:
         failures.append(
             f"the base GGUF with the adapter differs from the adapter model by {result.max_abs_logit_diff:.2e}; "
             f"allowed {result.tolerance:.2e} (export.merge_tolerance + {ROUNDING_FACTOR:g} x "
             f"{result.base_max_abs_logit_diff:.2e}, the base GGUF alone against the base model)"
         )
-    if result.adapter_max_abs_logit_diff <= result.tolerance:
+    if not gates[LORA_EFFECT].passed:
         failures.append(
             f"the adapter moves llama.cpp's logits by only {result.adapter_max_abs_logit_diff:.2e}, within the "
             f"tolerance {result.tolerance:.2e}: it was not applied, or it does nothing"
+            if math.isfinite(result.adapter_max_abs_logit_diff)
+            else f"the adapter moves llama.cpp's logits by {result.adapter_max_abs_logit_diff:.2e}: its logits "
+            "with or without the adapter are not finite"
         )
-    differ = result.greedy_compared - result.greedy_identical - result.greedy_near_ties
-    if differ:
+    if not gates[LORA_GREEDY].passed:
         failures.append(
-            f"greedy answers differ from the adapter model's on {differ} of {result.greedy_compared} prompts "
-            f"(not at a near-tie: the adapter model preferred its token by more than 2 x the tolerance)"
+            f"greedy answers differ from the adapter model's on {gates[LORA_GREEDY].value} of "
+            f"{result.greedy_compared} prompts (not at a near-tie: the adapter model preferred its token by more "
+            "than 2 x the tolerance)"
         )
     return failures

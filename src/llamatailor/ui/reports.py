@@ -7,12 +7,13 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard, cast
 
 import yaml
 
+from llamatailor.export.gates import Gate, file_gates, lora_gates, merge_gates
 from llamatailor.export.gguf_gates import gate_for
 from llamatailor.ui.paths import OutsideRunsFolder, RunsFolder
 from llamatailor.vocabulary import GgufType
@@ -221,20 +222,6 @@ def load_data(runs: RunsFolder, name: str, kind: str = "", text: str = "", page:
 
 
 @dataclass(frozen=True)
-class Gate:
-    """One check of an export gate: the measured `value`, what it must be (`allowed`: "≤", "=", ">", read
-    with `limit`), `passed`, and a `detail` (what was counted, the problems found)."""
-
-    name: str
-    value: Any
-    allowed: str
-    limit: Any
-    passed: bool
-    unit: str = ""
-    detail: str = ""
-
-
-@dataclass(frozen=True)
 class GgufRow:
     """One checked GGUF file (`label`: its type, or the base type with the adapter applied) with its
     FileCheck numbers (`check`, export_report.json's dict), its gates and its recorded failures."""
@@ -251,13 +238,9 @@ class GgufRow:
 
 
 def gguf_gates(check: Mapping[str, Any], overrides: Mapping[str, float]) -> list[Gate]:
-    """The gates export.gguf_check.apply_gates applies to one file, each failing on the same condition:
-    metadata problems (none allowed), tokenizer mismatches (0), perplexity increase over `gate_pct` (the
-    recorded one, else gguf_gates.gate_for with the run file's export.gates `overrides`), and a chat answer
-    whose finish reason is not "stop"."""
-    problems = list(check.get("metadata_problems") or [])
-    mismatches = check.get("tokenizer_mismatches")
-    increase, limit = check.get("perplexity_increase_pct"), check.get("gate_pct")
+    """export.gates.file_gates of one file, against its recorded `gate_pct`, else gguf_gates.gate_for with
+    the run file's export.gates `overrides` (None for an unknown type: the gate then fails)."""
+    limit = check.get("gate_pct")
     if limit is None:
         try:
             limit = gate_for(
@@ -265,84 +248,11 @@ def gguf_gates(check: Mapping[str, Any], overrides: Mapping[str, float]) -> list
             )
         except KeyError:
             limit = None
-    finish = check.get("chat_finish_reason")
-    texts, first = check.get("tokenizer_texts"), check.get("first_mismatch")
-    return [
-        Gate("metadata problems", len(problems), "=", 0, not problems, detail="; ".join(problems)),
-        Gate(
-            "tokenizer mismatches",
-            mismatches,
-            "=",
-            0,
-            not mismatches,
-            detail=f"of {texts} texts" + (f"; first: {first}" if first else ""),
-        ),
-        _at_most("perplexity increase vs merged", increase, limit, unit="%"),
-        Gate("chat finish reason", finish, "=", "stop", finish == "stop"),
-    ]
+    return file_gates(check, limit)
 
 
 def _measured(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def lora_gates(lora: Mapping[str, Any]) -> list[Gate]:
-    """The gates export.gguf_lora.lora_failures applies to the adapter GGUF on its base GGUF, against the
-    recorded tolerance (|Δlogit|, logits' units): base + adapter within it, the adapter's own effect beyond
-    it, and no greedy answer differing other than at a near-tie."""
-    tolerance = lora.get("tolerance")
-    return [
-        _at_most(
-            "max |Δlogit|, base GGUF + adapter vs adapter model", lora.get("max_abs_logit_diff"), tolerance
-        ),
-        _beyond(
-            "max |Δlogit| the adapter makes in llama.cpp", lora.get("adapter_max_abs_logit_diff"), tolerance
-        ),
-        _differ("greedy answers differing (not at a near-tie)", lora, "greedy_near_ties"),
-    ]
-
-
-def merge_gates(merge: Mapping[str, Any]) -> list[Gate]:
-    """The checks export.merge.check_merge enforces (|Δlogit|, logits' units): the in-memory merge and the
-    reload within `tolerance`, the saved folder within MergeResult.saved_tolerance, identical greedy
-    answers."""
-    from llamatailor.export.merge import MergeResult  # torch and peft: only for a run that has merged
-
-    recorded: dict[str, Any] = {f.name: merge.get(f.name) for f in fields(MergeResult)}
-    tolerance = merge.get("tolerance")
-    saved_tolerance = MergeResult(**recorded).saved_tolerance if _measured(tolerance) else None
-    gates = [
-        _at_most("max |Δlogit|, merged vs adapter model", merge.get("max_abs_logit_diff"), tolerance),
-        _at_most(
-            "max |Δlogit|, saved folder reloaded", merge.get("saved_max_abs_logit_diff"), saved_tolerance
-        ),
-    ]
-    if merge.get("reload_max_abs_logit_diff") is not None:
-        gates.append(
-            _at_most(
-                "max |Δlogit|, reload vs rounded merge", merge.get("reload_max_abs_logit_diff"), tolerance
-            )
-        )
-    return [*gates, _differ("greedy answers differing", merge, None)]
-
-
-def _at_most(name: str, value: Any, limit: Any, unit: str = "") -> Gate:
-    passed = _measured(value) and _measured(limit) and not value > limit
-    return Gate(name, value, "≤", limit, passed, unit)
-
-
-def _beyond(name: str, value: Any, limit: Any) -> Gate:
-    passed = _measured(value) and _measured(limit) and not value <= limit
-    return Gate(name, value, ">", limit, passed)
-
-
-def _differ(name: str, counts: Mapping[str, Any], ties: str | None) -> Gate:
-    compared, identical = counts.get("greedy_compared"), counts.get("greedy_identical")
-    near_ties = counts.get(ties) if ties else 0
-    if not (_measured(compared) and _measured(identical) and _measured(near_ties)):
-        return Gate(name, None, "=", 0, False)
-    differ = compared - identical - near_ties
-    return Gate(name, differ, "=", 0, differ == 0, detail=f"{identical} of {compared} identical")
 
 
 @dataclass
