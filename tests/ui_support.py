@@ -131,16 +131,21 @@ def console_errors(driver) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def screenshot(driver, name: str) -> Path | None:  # type: ignore[no-untyped-def]
-    """Save the page as <$LLAMATAILOR_UI_SCREENSHOTS>/<name>.png (full page height) when that is set."""
+    """Save the whole page, from its top, as <$LLAMATAILOR_UI_SCREENSHOTS>/<name>.png when that is set; the
+    window is grown to the page's height for the picture and given back its size after."""
     folder = os.environ.get("LLAMATAILOR_UI_SCREENSHOTS")
     if not folder:
         return None
     path = Path(folder) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
+    size = driver.get_window_size()
+    driver.execute_script("window.scrollTo(0, 0)")
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    width = driver.get_window_size()["width"]
-    driver.set_window_size(width, min(max(height + 120, 600), 4000))
-    driver.save_screenshot(str(path))
+    driver.set_window_size(size["width"], min(max(height + 120, 600), 4000))
+    try:
+        driver.save_screenshot(str(path))
+    finally:
+        driver.set_window_size(size["width"], size["height"])
     return path
 
 

@@ -713,7 +713,7 @@ def format_validation_error(
         loc = tuple(str(part) for part in error["loc"] if part != "[key]")  # a mapping's bad key: its name
         key = ".".join(loc) or "(top level)"
         origin = _origin(loc, path, text, override_origin)
-        lines.append(f"  - {key}{origin}: {_describe(error, loc)}")
+        lines.append(f"  - {key}{origin}: {describe_error(error, loc)}")
     return "\n".join(lines)
 
 
@@ -725,7 +725,7 @@ def _origin(loc: tuple[str, ...], path: Path, text: str, override_origin: dict[t
     return f" ({path.name} line {line})" if line else ""
 
 
-def _describe(error: ErrorDetails, loc: tuple[str, ...]) -> str:
+def describe_error(error: ErrorDetails, loc: tuple[str, ...]) -> str:
     kind = error["type"]
     value = error.get("input")
     if kind == "extra_forbidden":

@@ -5,13 +5,19 @@ from fastapi.responses import PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 
-from llamatailor.ui import routes_runs
+from llamatailor.ui import routes_chat, routes_eval, routes_jobs, routes_reports, routes_runs
 from llamatailor.ui.pages import STATIC
 from llamatailor.ui.paths import OutsideRunsFolder
 from llamatailor.ui.security import Handler, guard
 from llamatailor.ui.settings import UiSettings
 
-ROUTERS = (routes_runs.router,)
+ROUTERS = (
+    routes_runs.router,
+    routes_eval.router,
+    routes_reports.router,
+    routes_chat.router,
+    routes_jobs.router,
+)
 
 
 def create_app(settings: UiSettings) -> FastAPI:

@@ -1,0 +1,234 @@
+"""The `llamatailor run` processes this UI started: each in its own session (a process group the UI can
+signal as a whole, which outlives the UI), its output appended to `<run>/ui-run.log`.
+
+Stopping follows a terminal's Ctrl-C: SIGINT to the group (the trainer stops between steps and
+`pipeline.run_stage` records the stage failed), then SIGTERM after STOP_GRACE[0] seconds and SIGKILL after
+STOP_GRACE[1] if anything of the group is left. A run started elsewhere is seen through its manifest: a stage
+recorded running by a live process (`runs.stage_state`).
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamatailor.errors import LlamatailorError
+from llamatailor.rundir import RunDir, now_iso
+from llamatailor.ui.runs import read_json, stage_state
+
+STOP_GRACE = (10.0, 20.0)  # seconds after the SIGINT: SIGTERM, then SIGKILL
+LOG_NAME = "ui-run.log"
+LOG_CHUNK = 256 * 1024  # bytes a log poll returns at most; the page asks again at once for the rest
+# The log follows the run line by line (no buffering), and rich, which wraps text that goes to a file at 80
+# columns, fills the page's width.
+LOG_ENVIRONMENT = {"PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+
+
+class JobConflict(LlamatailorError):
+    """A start while the run is running (here or elsewhere), or a stop with nothing of this UI's running."""
+
+
+@dataclass
+class Job:
+    """One `llamatailor run` this UI started. `pid` is also its process group's id (start_new_session)."""
+
+    name: str
+    run_file: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+    started_at: str
+    stop_asked: float | None = None  # time.monotonic() of the stop
+    stop_asked_at: str | None = None
+
+    @property
+    def pid(self) -> int:
+        """The `llamatailor run` process's id, also its process group's."""
+        return self.process.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """The process's exit status (negative: the signal that ended it), None while it runs."""
+        return self.process.poll()
+
+    @property
+    def state(self) -> str:
+        """running, stopping, stopped (ended after a stop), finished (exit 0) or failed."""
+        code = self.exit_code
+        if code is None:
+            return "running" if self.stop_asked is None else "stopping"
+        if self.stop_asked is not None:
+            return "stopped"
+        return "finished" if code == 0 else "failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The job for JSON: state, pid, start and stop times (ISO 8601), exit code, run file."""
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "stop_asked_at": self.stop_asked_at,
+            "exit_code": self.exit_code,
+            "run_file": str(self.run_file),
+        }
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is left (one of another user's counts as alive)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    """Send `signum` to process group `pgid`; nothing if it has ended."""
+    with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+        os.killpg(pgid, signum)
+
+
+def outside_pid(run: RunDir, own: set[int]) -> int | None:
+    """The pid of a process running a stage of `run` (manifest record, alive on this host) that is not one
+    of `own` (this UI's jobs), else None."""
+    manifest = read_json(run.manifest) or {}
+    for record in (manifest.get("stages") or {}).values():
+        pid = record.get("pid") if isinstance(record, dict) else None
+        if isinstance(pid, int) and pid not in own and stage_state(record) == "running":
+            return pid
+    return None
+
+
+@dataclass
+class Jobs:
+    """The jobs of one UI, by run name (the newest per run); kept in `UiSettings.services`."""
+
+    jobs: dict[str, Job] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, name: str) -> Job | None:
+        """The newest job of run `name` this UI started, running or not; None if none."""
+        return self.jobs.get(name)
+
+    def pids(self) -> set[int]:
+        """The process ids of every job this UI started."""
+        return {job.pid for job in self.jobs.values()}
+
+    def start(self, name: str, run_file: Path, run: RunDir) -> Job:
+        """Start `python -m llamatailor run RUN_FILE` in its own session, output appended to
+        `<run>/ui-run.log` after a header line. Training stages resume from their newest checkpoint (`run`'s
+        default). Raises JobConflict while a job of this name runs here, or a stage of it runs elsewhere."""
+        with self.lock:
+            self.refuse_running(name, run)
+            run.root.mkdir(parents=True, exist_ok=True)
+            log = run.root / LOG_NAME
+            command = [sys.executable, "-m", "llamatailor", "run", str(run_file)]
+            started_at = now_iso()
+            with log.open("ab") as handle:
+                handle.write(f"\n=== {started_at} llamatailor ui started: {' '.join(command)}\n".encode())
+                handle.flush()
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={**os.environ, **LOG_ENVIRONMENT},
+                )
+            job = Job(name, run_file, log, process, started_at)
+            self.jobs[name] = job
+            return job
+
+    def refuse_running(self, name: str, run: RunDir) -> None:
+        """Raise JobConflict, naming the pid, while a job of this name runs here or a stage of `run` runs
+        elsewhere."""
+        job = self.jobs.get(name)
+        if job is not None and job.exit_code is None:
+            raise JobConflict(f"run {name!r} is already running (pid {job.pid}); stop it first")
+        pid = outside_pid(run, self.pids())
+        if pid is not None:
+            raise JobConflict(
+                f"run {name!r} is running outside this UI (pid {pid}); wait for it or stop it where it runs"
+            )
+
+    def view(self, name: str, run: RunDir) -> dict[str, Any]:
+        """The page's view of run `name`'s process: this UI's job (`Job.as_dict`), else `elsewhere` with the
+        pid of a process running one of its stages, else `idle`; `label` says it in words."""
+        job = self.jobs.get(name)
+        if job is not None:
+            view = job.as_dict()
+            code = "" if view["exit_code"] is None else f", exit code {view['exit_code']}"
+            return {**view, "label": f"{view['state']} (pid {job.pid}{code})"}
+        pid = outside_pid(run, self.pids())
+        if pid is not None:
+            return {"state": "elsewhere", "pid": pid, "label": f"running outside this UI (pid {pid})"}
+        return {"state": "idle", "label": "not running"}
+
+    def stop(self, name: str) -> Job:
+        """SIGINT to the job's process group, then SIGTERM and SIGKILL on a timer (STOP_GRACE) while any of
+        it is left. Raises JobConflict when this UI runs no job of that name."""
+        with self.lock:
+            job = self.jobs.get(name)
+            if job is None or job.exit_code is not None:
+                raise JobConflict(f"this UI runs no job for {name!r}: nothing to stop")
+            if job.stop_asked is None:
+                job.stop_asked, job.stop_asked_at = time.monotonic(), now_iso()
+                signal_group(job.pid, signal.SIGINT)
+                threading.Thread(target=_escalate, args=(job,), daemon=True).start()
+            return job
+
+
+def _escalate(job: Job) -> None:
+    """Wait for the group to end after the SIGINT; SIGTERM, then SIGKILL, at the STOP_GRACE marks."""
+    assert job.stop_asked is not None
+    for grace, signum in zip(STOP_GRACE, (signal.SIGTERM, signal.SIGKILL), strict=True):
+        while time.monotonic() < job.stop_asked + grace:
+            job.process.poll()  # reaps the leader: a zombie would count as a group member
+            if not group_alive(job.pid):
+                return
+            time.sleep(0.2)
+        signal_group(job.pid, signum)
+    job.process.poll()
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """Log text from a byte offset: `offset` to ask from next; `reset` when the file was shorter than asked
+    (replaced), so the text starts again from its beginning; `more` when there is more to read now."""
+
+    text: str
+    offset: int
+    reset: bool
+    more: bool
+
+
+def read_log(path: Path | None, offset: int) -> LogChunk:
+    """Up to LOG_CHUNK bytes of `path` from `offset` (None or missing: empty), decoded as UTF-8; a
+    character cut at the end of what was written is left for the next call."""
+    try:
+        size = path.stat().st_size if path is not None else 0
+    except OSError:
+        size = 0
+    reset = size < offset
+    start = 0 if reset else offset
+    if path is None or size <= start:
+        return LogChunk("", start, reset, False)
+    with path.open("rb") as handle:
+        handle.seek(start)
+        data = handle.read(min(size - start, LOG_CHUNK))
+    for cut in range(4):  # a UTF-8 character is at most 4 bytes: up to 3 may be missing their end
+        try:
+            text = data[: len(data) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return LogChunk(text, start + len(data) - cut, reset, start + len(data) < size)
+    return LogChunk(
+        data.decode("utf-8", errors="replace"), start + len(data), reset, start + len(data) < size
+    )

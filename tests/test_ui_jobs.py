@@ -1,0 +1,298 @@
+"""`llamatailor ui`: the New run form (schema-driven, checked by the server, planned as it is edited) and
+starting, stopping and resuming a real `llamatailor run` from the browser, in headless Chromium against the
+real server."""
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx2 as httpx
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+
+from helpers import alpaca_rows, write_jsonl
+from llamatailor.config import RunConfig, load_config
+from ui_support import UiServer, console_errors, screenshot, wait_for
+
+GIB = 1024**3
+NAME = "tiny-job"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_groups(groups: set[int]) -> None:
+    """SIGKILL each process group (a run the UI started: its own session) that is still there."""
+    for pgid in groups:
+        if pgid != os.getpgrp():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, tiny_models):
+    folder = tmp_path_factory.mktemp("ui-jobs")
+    runs = folder / "runs"
+    runs.mkdir()
+    data = write_jsonl(folder / "train.jsonl", alpaca_rows(30))
+    server = UiServer(runs, log=folder / "ui.log")
+    groups: set[int] = set()
+    try:
+        yield SimpleNamespace(
+            url=server.url, runs=runs, data=data, model=tiny_models["chatml"], groups=groups
+        )
+    finally:
+        server.stop()
+        for manifest in runs.glob("*/manifest.json"):  # anything a run recorded as running, too
+            for record in json.loads(manifest.read_text()).get("stages", {}).values():
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    groups.add(os.getpgid(record.get("pid")))
+        _kill_groups(groups)
+
+
+def _input(browser, field):
+    return browser.find_element(By.NAME, "root[" + "][".join(field.split(".")) + "]")
+
+
+def _fill(browser, field, value):
+    """Type `value` into the form's field (a dotted key path), ticking its opt-in box where it is optional."""
+    element = _input(browser, field)
+    if not element.is_enabled():
+        container = browser.find_element(By.CSS_SELECTOR, f'[data-schemapath="root.{field}"]')
+        container.find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
+    element.clear()
+    element.send_keys(str(value), Keys.TAB)
+
+
+def _open_form(browser, ui):
+    browser.get(ui.url + "/new")
+    wait_for(lambda: browser.find_element(By.ID, "run-form").get_attribute("data-ready"), 20, "the form")
+
+
+def _problems(browser):
+    return {
+        item.get_attribute("data-field"): item.text
+        for item in browser.find_elements(By.CSS_SELECTOR, "#form-errors li")
+    }
+
+
+def _plan_cell(browser, term, method):
+    return browser.find_element(
+        By.CSS_SELECTOR, f'#plan-table tr[data-term="{term}"] td[data-method="{method}"]'
+    ).text
+
+
+def _fill_minimum(browser, ui, name):
+    """The form with the fields a run cannot do without filled: the tiny model and the data file."""
+    _open_form(browser, ui)
+    _fill(browser, "name", name)
+    _fill(browser, "model.base", str(ui.model))
+    _fill(browser, "data.train.0.path", str(ui.data))
+    wait_for(
+        lambda: browser.find_element(By.ID, "form-state").get_attribute("data-count") == "0",
+        20,
+        "no problems",
+    )
+
+
+def test_form_shows_plans_verdict_as_it_is_edited(ui, browser):
+    from llamatailor.plan.options import build_plan
+    from llamatailor.plan.verdict import plan_as_dict
+
+    _fill_minimum(browser, ui, "form-plan")
+    config = {"name": "form-plan", "output_dir": str(ui.runs), "model": {"base": str(ui.model)}}
+    config = RunConfig.model_validate({**config, "data": {"train": [str(ui.data)]}})
+    plan = plan_as_dict(build_plan(config, model=None, gpu_mem_gib=24, gpus=1, sharding="none"))
+    lora = plan["methods"]["lora"]
+    wait_for(lambda: browser.find_element(By.ID, "plan-verdict").text, 20, "the plan's verdict")
+    assert (
+        browser.find_element(By.ID, "plan-verdict").text
+        == f"lora fits: {lora['total_bytes'] / GIB:.4g} GiB of 24 GiB"
+    )
+    assert _plan_cell(browser, "total", "lora") == f"{lora['total_bytes'] / GIB:.4g}"
+    for term in ("weights", "optimizer states", "activations", "logits and loss"):
+        assert (
+            _plan_cell(browser, term, "full") == f"{plan['methods']['full']['terms_bytes'][term] / GIB:.4g}"
+        )
+
+    gpu = browser.find_element(By.ID, "gpu-mem")  # smaller than every method's total: nothing fits
+    gpu.clear()
+    gpu.send_keys("0.3")
+    wait_for(
+        lambda: "does not fit" in browser.find_element(By.ID, "plan-verdict").text,
+        10,
+        "the verdict for 0.3 GiB",
+    )
+    assert browser.find_element(By.ID, "plan-verdict").text.endswith("no method fits one such GPU")
+    assert [_plan_cell(browser, "fits", method) for method in ("full", "lora", "qlora")] == ["no", "no", "no"]
+
+    _fill(browser, "model.base", str(ui.model.parent / "no-such-model"))  # the planner cannot size it
+    wait_for(
+        lambda: "is not a known alias" in browser.find_element(By.ID, "plan-error").text, 10, "plan's message"
+    )
+    assert "no-such-model" in browser.find_element(By.ID, "plan-error").text
+    assert _problems(browser) == {}  # a path the planner cannot read is not a schema problem
+    assert console_errors(browser) == []
+
+
+def test_form_names_the_field_of_each_problem(ui, browser):
+    _fill_minimum(browser, ui, "form-check")
+    _fill(browser, "train.learning_rate", "-1")
+    _fill(browser, "train.lora.r", "0")
+    wait_for(
+        lambda: {"train.learning_rate", "train.lora.r"} <= set(_problems(browser)), 10, "the two problems"
+    )
+    problems = _problems(browser)
+    assert problems["train.learning_rate"] == "train.learning_rate: got -1: Input should be greater than 0"
+    assert problems["train.lora.r"] == "train.lora.r: got 0: Input should be greater than or equal to 1"
+    note = browser.find_element(By.CSS_SELECTOR, '[data-schemapath="root.train.lora.r"] .field-error')
+    assert note.text == problems["train.lora.r"]  # beside its field too
+    assert browser.find_element(By.ID, "plan-error").text == "the plan appears when the run file is valid"
+    _fill(browser, "train.learning_rate", "0.001")
+    _fill(browser, "train.lora.r", "8")
+    missing = ui.data.with_name("missing.jsonl")  # checked once the schema accepts the value
+    _fill(browser, "data.train.0.path", str(missing))
+    wait_for(lambda: list(_problems(browser)) == ["data.train.0.path"], 10, "the missing file alone")
+    assert _problems(browser)["data.train.0.path"] == f"data.train.0.path: no such file: '{missing}'"
+    _fill(browser, "data.train.0.path", str(ui.data))
+    wait_for(
+        lambda: browser.find_element(By.ID, "form-state").get_attribute("data-count") == "0", 10, "fixed"
+    )
+    assert not browser.find_elements(By.CSS_SELECTOR, ".field-error")
+    assert console_errors(browser) == []
+    assert not list(ui.runs.iterdir())  # checking writes nothing
+
+
+def _log_text(browser):
+    return browser.find_element(By.ID, "job-log").text
+
+
+def _job_state(browser):
+    return browser.find_element(By.ID, "job-state").get_attribute("data-state")
+
+
+def _steps(run: Path) -> list[int]:
+    """The train-loss steps of metrics.jsonl's complete lines (the trainer may be writing the last one)."""
+    lines = (run / "metrics.jsonl").read_text().split("\n")[:-1]
+    return [row["step"] for row in map(json.loads, lines) if "loss" in row]
+
+
+TRAIN = {"max_steps": 2000, "batch_size": 4, "learning_rate": 0.005, "logging_steps": 1, "save_steps": 2}
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+DATA = {"val_ratio": 0.2, "test_ratio": 0.2, "max_seq_len": 128}
+
+
+def _start_from_form(browser, ui):
+    """Fill the form for a tiny run long enough to stop half-way, start it; the run file it wrote."""
+    _open_form(browser, ui)
+    _fill(browser, "name", NAME)
+    _fill(browser, "model.base", str(ui.model))
+    _fill(browser, "data.train.0.path", str(ui.data))
+    for section, values in (("data", DATA), ("train", TRAIN), ("train.lora", LORA)):
+        for key, value in values.items():
+            _fill(browser, f"{section}.{key}", value)
+    wait_for(
+        lambda: browser.find_element(By.ID, "form-state").get_attribute("data-count") == "0",
+        20,
+        "no problems",
+    )
+    wait_for(lambda: browser.find_element(By.ID, "plan-verdict").text.startswith("lora fits"), 20, "the plan")
+    browser.execute_script("window.scrollTo(0, 0)")
+    screenshot(browser, "new-run")
+    browser.find_element(By.ID, "start-run").click()
+    wait_for(lambda: browser.current_url.endswith(f"/runs/{NAME}/job"), 20, "the job page")
+    return ui.runs / f"{NAME}.yaml"
+
+
+def _stop(browser, ui, pid):
+    browser.find_element(By.ID, "stop-run").click()
+    wait_for(lambda: _job_state(browser) == "stopped", 30, "the job stopped")
+    wait_for(lambda: not _group_alive(pid), 10, "the process group gone")
+    record = json.loads((ui.runs / NAME / "manifest.json").read_text())["stages"]["train"]
+    assert record["status"] == "failed" and record["error"].startswith("KeyboardInterrupt")
+    assert browser.find_element(By.ID, "run-status").text == "failed"
+    assert browser.find_element(By.CSS_SELECTOR, '#job-stages [data-stage="train"]').text == "train: failed"
+
+
+def _running_pid(ui):
+    job = httpx.get(f"{ui.url}/api/runs/{NAME}/log", params={"offset": 0}, timeout=10).json()["job"]
+    assert job["state"] == "running"
+    ui.groups.add(job["pid"])
+    return job["pid"]
+
+
+def test_start_stop_and_resume_a_run_from_the_form(ui, browser):
+    run_file = _start_from_form(browser, ui)
+    expected = {"name": NAME, "output_dir": str(ui.runs), "model": {"base": str(ui.model)}}
+    expected |= {"data": {"train": [{"path": str(ui.data)}], **DATA}, "train": {**TRAIN, "lora": LORA}}
+    assert load_config(run_file).model_dump() == RunConfig.model_validate(expected).model_dump()
+    pid = _running_pid(ui)
+    run = ui.runs / NAME
+
+    wait_for(lambda: "Prepared data" in _log_text(browser), 60, "prepare's report in the log")
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_steps(run)) >= 6, 60, "six training steps")
+    wait_for(lambda: "/2000 [" in _log_text(browser), 10, "the trainer's progress in the log")
+    assert _job_state(browser) == "running"
+    assert browser.find_element(By.ID, "run-status").text == "running"
+    again = httpx.post(f"{ui.url}/api/runs/{NAME}/resume", timeout=10)
+    assert again.status_code == 409 and "already running" in again.json()["error"]
+    written = run_file.read_text()
+    taken = httpx.post(f"{ui.url}/api/runs", json={"config": expected}, timeout=10)
+    assert taken.status_code == 400 and [error["field"] for error in taken.json()["errors"]] == ["name"]
+    replacing = httpx.post(f"{ui.url}/api/runs", json={"config": expected, "resume": True}, timeout=10)
+    assert replacing.status_code == 409 and "already running" in replacing.json()["error"]
+    assert run_file.read_text() == written  # refused before anything was written
+    browser.execute_script("window.scrollTo(0, 0)")
+    screenshot(browser, "job")
+
+    _stop(browser, ui, pid)
+    stopped_at = max(_steps(run))
+    browser.find_element(By.ID, "resume-run").click()
+    wait_for(lambda: "Resuming from" in _log_text(browser), 60, "training resuming")
+    pid = _running_pid(ui)
+    found = re.search(r"Resumingfrom\S*/checkpoint-(\d+)", "".join(_log_text(browser).split()))
+    assert found and 2 <= int(found[1]) <= stopped_at
+    wait_for(lambda: max(_steps(run)) > stopped_at, 60, "steps after the stop")
+    steps = _steps(run)
+    assert steps == list(
+        range(1, len(steps) + 1)
+    )  # metrics.jsonl continues from the checkpoint, no step twice
+    _stop(browser, ui, pid)
+    assert console_errors(browser) == []
+
+
+def test_a_run_started_elsewhere_is_seen_and_not_started_twice(ui):
+    run = ui.runs / "elsewhere"  # a stage recorded running by a live process: this test's own
+    run.mkdir()
+    record = {"status": "running", "pid": os.getpid(), "host": platform.node()}
+    (run / "manifest.json").write_text(json.dumps({"name": "elsewhere", "stages": {"train": record}}))
+    try:
+        answer = httpx.get(f"{ui.url}/api/runs/elsewhere/log", params={"offset": 0}, timeout=10).json()
+        assert answer["job"] == {
+            "state": "elsewhere",
+            "pid": os.getpid(),
+            "label": f"running outside this UI (pid {os.getpid()})",
+        }
+        assert answer["status"] == "running" and answer["text"] == ""
+        resumed = httpx.post(f"{ui.url}/api/runs/elsewhere/resume", timeout=10)
+        assert (
+            resumed.status_code == 409 and f"outside this UI (pid {os.getpid()})" in resumed.json()["error"]
+        )
+        stopped = httpx.post(f"{ui.url}/api/runs/elsewhere/stop", timeout=10)
+        assert stopped.status_code == 409 and "nothing to stop" in stopped.json()["error"]
+        for path in ("/runs/..%2Felsewhere/job", "/api/runs/no-such-run/log", "/runs/.hidden/job"):
+            assert httpx.get(ui.url + path, timeout=10).status_code == 404, path
+    finally:
+        shutil.rmtree(run)
