@@ -11,7 +11,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from ui_support import XSS, UiServer, console_errors, screenshot
+from ui_support import XSS, UiServer, click_and_load, console_errors, screenshot
 
 DEMO_EVAL = Path(__file__).resolve().parents[1] / "runs" / "demo" / "eval"  # `make demo`'s, when there
 
@@ -169,7 +169,7 @@ def test_worst_delta_first_best_first_and_regressions_only(ui, browser):
     browser.get(f"{server.url}/runs/crafted/eval")
     Select(browser.find_element(By.ID, "order")).select_by_value("best")
     Select(browser.find_element(By.ID, "only")).select_by_value("regressions")
-    browser.find_element(By.ID, "apply").click()
+    click_and_load(browser, browser.find_element(By.ID, "apply"))
     best_first = sorted(
         samples, key=lambda pair: pair[1]["tuned_score"] - pair[1]["base_score"], reverse=True
     )

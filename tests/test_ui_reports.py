@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from llamatailor.cli import app
 from llamatailor.ui.reports import NOT_JSON, PER_PAGE
-from ui_support import XSS, UiServer, console_errors, raw_get, screenshot
+from ui_support import XSS, UiServer, click_and_load, console_errors, raw_get, screenshot
 
 EXTRA_REJECTIONS = 120  # rows appended to the paged run's rejected.jsonl, kinds alternating
 BAD_LINE = 30  # the paged run's rejected.jsonl line that is not JSON
@@ -155,17 +155,17 @@ def test_rejected_records_are_paged_and_filtered(ui, browser):
     assert cells(bad, "kind") == [NOT_JSON]
     assert bad.find_element(By.CSS_SELECTOR, "pre.record").text == "this line { is not JSON"
     assert f"line {BAD_LINE} of rejected.jsonl" in cells(bad, "reason")[0]
-    browser.find_element(By.ID, "page-next").click()
+    click_and_load(browser, browser.find_element(By.ID, "page-next"))
     assert browser.find_element(By.ID, "page-number").text == "2"
     second = [
         int(r.get_attribute("data-number")) for r in browser.find_elements(By.CSS_SELECTOR, "tr.rejection")
     ]
     assert second == list(range(PER_PAGE + 1, 2 * PER_PAGE + 1))
-    browser.find_element(By.ID, "page-last").click()
+    click_and_load(browser, browser.find_element(By.ID, "page-last"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "tr.rejection")) == total - 2 * PER_PAGE
     Select(browser.find_element(By.ID, "kind-filter")).select_by_value("too_long")
     browser.find_element(By.ID, "text-filter").send_keys("reason 11")
-    browser.find_element(By.CSS_SELECTOR, "#rejection-filter button").click()
+    click_and_load(browser, browser.find_element(By.CSS_SELECTOR, "#rejection-filter button"))
     rows = browser.find_elements(By.CSS_SELECTOR, "tr.rejection")
     wanted = [
         f"reason {i}" for i in range(EXTRA_REJECTIONS) if i % 2 and f"reason {i}".startswith("reason 11")

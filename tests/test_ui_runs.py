@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 import pytest
@@ -245,3 +246,57 @@ def _chart_steps(browser):
             "return window.llamatailorCharts.loss ? window.llamatailorCharts.loss.data[0] : []"
         )
     )
+
+
+DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"
+DEMO_FILES = (
+    "manifest.json",
+    "config.yaml",
+    "metrics.jsonl",
+    "loss.png",
+    "data/report.json",
+    "data/lengths.png",
+    "data/rejected.jsonl",
+    "eval/metrics.json",
+    "eval/samples.jsonl",
+    "gguf/export_report.json",
+    "gguf/Modelfile",
+    "merged/merge_report.json",
+)
+
+
+def test_the_demo_run_as_shown(browser, tmp_path):
+    """`make demo`'s run (when this checkout has one): the headline and every GGUF's retention as the files
+    say; the pictures docs/ui.md shows for the runs, run, data and export pages."""
+    manifest = DEMO / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text())["stages"].get("export", {}).get(
+        "status"
+    ) != ("complete"):
+        pytest.skip("needs a finished `make demo` run in runs/demo")
+    runs = tmp_path / "runs"
+    for name in DEMO_FILES:
+        if (DEMO / name).is_file():
+            (runs / "demo" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(DEMO / name, runs / "demo" / name)
+    server = UiServer(runs, log=tmp_path / "ui.log")
+    try:
+        browser.get(server.url + "/")
+        metrics = json.loads((DEMO / "eval" / "metrics.json").read_text())
+        headline = metrics["headline"]
+        row = browser.find_element(By.CSS_SELECTOR, 'tr[data-run="demo"]')
+        assert row.find_element(By.CSS_SELECTOR, ".tuned-score").text == f"{metrics['tuned'][headline]:.4g}"
+        screenshot(browser, "demo-runs")
+        browser.get(server.url + "/runs/demo")
+        wait_for(lambda: browser.find_element(By.ID, "charts").get_attribute("data-points"), what="curves")
+        screenshot(browser, "demo-run")
+        browser.get(server.url + "/runs/demo/data")
+        screenshot(browser, "demo-data")
+        browser.get(server.url + "/runs/demo/export")
+        report = json.loads((DEMO / "gguf" / "export_report.json").read_text())
+        for check in report["files"]:
+            row = browser.find_element(By.CSS_SELECTOR, f'tr.gguf[data-type="{check["gguf_type"]}"]')
+            assert row.find_element(By.CSS_SELECTOR, "td.retention").text == f"{check['retention']:.4g}"
+        screenshot(browser, "demo-export")
+        assert console_errors(browser) == []
+    finally:
+        server.stop()

@@ -125,6 +125,18 @@ def wait_for(condition: Callable[[], object], timeout: float = 10, what: str = "
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
 
 
+def click_and_load(driver, element) -> None:  # type: ignore[no-untyped-def]
+    """Click a link or submit button and wait until the next page has loaded: reading the page right after
+    a click could still find the old one's elements on a busy machine."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old_page = driver.find_element("tag name", "html")
+    element.click()
+    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old_page))
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def console_errors(driver) -> list[str]:  # type: ignore[no-untyped-def]
     """The page's console errors (a failed script, a CSP refusal), for tests to assert there are none."""
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
