@@ -4,6 +4,7 @@ headless Chromium against the real server."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -227,6 +228,12 @@ def test_chart_gains_points_while_training(ui, browser, tiny_models, tmp_path):
         process.wait(timeout=180)
         final = _steps_in(metrics)
         wait_for(lambda: _chart_steps(browser) == final, timeout=6, what="the last points")
+        # The stage table follows too, without a reload: eval appears and finishes.
+        wait_for(
+            lambda: browser.find_element(By.CSS_SELECTOR, 'tr[data-stage="eval"] .state').text == "complete",
+            timeout=8,
+            what="the eval row",
+        )
     finally:
         process.kill()
         process.wait()
@@ -300,3 +307,67 @@ def test_the_demo_run_as_shown(browser, tmp_path):
         assert console_errors(browser) == []
     finally:
         server.stop()
+
+
+ODD_MANIFESTS = {
+    "text": '"text"',
+    "list": "[1, 2, 3]",
+    "flat": '{"stages": {"train": "complete"}}',
+    "typed": '{"stages": {"train": {"status": 5, "seconds": "abc"}, "prepare": {"status": "complete", "seconds": "x"}}}',
+    "cut": '{"stages": {"train": {"sta',
+}
+
+
+def test_malformed_manifests_are_named_not_a_500(ui, browser):
+    server, runs = ui
+    for name, text in ODD_MANIFESTS.items():
+        (runs / f"odd-{name}").mkdir()
+        (runs / f"odd-{name}" / "manifest.json").write_text(text)
+    (runs / "odd-flat" / "config.yaml").write_text("model: [unclosed\n")
+    try:
+        rows = {row["name"]: row for row in httpx.get(server.url + "/api/runs").json()}
+        assert rows["odd-list"]["status"] == "unreadable"
+        assert rows["odd-list"]["problems"] == ["manifest.json: expected an object, found list"]
+        assert rows["odd-flat"]["problems"] == [
+            "manifest.json: stages.train is not a record with a status",
+            "config.yaml: not a YAML mapping",
+        ]
+        assert rows["odd-typed"]["stages"] == {"prepare": "complete"} and rows["odd-typed"]["seconds"] == 0
+        assert rows["odd-cut"]["problems"][0].startswith("manifest.json: not readable JSON")
+        browser.get(server.url + "/")
+        cell = browser.find_element(By.CSS_SELECTOR, 'tr[data-run="odd-text"]')
+        assert "manifest.json: expected an object, found str" in cell.text
+        for name in ODD_MANIFESTS:
+            assert httpx.get(f"{server.url}/runs/odd-{name}").status_code == 200
+            assert httpx.get(f"{server.url}/api/runs/odd-{name}/metrics").status_code == 200
+        browser.get(server.url + "/runs/odd-flat")
+        assert "config.yaml: not a YAML mapping" in browser.find_element(By.ID, "run-problems").text
+        assert console_errors(browser) == []
+    finally:
+        for name in ODD_MANIFESTS:
+            shutil.rmtree(runs / f"odd-{name}")
+
+
+def test_ui_refuses_a_port_in_use_and_a_file_as_runs_folder(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "llamatailor", "ui", "--runs", str(tmp_path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "open http" not in result.stdout
+    afile = tmp_path / "data.jsonl"
+    afile.write_text("{}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "llamatailor", "ui", "--runs", str(afile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "a file, not a folder of runs" in result.stderr

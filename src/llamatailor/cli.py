@@ -7,6 +7,7 @@ that `llamatailor --help` and `--version` answer at once.
 
 import functools
 import logging
+import socket
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -488,7 +489,7 @@ def ui(
     import uvicorn
 
     from llamatailor.serve.target import is_loopback
-    from llamatailor.ui.app import create_app
+    from llamatailor.ui.app import check_port_free, create_app
     from llamatailor.ui.paths import RunsFolder
     from llamatailor.ui.security import LOOPBACK_NAMES
     from llamatailor.ui.settings import UiSettings
@@ -497,15 +498,20 @@ def ui(
         raise ConfigError(
             f"--host {host}: binding beyond this machine needs --api-key (or LLAMATAILOR_API_KEY)"
         )
+    if runs.exists() and not runs.is_dir():
+        raise ConfigError(f"--runs {runs}: a file, not a folder of runs (a run file's output_dir)")
+    check_port_free(host, port)
     # Without a key only loopback names are answered (a page on another name that resolves to 127.0.0.1
     # must not reach the runs); with a key, the key is the gate, whatever name the browser used.
     settings = UiSettings(RunsFolder.at(runs), api_key, ("*",) if api_key else LOOPBACK_NAMES)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    key = f"/?key={api_key}" if api_key else "/"
     if not settings.runs.root.is_dir():
         console.print(
             f"[yellow]{settings.runs.root} does not exist yet: the first run started from the form makes it[/]"
         )
+    if api_key and len(api_key) < 16:
+        console.print("[yellow]--api-key is shorter than 16 characters: easy to guess on a network[/]")
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
+    key = f"/?key={api_key}" if api_key else "/"
     console.print(f"llamatailor ui: runs in {settings.runs.root}; open http://{shown}:{port}{key}")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from llamatailor.errors import LlamatailorError
 from llamatailor.rundir import RunDir, now_iso
-from llamatailor.ui.runs import read_json, stage_state
+from llamatailor.ui.runs import read_manifest, stage_state
 
 STOP_GRACE = (10.0, 20.0)  # seconds after the SIGINT: SIGTERM, then SIGKILL
 LOG_NAME = "ui-run.log"
@@ -98,9 +98,8 @@ def signal_group(pgid: int, signum: int) -> None:
 def outside_pid(run: RunDir, own: set[int]) -> int | None:
     """The pid of a process running a stage of `run` (manifest record, alive on this host) that is not one
     of `own` (this UI's jobs), else None."""
-    manifest = read_json(run.manifest) or {}
-    for record in (manifest.get("stages") or {}).values():
-        pid = record.get("pid") if isinstance(record, dict) else None
+    for record in read_manifest(run).stages.values():
+        pid = record.get("pid")
         if isinstance(pid, int) and pid not in own and stage_state(record) == "running":
             return pid
     return None

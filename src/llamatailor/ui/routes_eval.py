@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse
 
 from llamatailor.ui.eval_view import FILTERS, ORDERS, candidates, load_eval, page_of, select_samples
 from llamatailor.ui.pages import render
-from llamatailor.ui.runs import read_json, stage_state
+from llamatailor.ui.runs import read_manifest, stage_state
 from llamatailor.ui.settings import runs_of
 
 router = APIRouter()
@@ -32,8 +32,7 @@ def eval_page(
     order = order if order in ORDERS else ORDERS[0]
     only = only if only in FILTERS else FILTERS[0]
     shown = page_of(select_samples(view.samples, order, only), page)
-    records = (read_json(runs.run(name).manifest) or {}).get("stages") or {}
-    stage = records.get("eval")
+    stage = read_manifest(runs.run(name)).stages.get("eval")
     chosen = {"order": order, "only": only, "candidate": candidate}
 
     def query(**changes: object) -> str:

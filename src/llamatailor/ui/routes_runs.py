@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
 from llamatailor.ui.pages import render
-from llamatailor.ui.runs import STAGE_NAMES, read_json, read_metrics, stage_state, summarize_run
+from llamatailor.ui.runs import STAGE_NAMES, read_json, read_manifest, read_metrics, stage_rows, summarize_run
 from llamatailor.ui.settings import runs_of
 
 router = APIRouter()
@@ -37,21 +37,15 @@ def runs_page(request: Request, sort: str = "updated_at", desc: bool = True) -> 
 def run_page(request: Request, name: str) -> HTMLResponse:
     """A run's stages (status, time, error), its resolved config and its training curves (live)."""
     run = runs_of(request).run(name)
-    manifest = read_json(run.manifest) or {}
-    records = manifest.get("stages") or {}
-    stages = [
-        {**records[stage], "name": stage, "state": stage_state(records[stage])}
-        for stage in STAGE_NAMES
-        if stage in records
-    ]
-    config_text = run.config.read_text(encoding="utf-8") if run.config.is_file() else None
+    manifest = read_manifest(run)
+    config_text = run.config.read_text(encoding="utf-8", errors="replace") if run.config.is_file() else None
     return render(
         request,
         "run.html",
         name=name,
         summary=summarize_run(run),
-        stages=stages,
-        manifest=manifest,
+        stages=stage_rows(manifest),
+        manifest=manifest.fields,
         config_text=config_text,
         section="overview",
     )
@@ -100,7 +94,8 @@ def metrics_json(
         "line": chunk.line,
         "bad_lines": chunk.bad_lines,
         "status": summary.status,
-        "stages": summary.stages,
+        "stages": stage_rows(read_manifest(run)),
+        "problems": summary.problems,
     }
 
 

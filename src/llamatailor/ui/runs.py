@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from llamatailor.rundir import RunDir
+from llamatailor.ui.pages import seconds
 
 STAGE_NAMES = ("prepare", "train", "dpo", "eval", "merge", "export")  # pipeline.STAGES' names, in order
 INTERRUPTED = "interrupted"  # recorded as running, but its process is gone
@@ -35,8 +36,11 @@ class RunSummary:
 
     @property
     def status(self) -> str:
-        """running, interrupted, failed, complete, or new: the run's state in one word."""
+        """running, interrupted, failed, complete, new, or unreadable (a malformed manifest with no stage
+        to show): the run's state in one word."""
         states = set(self.stages.values())
+        if not states and self.problems:
+            return "unreadable"
         for state in ("running", INTERRUPTED, "failed"):
             if state in states:
                 return state
@@ -75,27 +79,88 @@ def stage_state(record: dict[str, Any]) -> str:
     return status
 
 
-def summarize_run(run: RunDir) -> RunSummary:
-    """The runs page's row for `run`: reads manifest.json, config.yaml and eval/metrics.json only."""
-    manifest = read_json(run.manifest) or {}
+@dataclass
+class ManifestView:
+    """What a manifest.json holds, as far as it is well formed: its top-level fields, each stage's record
+    (an object with a string status), and what is wrong with the rest (file and key named)."""
+
+    fields: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+    problems: list[str]
+
+
+def read_manifest(run: RunDir) -> ManifestView:
+    """A run's manifest.json, read without trusting its shape: a file that is not JSON, not an object, or
+    whose stage records are not objects with a status yields problems, never an exception."""
+    try:
+        manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return ManifestView({}, {}, [f"manifest.json: not readable JSON ({exc})"])
+    if not isinstance(manifest, dict):
+        return ManifestView({}, {}, [f"manifest.json: expected an object, found {type(manifest).__name__}"])
+    stages, problems = {}, []
     records = manifest.get("stages") or {}
-    config = _read_yaml(run.config) or {}
-    train = config.get("train") or {}
+    if not isinstance(records, dict):
+        records, problems = {}, ["manifest.json: stages is not an object"]
+    for name, record in records.items():
+        if isinstance(record, dict) and isinstance(record.get("status"), str):
+            stages[name] = record
+        else:
+            problems.append(f"manifest.json: stages.{name} is not a record with a status")
+    return ManifestView(manifest, stages, problems)
+
+
+def stage_rows(manifest: ManifestView) -> list[dict[str, str]]:
+    """The run page's stage table, in pipeline order: name, state (see stage_state), started_at,
+    finished_at, time (formatted) and error, each as text (the page's script rebuilds the table from these
+    while the run goes on)."""
+    rows = []
+    for name in STAGE_NAMES:
+        record = manifest.stages.get(name)
+        if record is not None:
+            rows.append(
+                {
+                    "name": name,
+                    "state": stage_state(record),
+                    "started_at": str(record.get("started_at", "")),
+                    "finished_at": str(record.get("finished_at", "")),
+                    "time": seconds(record.get("seconds")),
+                    "error": str(record.get("error", "")),
+                }
+            )
+    return rows
+
+
+def summarize_run(run: RunDir) -> RunSummary:
+    """The runs page's row for `run`: reads manifest.json, config.yaml and eval/metrics.json only; what is
+    malformed in them goes to `problems` (the row still shows)."""
+    manifest = read_manifest(run)
+    config = _read_yaml(run.config)
+    problems = list(manifest.problems)
+    if run.config.is_file() and not isinstance(config, dict):
+        problems.append("config.yaml: not a YAML mapping")
+    config = config if isinstance(config, dict) else {}
+    model, train = _mapping(config.get("model")), _mapping(config.get("train"))
     summary = RunSummary(
         name=run.root.name,
-        stages={name: stage_state(records[name]) for name in STAGE_NAMES if name in records},
-        seconds=sum(float(record.get("seconds") or 0) for record in records.values()),
-        created_at=str(manifest.get("created_at", "")),
-        updated_at=str(manifest.get("updated_at", "")),
-        base_model=str((config.get("model") or {}).get("base", "")),
+        stages={name: stage_state(manifest.stages[name]) for name in STAGE_NAMES if name in manifest.stages},
+        seconds=sum(_number(record.get("seconds")) or 0.0 for record in manifest.stages.values()),
+        created_at=str(manifest.fields.get("created_at", "")),
+        updated_at=str(manifest.fields.get("updated_at", "")),
+        base_model=str(model.get("base", "")),
         method=str(train.get("method", "")),
+        problems=problems,
     )
     metrics = read_json(run.eval / "metrics.json")
     if isinstance(metrics, dict) and metrics.get("headline"):
         summary.headline = str(metrics["headline"])
-        summary.base_score = _number((metrics.get("base") or {}).get(summary.headline))
-        summary.tuned_score = _number((metrics.get("tuned") or {}).get(summary.headline))
+        summary.base_score = _number(_mapping(metrics.get("base")).get(summary.headline))
+        summary.tuned_score = _number(_mapping(metrics.get("tuned")).get(summary.headline))
     return summary
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _number(value: Any) -> float | None:

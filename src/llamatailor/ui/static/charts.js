@@ -15,13 +15,27 @@ const CURVES = [
 ];
 const PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2", "#65a30d"];
 
+// Tick labels: whole steps only on x; on y three significant digits, small values (a learning rate of
+// 2e-4) in exponent form rather than uPlot's rounding to 0.
+function stepTicks(u, values) {
+  return values.map((v) => (Number.isInteger(v) ? String(v) : ""));
+}
+
+function valueTicks(u, values) {
+  return values.map((v) => {
+    if (v === 0) return "0";
+    const size = Math.abs(v);
+    return size < 1e-3 || size >= 1e6 ? v.toExponential(1) : String(Number(v.toPrecision(3)));
+  });
+}
+
 function chartOptions(title, labels, width) {
   return {
     title: title,
     width: width,
     height: 220,
     scales: {x: {time: false}},
-    axes: [{label: "step"}, {}],
+    axes: [{label: "step", values: stepTicks}, {values: valueTicks, size: 60}],
     series: [{label: "step"}].concat(labels.map((label, i) => ({
       label: label, stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: true,
       points: {show: true, size: 4},
@@ -73,10 +87,13 @@ class Curves {
     }
     if (existing) existing.destroy();
     const id = this.container.id + "-" + curve.id;
-    const holder = document.getElementById(id) || document.createElement("div");
-    holder.id = id;
-    holder.className = "chart";
-    this.container.appendChild(holder);
+    let holder = document.getElementById(id);
+    if (!holder) {  // a new chart goes last; a redrawn one keeps its place
+      holder = document.createElement("div");
+      holder.id = id;
+      holder.className = "chart";
+      this.container.appendChild(holder);
+    }
     this.charts[curve.id] = new uPlot(chartOptions(curve.title, present.map(([, label]) => label), chartWidth(this.container)), data, holder);
   }
 }

@@ -28,6 +28,36 @@ function follow(container, source, registry, onChunk) {
   poll();
 }
 
+// The stage table, rebuilt from the metrics answer's `stages` rows (text only) when they change.
+function showStages(rows) {
+  const table = document.getElementById("stage-table");
+  const body = table.querySelector("tbody");
+  const key = JSON.stringify(rows);
+  if (body.dataset.shown === key) return;
+  body.dataset.shown = key;
+  body.replaceChildren(...rows.map((row) => {
+    const tr = document.createElement("tr");
+    tr.dataset.stage = row.name;
+    const cells = [["", row.name], ["badge", row.state], ["time", row.started_at], ["time", row.finished_at], ["num", row.time], ["error", row.error]];
+    for (const [cls, text] of cells) {
+      const td = document.createElement("td");
+      if (cls && cls !== "badge") td.className = cls;
+      if (cls === "badge") {
+        const badge = document.createElement("span");
+        badge.className = "state " + row.state;
+        badge.textContent = text;
+        td.appendChild(badge);
+      } else {
+        td.textContent = text;
+      }
+      tr.appendChild(td);
+    }
+    return tr;
+  }));
+  table.hidden = rows.length === 0;
+  document.getElementById("no-stages").hidden = rows.length > 0;
+}
+
 (function () {
   const sft = document.getElementById("charts");
   if (!sft) return;
@@ -35,6 +65,7 @@ function follow(container, source, registry, onChunk) {
   const note = document.getElementById("curves-note");
   follow(sft, "sft", "llamatailorCharts", (chunk, curves) => {
     document.getElementById("no-metrics").hidden = curves.byStep.size > 0;
+    showStages(chunk.stages);
     statusBadge.textContent = chunk.status;
     statusBadge.className = "status " + chunk.status;
     const bad = chunk.bad_lines.length ? `metrics.jsonl lines not JSON: ${chunk.bad_lines.join(", ")}` : "";
