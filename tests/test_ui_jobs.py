@@ -138,12 +138,15 @@ def test_form_shows_plans_verdict_as_it_is_edited(ui, browser):
     assert browser.find_element(By.ID, "plan-verdict").text.endswith("no method fits one such GPU")
     assert [_plan_cell(browser, "fits", method) for method in ("full", "lora", "qlora")] == ["no", "no", "no"]
 
-    _fill(browser, "model.base", str(ui.model.parent / "no-such-model"))  # the planner cannot size it
-    wait_for(
-        lambda: "is not a known alias" in browser.find_element(By.ID, "plan-error").text, 10, "plan's message"
+    missing = ui.model.parent / "no-such-model"  # neither planned nor started: a problem of its field
+    _fill(browser, "model.base", str(missing))
+    wait_for(lambda: "model.base" in _problems(browser), 10, "the model's problem")
+    assert _problems(browser) == {"model.base": f"model.base: {UNKNOWN_MODEL.format(repr(str(missing)))}"}
+    assert (
+        browser.find_element(By.ID, "plan-error").text
+        == "the plan appears when model.base names a model it can read (see Problems)"
     )
-    assert "no-such-model" in browser.find_element(By.ID, "plan-error").text
-    assert _problems(browser) == {}  # a path the planner cannot read is not a schema problem
+    assert not browser.find_element(By.ID, "start-run").is_enabled()
     assert console_errors(browser) == []
 
 
@@ -162,10 +165,12 @@ def test_form_names_the_field_of_each_problem(ui, browser):
     assert browser.find_element(By.ID, "plan-error").text == "the plan appears when the run file is valid"
     _fill(browser, "train.learning_rate", "0.001")
     _fill(browser, "train.lora.r", "8")
-    missing = ui.data.with_name("missing.jsonl")  # checked once the schema accepts the value
+    missing = ui.data.with_name("missing.jsonl")
     _fill(browser, "data.train.0.path", str(missing))
     wait_for(lambda: list(_problems(browser)) == ["data.train.0.path"], 10, "the missing file alone")
-    assert _problems(browser)["data.train.0.path"] == f"data.train.0.path: no such file: '{missing}'"
+    assert _problems(browser)["data.train.0.path"].startswith(
+        f"data.train.0.path: {missing}: data file not found (working directory: "
+    )
     _fill(browser, "data.train.0.path", str(ui.data))
     wait_for(
         lambda: browser.find_element(By.ID, "form-state").get_attribute("data-count") == "0", 10, "fixed"
@@ -173,6 +178,91 @@ def test_form_names_the_field_of_each_problem(ui, browser):
     assert not browser.find_elements(By.CSS_SELECTOR, ".field-error")
     assert console_errors(browser) == []
     assert not list(ui.runs.iterdir())  # checking writes nothing
+
+
+UNKNOWN_MODEL = (
+    "{} is not a known alias (smollm2-135m-instruct), an existing folder, a .gguf file, or a hub id of the "
+    "form organisation/name"
+)
+UNSUPPORTED = "{}: unsupported file type {!r}; expected .jsonl, .ndjson, .json, .csv, .parquet"
+
+
+def _ready(browser):
+    return browser.find_element(By.ID, "form-state").get_attribute("data-count") == "0"
+
+
+def test_unknown_model_and_unsupported_file_are_refused_with_the_schemas_problems(ui, browser):
+    _fill_minimum(browser, ui, "form-refused")
+    assert browser.find_element(By.ID, "start-run").is_enabled()
+    _fill(browser, "model.base", "no-such-model-xyz")
+    _fill(browser, "data.train.0.path", "/etc/passwd")
+    _fill(browser, "train.lora.r", "0")  # a schema problem: the checks above are still listed beside it
+    fields = {"model.base", "data.train.0.path", "train.lora.r"}
+    wait_for(lambda: set(_problems(browser)) == fields, 20, "the three problems")
+    problems = _problems(browser)
+    assert problems["model.base"] == f"model.base: {UNKNOWN_MODEL.format(repr('no-such-model-xyz'))}"
+    assert problems["data.train.0.path"] == f"data.train.0.path: {UNSUPPORTED.format('/etc/passwd', '')}"
+    for field in ("model.base", "data.train.0.path"):
+        note = browser.find_element(By.CSS_SELECTOR, f'[data-schemapath="root.{field}"] .field-error')
+        assert note.text == problems[field]  # beside its field too
+    assert browser.find_element(By.ID, "form-state").text == "3 to fix"
+    assert not browser.find_element(By.ID, "start-run").is_enabled()
+
+    _fill(browser, "train.lora.r", "8")  # the schema accepts it now: the server still refuses the start
+    wait_for(lambda: set(_problems(browser)) == fields - {"train.lora.r"}, 10, "two problems left")
+    assert not browser.find_element(By.ID, "start-run").is_enabled()
+    value = {"name": "form-refused", "model": {"base": "no-such-model-xyz"}}
+    refused = httpx.post(
+        f"{ui.url}/api/runs", json={"config": {**value, "data": {"train": ["/etc/passwd"]}}}, timeout=30
+    )
+    assert refused.status_code == 400
+    assert {error["field"]: error["message"] for error in refused.json()["errors"]} == {
+        "model.base": UNKNOWN_MODEL.format(repr("no-such-model-xyz")),
+        "data.train.0.path": UNSUPPORTED.format("/etc/passwd", ""),
+    }
+    assert not (ui.runs / "form-refused.yaml").exists() and not (ui.runs / "form-refused").exists()
+    assert console_errors(browser) == []
+
+
+def test_a_hub_id_is_accepted_with_a_note(ui):
+    value = {
+        "name": "form-hub",
+        "model": {"base": "some-org/some-model-7b"},
+        "data": {"train": [str(ui.data)]},
+    }
+    answer = httpx.post(f"{ui.url}/api/run-form/validate", json={"config": value}, timeout=30).json()
+    assert answer["errors"] == [] and answer["exists"] is False
+    assert [note["field"] for note in answer["notes"]] == ["model.base"]
+    assert "downloads it from the Hugging Face Hub" in answer["notes"][0]["message"]
+    assert answer["plan_error"].startswith("no architecture for 'some-org/some-model-7b'")  # not cached here
+
+
+def test_the_page_says_it_needs_javascript(ui):
+    page = httpx.get(f"{ui.url}/new", timeout=10).text
+    note = re.search(r"<noscript>(.*?)</noscript>", page, re.DOTALL)
+    assert note and "needs JavaScript" in note[1] and "<code>llamatailor run RUN.yaml</code>" in note[1]
+
+
+def test_resuming_is_offered_only_for_a_name_that_exists(ui, browser):
+    taken = ui.runs / "form-taken.yaml"
+    _fill_minimum(browser, ui, "form-new")
+    offer = browser.find_element(By.ID, "resume-existing").find_element(By.XPATH, "..")
+    assert not offer.is_displayed()
+    taken.write_text("name: form-taken\n")
+    try:
+        _fill(browser, "name", "form-taken")
+        wait_for(lambda: "name" in _problems(browser), 10, "the name's problem")
+        assert _problems(browser)["name"].startswith(f"name: a run named 'form-taken' exists ({taken})")
+        assert offer.is_displayed() and not browser.find_element(By.ID, "start-run").is_enabled()
+        offer.click()  # ticked: the name may be reused, the run file replaced
+        wait_for(lambda: _ready(browser), 10, "no problems once resuming")
+        assert offer.is_displayed() and browser.find_element(By.ID, "start-run").is_enabled()
+        _fill(browser, "name", "form-new-2")
+        wait_for(lambda: not offer.is_displayed(), 10, "the offer hidden for a new name")
+        assert not browser.find_element(By.ID, "resume-existing").is_selected()
+        assert console_errors(browser) == []
+    finally:
+        taken.unlink()
 
 
 def _log_text(browser):

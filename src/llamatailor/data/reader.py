@@ -88,7 +88,7 @@ def read_source(source: DataFile, max_record_bytes: int) -> Iterator[RawRecord]:
     if source.hub is not None:
         records: Iterable[RawRecord] = _hub(source)
     else:
-        records = _file(_checked_path(source), max_record_bytes)
+        records = _file(checked_path(source), max_record_bytes)
     from_csv = source.path is not None and source.path.suffix.lower() == ".csv"
     for record in records:
         if record.error is None:
@@ -110,7 +110,9 @@ def _ours(record: RawRecord, columns: dict[str, str], from_csv: bool, max_record
     return _decoded_cells(value) if from_csv else value
 
 
-def _checked_path(source: DataFile) -> Path:
+def checked_path(source: DataFile) -> Path:
+    """A local data file's path, once its type is one the reader reads and it exists (the UI's form asks
+    the same before it writes a run file). Raises DataError naming the file and what was expected."""
     path = source.path
     assert path is not None
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:

@@ -72,21 +72,25 @@ def run_form_schema(request: Request) -> dict[str, Any]:
 
 @router.post("/api/run-form/validate")
 def validate_form(request: Request, body: FormRequest) -> dict[str, Any]:
-    """The form's problems ({field, message} each) and, where the schema accepts it, `plan`'s verdict for
-    one GPU of `gpu_mem_gib` GiB; a model the planner cannot size gives `plan_error`, its message."""
-    config, problems = check_form(body.config, runs_of(request).root, body.resume)
+    """The form's problems and notes ({field, message} each), whether a run of its name `exists` (the page
+    then offers to resume it), and, where the schema accepts it and model.base resolves, `plan`'s verdict
+    for one GPU of `gpu_mem_gib` GiB; else, or for a model the planner cannot size, `plan_error`."""
+    check = check_form(body.config, runs_of(request).root, body.resume)
     plan, plan_error = None, None
     gpu = body.gpu_mem_gib
     if gpu is None or not 0 < gpu <= MAX_GPU_GIB:
         plan_error = f"GPU memory: give the GPU's size in GiB, above 0 and at most {MAX_GPU_GIB:g}"
-    elif config is None:
+    elif check.config is None:
         plan_error = "the plan appears when the run file is valid"
+    elif check.model is None:
+        plan_error = "the plan appears when model.base names a model it can read (see Problems)"
     else:
         try:
-            plan = plan_verdict(config, gpu)
+            plan = plan_verdict(check.config, gpu, check.model)
         except LlamatailorError as exc:
             plan_error = str(exc)
-    return {"errors": _errors(problems), "plan": plan, "plan_error": plan_error}
+    answer = {"errors": _errors(check.problems), "notes": _errors(check.notes), "exists": check.exists}
+    return {**answer, "plan": plan, "plan_error": plan_error}
 
 
 @router.post("/api/runs", response_model=None)
@@ -95,9 +99,10 @@ def start_new_run(request: Request, body: FormRequest) -> dict[str, Any] | JSONR
     run` on it. 400 with the problems when the form is not valid; 409 when the run exists and `resume`
     is not set, or when it runs. Answers {name, url: its job page, job}."""
     runs = runs_of(request)
-    config, problems = check_form(body.config, runs.root, body.resume)
-    if config is None or problems:
-        return JSONResponse({"errors": _errors(problems)}, status_code=400)
+    check = check_form(body.config, runs.root, body.resume)
+    config = check.config
+    if config is None or check.problems:
+        return JSONResponse({"errors": _errors(check.problems)}, status_code=400)
     jobs = jobs_of(request)
     try:
         run = _new_run_dir(runs, config.name)

@@ -1,21 +1,25 @@
 """The New run form: the run file's schema (config.RunConfig) made into the form's schema for json-editor, the
-form's value checked by RunConfig (each problem with its field's path and config.py's wording), the run file
+form's value checked by RunConfig and by the checks `llamatailor run` makes first (model.base resolves, the
+data files are readable; each problem with its field's path and the checking code's wording), the run file
 it writes, and `plan`'s verdict for a GPU size."""
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
-from llamatailor.config import DataFile, RunConfig, describe_error
-from llamatailor.errors import LlamatailorError
+from llamatailor.config import DataFile, ModelSection, RunConfig, Section, describe_error
+from llamatailor.data.reader import checked_path
+from llamatailor.errors import DataError, LlamatailorError, ModelLoadError
 from llamatailor.ui.pages import number
+from llamatailor.vocabulary import SPLITS
 
 # Sections a first run leaves alone: the form shows them folded.
 FOLDED: set[tuple[str, ...]] = {("dpo",), ("eval",), ("export",), ("train", "quantization")}
@@ -29,6 +33,9 @@ FIRST: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 # Array items' labels ("file 1", "Add file"), by their section's class name; others are "item".
 ITEM_TITLES = {DataFile.__name__: "file"}
+MODEL_FIELD = "model.base"
+HUB_NOTE = "a hub id: not checked here (offline); the run downloads it from the Hugging Face Hub"
+SectionT = TypeVar("SectionT", bound=Section)
 
 
 class FormConflict(LlamatailorError):
@@ -181,22 +188,48 @@ def starting_value(runs_root: Path) -> dict[str, Any]:
     }
 
 
-def check_form(
-    value: dict[str, Any], runs_root: Path, resume: bool = False
-) -> tuple[RunConfig | None, list[FieldError]]:
-    """The form's value as a RunConfig (output_dir: `runs_root`; None where the schema refuses it) and its
-    problems; a run may start only when there are none.
+@dataclass(frozen=True)
+class FormCheck:
+    """The form's value checked (`check_form`): `config`, None where the schema refuses it; `problems` (a run
+    may start only without any); `notes` on accepted fields; `model`, model.base as `resolve_source` resolved
+    it (a local folder or a hub id), None where it did not; `exists`, whether a run of the form's name is in
+    the runs folder (its run file or its run directory)."""
 
-    Besides the schema (each pydantic error with its key path and config.py's wording): a local training,
-    val or test file must exist (relative paths are read from the UI's working directory, as `llamatailor
-    run` started by the UI reads them), and the name must not be taken by a run file or run directory in
-    `runs_root` unless `resume`.
+    config: RunConfig | None
+    problems: list[FieldError]
+    notes: list[FieldError]
+    model: str | None
+    exists: bool
+
+
+def check_form(value: dict[str, Any], runs_root: Path, resume: bool = False) -> FormCheck:
+    """The form's value checked as `llamatailor run` would check it before its stages need it.
+
+    Besides the schema (each pydantic error with its key path and config.py's wording): model.base must
+    resolve (`resolve_source`: an alias, a local model folder or a .gguf file, checked offline; a hub id is
+    accepted with a note), a local training, val or test file must pass the data reader's check (a supported
+    file type, an existing file; relative paths are read from the UI's working directory, as `llamatailor
+    run` started by the UI reads them), and the name must not be taken in `runs_root` unless `resume`.
+    These run on each part that is valid on its own, so they are listed beside the schema's problems.
     """
     try:
-        config = RunConfig.model_validate({**value, SERVER_SET: str(runs_root)})
+        config: RunConfig | None = RunConfig.model_validate({**value, SERVER_SET: str(runs_root)})
+        problems: list[FieldError] = []
     except ValidationError as exc:
-        return None, [_field_error(error) for error in exc.errors()]
-    return config, [*_missing_files(config), *([] if resume else _name_taken(config.name, runs_root))]
+        config, problems = None, [_field_error(error) for error in exc.errors()]
+    model: str | None = None
+    notes: list[FieldError] = []
+    section = _alone(ModelSection, value.get("model", {}))
+    if section is not None:
+        model, model_problems, notes = _model_check(section.base)
+        problems += model_problems
+    problems += [problem for field, item in _data_files(value) for problem in _file_problems(field, item)]
+    name = value.get("name")
+    name_valid = isinstance(name, str) and all(problem.field != "name" for problem in problems)
+    taken = _taken(str(name), runs_root) if name_valid else []
+    if taken and not resume:
+        problems.append(_name_taken(str(name), taken))
+    return FormCheck(config, problems, notes, model, bool(taken))
 
 
 def _field_error(error: Any) -> FieldError:
@@ -204,32 +237,61 @@ def _field_error(error: Any) -> FieldError:
     return FieldError(".".join(loc) or "(top level)", describe_error(error, loc))
 
 
-def _missing_files(config: RunConfig) -> list[FieldError]:
-    problems = []
-    for split in ("train", "val", "test"):
-        for index, item in enumerate(getattr(config.data, split)):
-            if item.path is None or item.path.is_file():
-                continue
-            where = "" if item.path.is_absolute() else f" (relative paths are read from {Path.cwd()})"
-            # pydantic reads an empty path as "."
-            problem = (
-                "give the file's path" if item.path == Path() else f"no such file: {str(item.path)!r}{where}"
-            )
-            problems.append(FieldError(f"data.{split}.{index}.path", problem))
-    return problems
+def _alone(section: type[SectionT], raw: Any) -> SectionT | None:
+    """`raw` as `section` where it is valid on its own, else None (the schema's problems name why)."""
+    try:
+        return section.model_validate(raw)
+    except ValidationError:
+        return None
 
 
-def _name_taken(name: str, runs_root: Path) -> list[FieldError]:
-    taken = [path for path in (runs_root / f"{name}.yaml", runs_root / name) if path.exists()]
-    if not taken:
-        return []
-    return [
-        FieldError(
-            "name",
-            f"a run named {name!r} exists ({', '.join(str(path) for path in taken)}): choose another name, "
-            f"or resume it from its page (/runs/{name}/job)",
-        )
-    ]
+def _model_check(base: str) -> tuple[str | None, list[FieldError], list[FieldError]]:
+    """(model.base resolved, its problems, its notes): `resolve_source`'s verdict, the rule `prepare` and
+    `plan` follow (a GGUF file is converted once, as they would)."""
+    # Imported here: it imports torch, which the UI's other pages do not need to start.
+    from llamatailor.models.source import resolve_source
+
+    try:
+        source = resolve_source(base)
+    except ModelLoadError as exc:
+        return None, [FieldError(MODEL_FIELD, str(exc).removeprefix(f"{MODEL_FIELD}: "))], []
+    notes = [FieldError(MODEL_FIELD, HUB_NOTE)] if source.kind == "hub" else []
+    return source.location, [], notes
+
+
+def _data_files(value: dict[str, Any]) -> Iterator[tuple[str, DataFile]]:
+    """(field path, input) of each local input of the form's data splits that is valid on its own."""
+    data = value.get("data")
+    if not isinstance(data, dict):
+        return
+    for split in SPLITS:
+        items = data.get(split)
+        for index, raw in enumerate(items if isinstance(items, list) else []):
+            item = _alone(DataFile, raw)
+            if item is not None and item.path is not None:
+                yield f"data.{split}.{index}.path", item
+
+
+def _file_problems(field: str, item: DataFile) -> list[FieldError]:
+    if item.path == Path():  # pydantic reads an empty path as "."
+        return [FieldError(field, "give the file's path")]
+    try:
+        checked_path(item)  # the reader's own rule: a supported file type, then an existing file
+    except DataError as exc:
+        return [FieldError(field, str(exc))]
+    return []
+
+
+def _taken(name: str, runs_root: Path) -> list[Path]:
+    return [path for path in (runs_root / f"{name}.yaml", runs_root / name) if path.exists()]
+
+
+def _name_taken(name: str, taken: list[Path]) -> FieldError:
+    return FieldError(
+        "name",
+        f"a run named {name!r} exists ({', '.join(str(path) for path in taken)}): choose another name, "
+        f"or resume it from its page (/runs/{name}/job)",
+    )
 
 
 def write_run_file(value: dict[str, Any], runs_root: Path, name: str, replace: bool) -> Path:
@@ -256,17 +318,18 @@ def write_run_file(value: dict[str, Any], runs_root: Path, name: str, replace: b
     return path
 
 
-def plan_verdict(config: RunConfig, gpu_mem_gib: float) -> dict[str, Any]:
+def plan_verdict(config: RunConfig, gpu_mem_gib: float, model: str | None = None) -> dict[str, Any]:
     """`llamatailor plan`'s verdict for this run on one GPU of `gpu_mem_gib` GiB, for the page: the chosen
     method's fit in a sentence, each method's total and memory terms in GiB (`number`'s 4 significant
-    digits), the recommendation and the advice. Raises LlamatailorError (ConfigError, ModelLoadError)
-    for a model the planner cannot size, naming it."""
+    digits), the recommendation and the advice. `model`: model.base already resolved (FormCheck.model;
+    None: the planner resolves it). Raises LlamatailorError (ConfigError, ModelLoadError) for a model the
+    planner cannot size, naming it."""
     # Imported here: the planner imports torch, which the UI's other pages do not need to start.
     from llamatailor.plan.memory import GIB
     from llamatailor.plan.options import build_plan
     from llamatailor.plan.verdict import plan_as_dict
 
-    plan = plan_as_dict(build_plan(config, model=None, gpu_mem_gib=gpu_mem_gib, gpus=1, sharding="none"))
+    plan = plan_as_dict(build_plan(config, model=model, gpu_mem_gib=gpu_mem_gib, gpus=1, sharding="none"))
     method = config.train.method
     methods = {
         label: {

@@ -1,6 +1,7 @@
 // The New run page: json-editor draws the form from the run file's schema (/api/run-form/schema); each edit
 // (debounced) asks the server to check the value with the schema and to plan it for the GPU size given;
-// problems are listed by field and shown under their fields; the button writes the run file and starts it.
+// problems are listed by field and shown under their fields (notes under theirs); the button, enabled only
+// without problems, writes the run file and starts it; resuming is offered only for a name that is taken.
 "use strict";
 
 (function () {
@@ -8,6 +9,7 @@
   if (!holder) return;
   const gpu = document.getElementById("gpu-mem");
   const resume = document.getElementById("resume-existing");
+  const resumeLabel = resume.closest("label");
   const startButton = document.getElementById("start-run");
   const DEBOUNCE_MS = 400;
   let editor = null;
@@ -47,8 +49,18 @@
     return null;
   }
 
-  function showProblems(errors) {
-    document.querySelectorAll(".field-error").forEach((node) => node.remove());
+  // A note under its field's editor (or its nearest drawn ancestor's).
+  function noteUnder(field, text, className) {
+    const fieldEditor = editorOf(field);
+    if (!fieldEditor || !fieldEditor.container) return;
+    const note = element("p", `${field}: ${text}`, className);
+    note.dataset.field = field;
+    fieldEditor.container.append(note);
+  }
+
+  function showProblems(errors, notes) {
+    document.querySelectorAll(".field-error, .field-note").forEach((node) => node.remove());
+    for (const note of notes) noteUnder(note.field, note.message, "field-note muted");
     const list = document.getElementById("form-errors");
     list.replaceChildren();
     for (const problem of errors) {
@@ -56,13 +68,9 @@
       item.dataset.field = problem.field;
       item.append(element("code", problem.field), document.createTextNode(": " + problem.message));
       list.append(item);
-      const fieldEditor = editorOf(problem.field);
-      if (fieldEditor && fieldEditor.container) {
-        const note = element("p", `${problem.field}: ${problem.message}`, "field-error");
-        note.dataset.field = problem.field;
-        fieldEditor.container.append(note);
-      }
+      noteUnder(problem.field, problem.message, "field-error");
     }
+    startButton.disabled = errors.length > 0;
     const state = document.getElementById("form-state");
     state.textContent = errors.length ? `${errors.length} to fix` : "none: ready to start";
     state.dataset.count = String(errors.length);
@@ -117,10 +125,20 @@
       const answer = await postJson("/api/run-form/validate", body);
       if (mine !== asked) return; // a newer check is on its way
       if (!answer.ok) throw new Error(answer.data.error || `HTTP ${answer.status}`);
-      showProblems(answer.data.errors);
+      showProblems(answer.data.errors, answer.data.notes);
       showPlan(answer.data.plan, answer.data.plan_error);
+      showResume(answer.data.exists);
     } catch (error) {
       if (mine === asked) document.getElementById("form-state").textContent = "cannot check: " + error.message;
+    }
+  }
+
+  // The offer to resume appears only while a run of the form's name exists; hidden, it is not asked.
+  function showResume(exists) {
+    resumeLabel.hidden = !exists;
+    if (!exists && resume.checked) {
+      resume.checked = false;
+      schedule();
     }
   }
 
@@ -138,10 +156,10 @@
       window.location.assign(answer.data.url);
       return;
     }
-    if (answer.data.errors) showProblems(answer.data.errors);
     failure.textContent = answer.data.error || "the run file has problems: see the list above";
     failure.hidden = false;
     startButton.disabled = false;
+    if (answer.data.errors) showProblems(answer.data.errors, []);
   }
 
   async function load() {
