@@ -22,9 +22,8 @@ from llamatailor.generation.prompts import TokenizerPrompter
 from llamatailor.models.loading import load_saved_tokenizer
 from llamatailor.rundir import write_json
 from llamatailor.serve.target import DEFAULT_CONTEXT, trained_context
-from ui_support import XSS, UiServer, console_errors, screenshot, wait_for
+from ui_support import DEMO, XSS, UiServer, console_errors, needs_demo_screenshots, screenshot, wait_for
 
-DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"  # `make demo`'s run, where it was made
 PROMPT = f"What comes after 7? {XSS}"
 MAX_NEW_TOKENS = 24
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}  # as the test process (conftest): the same float sums, same argmax
@@ -166,7 +165,7 @@ def test_chat_runs_page_and_a_run_without_a_trained_model(chat_ui, browser):
     assert unknown.status_code == 400 and unknown.json()["detail"] == "run 'tiny' has no model 'nope'"
 
 
-@pytest.mark.skipif(not DEMO.is_dir(), reason="needs the demo run (`make demo`) for its screenshot")
+@needs_demo_screenshots
 def test_demo_chat_screenshot(tmp_path, browser):
     runs = tmp_path / "runs"
     (runs / "demo").mkdir(parents=True)

@@ -2,21 +2,30 @@
 headless Chromium against the real server."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 import yaml
 from selenium.webdriver.common.by import By
+from typer.testing import CliRunner
 
 from helpers import alpaca_rows, write_jsonl, write_run_file
-from ui_support import XSS, UiServer, console_errors, raw_get, screenshot, wait_for
+from llamatailor.cli import app
+from ui_support import (
+    DEMO,
+    XSS,
+    UiServer,
+    console_errors,
+    needs_demo_screenshots,
+    raw_get,
+    screenshot,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +185,11 @@ def test_host_origin_and_key_checks(ui, tmp_path):
         keyed.stop()
 
 
-def test_ui_refuses_another_address_without_a_key(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "llamatailor", "ui", "--runs", str(tmp_path), "--host", "0.0.0.0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "LLAMATAILOR_API_KEY"},
-    )
-    assert result.returncode != 0
-    assert "--api-key" in result.stderr + result.stdout
+def test_ui_refuses_another_address_without_a_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("LLAMATAILOR_API_KEY", raising=False)
+    result = CliRunner().invoke(app, ["ui", "--runs", str(tmp_path), "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "binding beyond this machine needs --api-key" in result.output
 
 
 def _steps_in(path):
@@ -255,7 +259,6 @@ def _chart_steps(browser):
     )
 
 
-DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"
 DEMO_FILES = (
     "manifest.json",
     "config.yaml",
@@ -272,14 +275,10 @@ DEMO_FILES = (
 )
 
 
+@needs_demo_screenshots
 def test_the_demo_run_as_shown(browser, tmp_path):
-    """`make demo`'s run (when this checkout has one): the headline and every GGUF's retention as the files
-    say; the pictures docs/ui.md shows for the runs, run, data and export pages."""
-    manifest = DEMO / "manifest.json"
-    if not manifest.is_file() or json.loads(manifest.read_text())["stages"].get("export", {}).get(
-        "status"
-    ) != ("complete"):
-        pytest.skip("needs a finished `make demo` run in runs/demo")
+    """`make demo`'s run: the headline and every GGUF's retention as the files say; the pictures docs/ui.md
+    shows for the runs, run, data and export pages."""
     runs = tmp_path / "runs"
     for name in DEMO_FILES:
         if (DEMO / name).is_file():
@@ -353,21 +352,11 @@ def test_ui_refuses_a_port_in_use_and_a_file_as_runs_folder(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "llamatailor", "ui", "--runs", str(tmp_path), "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert result.returncode == 2
-    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in result.stderr
-    assert "open http" not in result.stdout
+        result = CliRunner().invoke(app, ["ui", "--runs", str(tmp_path), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in result.output
+    assert "open http" not in result.output
     afile = tmp_path / "data.jsonl"
     afile.write_text("{}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "llamatailor", "ui", "--runs", str(afile)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2 and "a file, not a folder of runs" in result.stderr
+    result = CliRunner().invoke(app, ["ui", "--runs", str(afile)])
+    assert result.exit_code == 2 and "a file, not a folder of runs" in result.output

@@ -71,6 +71,15 @@ def raw_get(port: int, path: str) -> tuple[int, str]:
         connection.close()
 
 
+DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"
+# The tests that copy `make demo`'s run exist for docs/ui.md's pictures: they run under `make ui-screenshots`
+# (and never in CI, which has no demo run), sparing the suite two real 135M models.
+needs_demo_screenshots = pytest.mark.skipif(
+    not (os.environ.get("LLAMATAILOR_UI_SCREENSHOTS") and (DEMO / "manifest.json").is_file()),
+    reason="takes docs/ui.md's pictures of the demo run: `make demo`, then `make ui-screenshots`",
+)
+
+
 def require_browser() -> None:
     """Skip (fail in CI) when Debian's chromium or chromedriver is missing."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
