@@ -707,7 +707,9 @@ def test_disconnecting_client_stops_its_generation(limited_server, stream):
         after = counters(running)
     generated, cancels = (after[name] - before[name] for name in COUNTERS)
     assert cancels == 1, (generated, cancels)
-    assert received.count(b'"text"') - 1 <= generated < (200 if stream else 1000), (received, generated)
+    # Not streaming, the client leaves at a moment it can only guess (the queue's depth, polled): on a busy
+    # machine over 1400 tokens were out by then, so the bound is "stopped before the 1800 asked for".
+    assert received.count(b'"text"') - 1 <= generated < (200 if stream else 1800), (received, generated)
 
 
 def disconnect_early(running, body: bytes, stream: bool) -> bytes:

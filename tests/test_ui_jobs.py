@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import httpx2 as httpx
 import pytest
+import yaml
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
@@ -384,5 +385,56 @@ def test_a_run_started_elsewhere_is_seen_and_not_started_twice(ui):
         assert stopped.status_code == 409 and "nothing to stop" in stopped.json()["error"]
         for path in ("/runs/..%2Felsewhere/job", "/api/runs/no-such-run/log", "/runs/.hidden/job"):
             assert httpx.get(ui.url + path, timeout=10).status_code == 404, path
+    finally:
+        shutil.rmtree(run)
+
+
+def test_resume_writes_into_the_runs_folder_whatever_the_config_says(ui, ui_finished_run, tmp_path):
+    """A copied run's config.yaml names the folder it was made in (or any other): Resume still runs it as
+    <runs>/<name> and writes nothing elsewhere."""
+    run = ui.runs / "moved"
+    shutil.copytree(ui_finished_run, run)
+    elsewhere = tmp_path / "elsewhere"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({**config, "output_dir": str(elsewhere), "name": "other"})
+    )
+    try:
+        started = httpx.post(f"{ui.url}/api/runs/moved/resume", timeout=10)
+        assert started.status_code == 200, started.text
+        answer = wait_for(
+            lambda: (
+                (a := httpx.get(f"{ui.url}/api/runs/moved/log", params={"offset": 0}, timeout=10).json())
+                and a["job"]["state"] not in ("running", "stopping")
+                and a
+            ),
+            timeout=90,
+            what="the resumed run to end",
+        )
+        assert answer["job"]["state"] == "finished", answer
+        assert f'output_dir="{ui.runs.resolve()}"' in answer["text"] and 'name="moved"' in answer["text"]
+        stages = json.loads((run / "manifest.json").read_text())["stages"]
+        assert {stage: record["status"] for stage, record in stages.items()} == {
+            "prepare": "complete",
+            "train": "complete",
+            "eval": "complete",
+        }
+        assert not elsewhere.exists()
+        assert not (ui.runs / "other").exists()
+        page = httpx.get(f"{ui.url}/runs/moved", timeout=10)
+        assert page.status_code == 200
+    finally:
+        shutil.rmtree(run)
+
+
+def test_a_run_just_started_has_its_pages_before_its_manifest(ui):
+    run = ui.runs / "fresh"
+    run.mkdir()
+    (run / "ui-run.log").write_text("=== started\n")
+    try:
+        assert "fresh" in [row["name"] for row in httpx.get(f"{ui.url}/api/runs", timeout=10).json()]
+        page = httpx.get(f"{ui.url}/runs/fresh", timeout=10)
+        assert page.status_code == 200 and "No stage has run yet." in page.text
+        assert httpx.get(f"{ui.url}/api/runs/fresh/metrics", timeout=10).json()["status"] == "new"
     finally:
         shutil.rmtree(run)

@@ -512,7 +512,10 @@ def ui(
         console.print("[yellow]--api-key is shorter than 16 characters: easy to guess on a network[/]")
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     key = f"/?key={api_key}" if api_key else "/"
-    console.print(f"llamatailor ui: runs in {settings.runs.root}; open http://{shown}:{port}{key}")
+    # soft_wrap: a long key must not be broken over lines in a log
+    console.print(
+        f"llamatailor ui: runs in {settings.runs.root}; open http://{shown}:{port}{key}", soft_wrap=True
+    )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
 
 

@@ -107,7 +107,10 @@ def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
         # A Ctrl-C or the UI's Stop (SIGINT) carries no message of its own.
         message = str(exc) or ("interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else "")
         record.update(
-            status="failed", error=f"{type(exc).__name__}: {message}", seconds=time.perf_counter() - started
+            status="failed",
+            error=f"{type(exc).__name__}: {message}",
+            finished_at=now_iso(),
+            seconds=round(time.perf_counter() - started, 2),
         )
         run.set_stage_record(stage.name, record)
         raise

@@ -8,6 +8,7 @@ recorded running by a live process (`runs.stage_state`).
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,10 +21,11 @@ from typing import Any
 
 from llamatailor.errors import LlamatailorError
 from llamatailor.rundir import RunDir, now_iso
+from llamatailor.ui.paths import STARTED_LOG
 from llamatailor.ui.runs import read_manifest, stage_state
 
 STOP_GRACE = (10.0, 20.0)  # seconds after the SIGINT: SIGTERM, then SIGKILL
-LOG_NAME = "ui-run.log"
+LOG_NAME = STARTED_LOG
 LOG_CHUNK = 256 * 1024  # bytes a log poll returns at most; the page asks again at once for the rest
 # The log follows the run line by line (no buffering), and rich, which wraps text that goes to a file at 80
 # columns, fills the page's width.
@@ -121,14 +123,21 @@ class Jobs:
         return {job.pid for job in self.jobs.values()}
 
     def start(self, name: str, run_file: Path, run: RunDir) -> Job:
-        """Start `python -m llamatailor run RUN_FILE` in its own session, output appended to
+        """Start `python -m llamatailor run RUN_FILE output_dir=<runs folder> name=<run>` in its own session
+        (so it writes into `run` only, whatever the file says), output appended to
         `<run>/ui-run.log` after a header line. Training stages resume from their newest checkpoint (`run`'s
         default). Raises JobConflict while a job of this name runs here, or a stage of it runs elsewhere."""
         with self.lock:
             self.refuse_running(name, run)
             run.root.mkdir(parents=True, exist_ok=True)
             log = run.root / LOG_NAME
-            command = [sys.executable, "-m", "llamatailor", "run", str(run_file)]
+            # Whatever the run file says, the run writes into this run directory and nowhere else (a copied
+            # run's config.yaml still names the folder it was made in). JSON strings are YAML strings.
+            overrides = [
+                f"output_dir={json.dumps(str(run.root.parent))}",
+                f"name={json.dumps(run.root.name)}",
+            ]
+            command = [sys.executable, "-m", "llamatailor", "run", str(run_file), *overrides]
             started_at = now_iso()
             with log.open("ab") as handle:
                 handle.write(f"\n=== {started_at} llamatailor ui started: {' '.join(command)}\n".encode())

@@ -8,6 +8,7 @@ from llamatailor.errors import LlamatailorError
 from llamatailor.rundir import RunDir
 
 # A run's name as a URL carries it: one folder name, no separators, no leading dot (hidden, `..`).
+STARTED_LOG = "ui-run.log"  # what the UI writes first into a run it starts (ui/jobs.py)
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -31,23 +32,25 @@ class RunsFolder:
         return cls(folder.expanduser().resolve())
 
     def run_names(self) -> list[str]:
-        """Names of the run directories (folders holding a manifest.json), sorted; symlinked runs that lead
-        out of the folder are left out."""
+        """Names of the run directories (folders holding a manifest.json, or the log of a run the UI just
+        started), sorted; symlinked runs that lead out of the folder are left out."""
         if not self.root.is_dir():
             return []
         names = []
         for entry in self.root.iterdir():
-            if RUN_NAME.match(entry.name) and (entry / "manifest.json").is_file() and self._inside(entry):
+            marked = (entry / "manifest.json").is_file() or (entry / STARTED_LOG).is_file()
+            if RUN_NAME.match(entry.name) and marked and self._inside(entry):
                 names.append(entry.name)
         return sorted(names)
 
     def run(self, name: str) -> RunDir:
-        """The run directory `name`. Raises OutsideRunsFolder for a name that is not one folder's name, a
-        folder that is not a run (no manifest.json), or one whose real path is outside the runs folder."""
+        """The run directory `name` (a run just started may have no manifest.json yet). Raises
+        OutsideRunsFolder for a name that is not one folder's name, no such folder, or one whose real path is
+        outside the runs folder."""
         if not RUN_NAME.match(name):
             raise OutsideRunsFolder(f"{name!r} is not a run's name")
         folder = self.root / name
-        if not self._inside(folder) or not (folder / "manifest.json").is_file():
+        if not self._inside(folder) or not folder.is_dir():
             raise OutsideRunsFolder(f"no run {name!r} in {self.root}")
         return RunDir(folder.resolve())
 

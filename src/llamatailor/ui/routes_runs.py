@@ -47,6 +47,7 @@ def run_page(request: Request, name: str) -> HTMLResponse:
         stages=stage_rows(manifest),
         manifest=manifest.fields,
         config_text=config_text,
+        has_loss_plot=run.loss_plot.is_file(),
         section="overview",
     )
 

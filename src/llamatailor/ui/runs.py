@@ -91,7 +91,10 @@ class ManifestView:
 
 def read_manifest(run: RunDir) -> ManifestView:
     """A run's manifest.json, read without trusting its shape: a file that is not JSON, not an object, or
-    whose stage records are not objects with a status yields problems, never an exception."""
+    whose stage records are not objects with a status yields problems, never an exception; no manifest yet
+    (a run just started) is no problem."""
+    if not run.manifest.exists():
+        return ManifestView({}, {}, [])
     try:
         manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -15,18 +15,21 @@ const CURVES = [
 ];
 const PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2", "#65a30d"];
 
-// Tick labels: whole steps only on x; on y three significant digits, small values (a learning rate of
-// 2e-4) in exponent form rather than uPlot's rounding to 0.
+// Tick labels: whole steps only on x. On y as many decimals as the ticks' spacing needs (10.80 and 10.82
+// stay apart), small values (a learning rate of 2e-4) in exponent form rather than rounded to 0.
 function stepTicks(u, values) {
   return values.map((v) => (Number.isInteger(v) ? String(v) : ""));
 }
 
 function valueTicks(u, values) {
-  return values.map((v) => {
-    if (v === 0) return "0";
-    const size = Math.abs(v);
-    return size < 1e-3 || size >= 1e6 ? v.toExponential(1) : String(Number(v.toPrecision(3)));
-  });
+  const spacing = values.length > 1 ? Math.abs(values[1] - values[0]) : Math.abs(values[0] || 1);
+  const largest = Math.max(...values.map((v) => Math.abs(v)));
+  if (largest > 0 && (largest < 1e-3 || largest >= 1e6)) {
+    const digits = Math.max(1, Math.min(6, Math.ceil(Math.log10(largest / spacing))));
+    return values.map((v) => (v === 0 ? "0" : v.toExponential(digits)));
+  }
+  const decimals = spacing > 0 ? Math.max(0, Math.min(8, Math.ceil(-Math.log10(spacing)))) : 0;
+  return values.map((v) => v.toFixed(decimals));
 }
 
 function chartOptions(title, labels, width) {
