@@ -207,7 +207,7 @@ def test_chart_gains_points_while_training(ui, browser, tiny_models, tmp_path):
         [data],
         name="live",
         output_dir=str(runs),
-        train={"max_steps": 150, "save_steps": 75, "eval_steps": 25, "batch_size": 2},
+        train={"max_steps": 100, "save_steps": 50, "eval_steps": 25, "batch_size": 2},
         eval={"max_new_tokens": 2},
     )
     log = (tmp_path / "run.log").open("w")
