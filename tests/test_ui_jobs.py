@@ -141,8 +141,9 @@ def test_form_shows_plans_verdict_as_it_is_edited(ui, browser):
 
     missing = ui.model.parent / "no-such-model"  # neither planned nor started: a problem of its field
     _fill(browser, "model.base", str(missing))
-    wait_for(lambda: "model.base" in _problems(browser), 10, "the model's problem")
-    assert _problems(browser) == {"model.base": f"model.base: {UNKNOWN_MODEL.format(repr(str(missing)))}"}
+    # Clearing the field asks about '' first: wait for the answer about the whole path.
+    expected = {"model.base": f"model.base: {UNKNOWN_MODEL.format(repr(str(missing)))}"}
+    wait_for(lambda: _problems(browser) == expected, 15, "the model's problem")
     assert (
         browser.find_element(By.ID, "plan-error").text
         == "the plan appears when model.base names a model it can read (see Problems)"
@@ -168,9 +169,14 @@ def test_form_names_the_field_of_each_problem(ui, browser):
     _fill(browser, "train.lora.r", "8")
     missing = ui.data.with_name("missing.jsonl")
     _fill(browser, "data.train.0.path", str(missing))
-    wait_for(lambda: list(_problems(browser)) == ["data.train.0.path"], 10, "the missing file alone")
-    assert _problems(browser)["data.train.0.path"].startswith(
-        f"data.train.0.path: {missing}: data file not found (working directory: "
+    not_found = f"data.train.0.path: {missing}: data file not found (working directory: "
+    wait_for(  # clearing the field asks about '' first: wait for the answer about the whole path
+        lambda: (
+            list(problems := _problems(browser)) == ["data.train.0.path"]
+            and problems["data.train.0.path"].startswith(not_found)
+        ),
+        10,
+        "the missing file alone",
     )
     _fill(browser, "data.train.0.path", str(ui.data))
     wait_for(
@@ -199,10 +205,19 @@ def test_unknown_model_and_unsupported_file_are_refused_with_the_schemas_problem
     _fill(browser, "data.train.0.path", "/etc/passwd")
     _fill(browser, "train.lora.r", "0")  # a schema problem: the checks above are still listed beside it
     fields = {"model.base", "data.train.0.path", "train.lora.r"}
-    wait_for(lambda: set(_problems(browser)) == fields, 20, "the three problems")
+    expected = {
+        "model.base": f"model.base: {UNKNOWN_MODEL.format(repr('no-such-model-xyz'))}",
+        "data.train.0.path": f"data.train.0.path: {UNSUPPORTED.format('/etc/passwd', '')}",
+    }
+    wait_for(  # the answers about half-typed values come first: wait for the final ones
+        lambda: (
+            set(problems := _problems(browser)) == fields
+            and all(problems[field] == message for field, message in expected.items())
+        ),
+        20,
+        "the three problems",
+    )
     problems = _problems(browser)
-    assert problems["model.base"] == f"model.base: {UNKNOWN_MODEL.format(repr('no-such-model-xyz'))}"
-    assert problems["data.train.0.path"] == f"data.train.0.path: {UNSUPPORTED.format('/etc/passwd', '')}"
     for field in ("model.base", "data.train.0.path"):
         note = browser.find_element(By.CSS_SELECTOR, f'[data-schemapath="root.{field}"] .field-error')
         assert note.text == problems[field]  # beside its field too
@@ -252,8 +267,10 @@ def test_resuming_is_offered_only_for_a_name_that_exists(ui, browser):
     taken.write_text("name: form-taken\n")
     try:
         _fill(browser, "name", "form-taken")
-        wait_for(lambda: "name" in _problems(browser), 10, "the name's problem")
-        assert _problems(browser)["name"].startswith(f"name: a run named 'form-taken' exists ({taken})")
+        taken_message = f"name: a run named 'form-taken' exists ({taken})"
+        wait_for(
+            lambda: _problems(browser).get("name", "").startswith(taken_message), 10, "the name's problem"
+        )
         assert offer.is_displayed() and not browser.find_element(By.ID, "start-run").is_enabled()
         offer.click()  # ticked: the name may be reused, the run file replaced
         wait_for(lambda: _ready(browser), 10, "no problems once resuming")
