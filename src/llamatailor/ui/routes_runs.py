@@ -43,7 +43,7 @@ def run_page(request: Request, name: str) -> HTMLResponse:
         request,
         "run.html",
         name=name,
-        summary=summarize_run(run),
+        summary=summarize_run(run, manifest),
         stages=stage_rows(manifest),
         manifest=manifest.fields,
         config_text=config_text,
@@ -88,14 +88,15 @@ def metrics_json(
     run = runs_of(request).run(name)
     path = run.metrics if source == "sft" else run.dpo / "metrics.jsonl"
     chunk = read_metrics(path, max(offset, 0), max(line, 1))
-    summary = summarize_run(run)
+    manifest = read_manifest(run)  # once per poll: the summary and the stage rows both come from it
+    summary = summarize_run(run, manifest)
     return {
         "rows": chunk.rows,
         "offset": chunk.offset,
         "line": chunk.line,
         "bad_lines": chunk.bad_lines,
         "status": summary.status,
-        "stages": stage_rows(read_manifest(run)),
+        "stages": stage_rows(manifest),
         "problems": summary.problems,
     }
 

@@ -134,10 +134,10 @@ def stage_rows(manifest: ManifestView) -> list[dict[str, str]]:
     return rows
 
 
-def summarize_run(run: RunDir) -> RunSummary:
+def summarize_run(run: RunDir, manifest: ManifestView | None = None) -> RunSummary:
     """The runs page's row for `run`: reads manifest.json, config.yaml and eval/metrics.json only; what is
     malformed in them goes to `problems` (the row still shows)."""
-    manifest = read_manifest(run)
+    manifest = manifest or read_manifest(run)
     config = _read_yaml(run.config)
     problems = list(manifest.problems)
     if run.config.is_file() and not isinstance(config, dict):
