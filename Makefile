@@ -28,9 +28,10 @@ demo: setup
 
 # Tests run on one torch thread per pytest worker: on 2 cores, 2 threads under contention ran 10-17x slower
 # than 1, while 2 workers of 1 thread each ran the suite in about half the time of one.
+# OMP_NUM_THREADS=1 holds for llama.cpp too (hardware.cpu_threads). --durations: CI's log names the slowest.
 TEST_WORKERS ?= 2
 test: setup lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --durations=25
 
 test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) -m "not slow and not vllm"

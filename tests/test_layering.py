@@ -18,7 +18,7 @@ PACKAGE = "llamatailor"
 # Ground floor first; a module's floor is that of its top-level module or subpackage ("" is the package's
 # own __init__.py). A module may import from its own floor or below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("", "errors", "vocabulary", "hardware", "textfiles", "rundir", "cache", "distributed"),
+    ("", "errors", "vocabulary", "cgroups", "hardware", "textfiles", "rundir", "cache", "distributed"),
     ("config", "stage_contract"),
     ("plots", "models"),
     ("data",),

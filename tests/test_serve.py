@@ -191,11 +191,12 @@ def test_request_log_masks_pii(server):
 
 
 def test_full_queue_answers_429(gguf_file, tmp_path):
-    """One slot, one place in the queue: of 6 requests at once (each about 2 s of generation), one runs, one
-    waits, the others get 429 with Retry-After."""
+    """One slot, one place in the queue: of 6 requests at once (each a few seconds of generation), one runs,
+    one waits, the others get 429 with Retry-After. The waiting one answers after both generations: on a
+    busy CI machine that took over the client's usual 60 s."""
     running = Server(gguf_file, "--slots", "1", "--max-queue", "1", log=tmp_path / "server.log")
     try:
-        client = running.client(key=None)
+        client = running.client(key=None).with_options(timeout=600)
 
         def long_request(n: int) -> int:
             try:

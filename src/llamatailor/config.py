@@ -313,7 +313,12 @@ class Schedule(Section):
     trackers: list[Literal["mlflow", "wandb"]] = Field(
         default_factory=list, description="Besides TensorBoard (always on), when installed."
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's own choice.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch; default: torch's own choice, at most the CPUs this process may use "
+        "(its affinity and cgroup CPU quota).",
+    )
     micro_batch_tokens: Auto | int | None = Field(
         AUTO,
         description="Split a batch into passes of at most this many padded tokens (the same gradient, less "

@@ -1,15 +1,19 @@
 """Settings resolved from the machine a run is on: the compute precision, gradient checkpointing, the
-micro-batch token budget, the memory one process may use, and the answer loss's chunk size.
+micro-batch token budget, the memory one process may use, the CPUs and threads it may use, and the answer
+loss's chunk size.
 
 The planner (`plan`) and the trainer (`train`) both resolve a run's settings here, so what is planned is
-what runs. Ground floor: it imports only `vocabulary` from llamatailor.
+what runs. Ground floor: it imports only `vocabulary`, `errors` and `cgroups` from llamatailor.
 """
 
 import logging
+import os
 
 import psutil
 import torch
 
+from llamatailor.cgroups import cgroup_limits
+from llamatailor.errors import ConfigError
 from llamatailor.vocabulary import AUTO, BF16, FP16, FP32, Auto, Precision, PrecisionSetting
 
 log = logging.getLogger(__name__)
@@ -17,6 +21,7 @@ log = logging.getLogger(__name__)
 CPU_MICRO_BATCH_TOKENS = 2048
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the answer loss: 16M fp32 values, 64 MiB
 MIN_CHUNK_ROWS = 16
+THREADS_ENV = "OMP_NUM_THREADS"
 
 
 def resolve_precision(requested: PrecisionSetting) -> Precision:
@@ -49,10 +54,47 @@ def micro_batch_tokens(setting: Auto | int | None) -> int | None:
 
 
 def available_memory() -> int:
-    """Bytes one training process may use: the first GPU's memory, or the CPU's available RAM."""
+    """Bytes one training process may use: the first GPU's memory, or the CPU's available RAM, capped by
+    what this process's cgroup memory limit leaves (a container's `--memory`)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
-    return psutil.virtual_memory().available
+    free = psutil.virtual_memory().available
+    left = cgroup_limits().memory_left
+    return free if left is None else min(free, left)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may keep busy: its affinity mask (taskset, cpusets, Slurm) capped by its cgroup
+    CPU quota rounded down (threads past a quota are throttled, not run); at least 1. `os.cpu_count()`
+    counts the host's CPUs, of which a container may be given a few."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_limits().cpus
+    return max(1, cpus if quota is None else min(cpus, int(quota)))
+
+
+def cpu_threads() -> int:
+    """Threads for llama.cpp's CPU compute (llama-server, the in-process GGUF engine, the quantizer):
+    OMP_NUM_THREADS when set (the cap torch honours too; its first number where it lists nesting levels),
+    else the usable CPUs capped at the physical cores, as llama.cpp counts by default (a core's second
+    hardware thread adds nothing to its matrix work).
+
+    Raises:
+        ConfigError: OMP_NUM_THREADS is set but is not a positive whole number.
+    """
+    setting = os.environ.get(THREADS_ENV, "").strip()
+    if setting:
+        first = setting.split(",")[0].strip()
+        if not first.isdigit() or int(first) == 0:
+            raise ConfigError(f"{THREADS_ENV}={setting!r}: expected a positive whole number of threads")
+        return int(first)
+    usable = usable_cpus()
+    return min(usable, psutil.cpu_count(logical=False) or usable)
+
+
+def torch_threads(setting: int | None) -> int:
+    """Threads torch computes with on CPU: the run file's `threads` when given, else torch's own choice
+    (OMP_NUM_THREADS, or the physical cores) capped at the usable CPUs."""
+    return setting or min(torch.get_num_threads(), usable_cpus())
 
 
 def chunk_rows(vocab_size: int) -> int:

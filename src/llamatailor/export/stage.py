@@ -3,7 +3,6 @@
 as a GGUF and the run's adapter as a llama.cpp LoRA GGUF (export/gguf_lora.py), checked together. A file
 that fails a gate fails the stage, after the report is written, naming the file and by how much."""
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from llamatailor.export.gguf_lora import (
 from llamatailor.export.merge import build_probe
 from llamatailor.export.ollama import build_modelfile, write_modelfile
 from llamatailor.generation.engines import LlamaCppEngine, TransformersEngine
+from llamatailor.hardware import cpu_threads
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer, load_tuned_model
 from llamatailor.rundir import remove_path, write_json
 from llamatailor.stage_contract import Progress, Stage, files_in, no_progress
@@ -162,7 +162,7 @@ def write_files(config: RunConfig, chat: ChatTokenizer, say: Progress) -> list[t
             write_gguf(run.merged, source, "f32", chat, config.name)
         for gguf_type in quantized:
             say(f"quantizing to {gguf_type}")
-            quantize_gguf(source, run.gguf_file(config.name, gguf_type), gguf_type, os.cpu_count() or 1)
+            quantize_gguf(source, run.gguf_file(config.name, gguf_type), gguf_type, cpu_threads())
         if temporary:
             remove_path(source)
     return [(t, run.gguf_file(config.name, t)) for t in wanted]

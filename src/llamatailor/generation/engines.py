@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from llamatailor.hardware import cpu_threads
+
 BatchCallback = Callable[[int], None]
 
 
@@ -171,7 +173,7 @@ class TransformersEngine:
 
 class LlamaCppEngine:
     """A GGUF file through llama.cpp (llama-cpp-python). `scores` keeps the logits of every position,
-    for `token_logprobs` and `scored_at`."""
+    for `token_logprobs` and `scored_at`; `threads`: llama.cpp's CPU threads (default: `cpu_threads()`)."""
 
     def __init__(
         self, label: str, path: Path, context: int, threads: int | None = None, scores: bool = False
@@ -180,7 +182,12 @@ class LlamaCppEngine:
 
         self.label = label
         self.llm = Llama(
-            model_path=str(path), n_ctx=context, n_threads=threads, logits_all=scores, verbose=False, seed=0
+            model_path=str(path),
+            n_ctx=context,
+            n_threads=threads or cpu_threads(),
+            logits_all=scores,
+            verbose=False,
+            seed=0,
         )
         self.context_length = self.llm.n_ctx()
         self.tokens_generated = 0

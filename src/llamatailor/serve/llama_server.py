@@ -24,6 +24,7 @@ from llamatailor.data.formats import Message
 from llamatailor.errors import ConfigError
 from llamatailor.generation.prompts import Prompter
 from llamatailor.generation.text import Delta, TokenLogprob
+from llamatailor.hardware import usable_cpus
 from llamatailor.serve.backend import (
     SAMPLING_FIELDS,
     Job,
@@ -63,9 +64,9 @@ def find_binary() -> Path:
 
 
 def default_slots() -> int:
-    """Parallel slots when not given: one per core, at least 4 (on a CPU, decoding 4 sequences in one batch
-    costs little more than one; a GPU build is worth more, `--slots`)."""
-    return max(4, os.cpu_count() or 1)
+    """Parallel slots when not given: one per CPU this process may use, at least 4 (on a CPU, decoding 4
+    sequences in one batch costs little more than one; a GPU build is worth more, `--slots`)."""
+    return max(4, usable_cpus())
 
 
 def server_command(

@@ -12,7 +12,6 @@ training, the adapter itself is served, never the model merged from the one befo
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from llamatailor.config import ModelSection, RunConfig, load_config
 from llamatailor.errors import ConfigError
 from llamatailor.export.gguf_lora import lora_gguf_paths
 from llamatailor.generation.prompts import GGUFPrompter, Prompter, TokenizerPrompter
+from llamatailor.hardware import cpu_threads
 from llamatailor.models.loading import ChatTokenizer, load_saved_tokenizer
 from llamatailor.models.source import local_folder
 from llamatailor.serve.backend import Backend
@@ -98,11 +98,10 @@ def gguf_backend(
             raise ConfigError(f"--adapter {adapter}={path}: no such file")
     prompter: Prompter = TokenizerPrompter(chat, system_prompt) if chat else GGUFPrompter(vocabulary(gguf))
     names: dict[str, int | None] = {name: None, **{a: i for i, a in enumerate(options.adapters)}}
-    threads = os.cpu_count() or 1
     slots = options.slots or default_slots()
     loras = list(options.adapters.values())
     context = options.context or min(DEFAULT_CONTEXT, trained_context(gguf))
-    return LlamaServerBackend(gguf, prompter, names, loras, context, slots, threads)
+    return LlamaServerBackend(gguf, prompter, names, loras, context, slots, cpu_threads())
 
 
 def trained_context(gguf: Path) -> int:

@@ -24,7 +24,7 @@ from trl import DPOConfig, DPOTrainer
 
 from llamatailor.config import RunConfig
 from llamatailor.errors import StageError
-from llamatailor.hardware import resolve_precision
+from llamatailor.hardware import resolve_precision, torch_threads
 from llamatailor.models.loading import (
     ChatTokenizer,
     load_base_model,
@@ -94,8 +94,7 @@ def train_dpo(config: RunConfig, resume: bool = False, fresh: bool = False) -> D
             f"DPO continues an SFT adapter, and {sft} has none: run `llamatailor train` first "
             "(DPO after full fine-tuning is not supported)"
         )
-    if dpo.threads:
-        torch.set_num_threads(dpo.threads)
+    torch.set_num_threads(torch_threads(dpo.threads))
     set_seed(config.seed)
     precision = resolve_precision(dpo.precision)
     chat = load_saved_tokenizer(sft, config.model)

@@ -62,7 +62,7 @@ from llamatailor.config import RunConfig
 from llamatailor.data.templating import RenderError, render_for_training
 from llamatailor.distributed import world_size
 from llamatailor.errors import StageError
-from llamatailor.hardware import available_memory, micro_batch_tokens, resolve_precision
+from llamatailor.hardware import available_memory, micro_batch_tokens, resolve_precision, torch_threads
 from llamatailor.models.loading import ChatTokenizer, load_tokenizer
 from llamatailor.models.moe import check_run_model
 from llamatailor.plan.run_setup import fit_warning, planned_peak
@@ -132,8 +132,7 @@ def train_sft(config: RunConfig, resume: bool = False, fresh: bool = False) -> T
     """
     run, train = config.run_dir, config.train
     check_launch()
-    if train.threads:
-        torch.set_num_threads(train.threads)
+    torch.set_num_threads(torch_threads(train.threads))
     set_seed(config.seed)
     precision = resolve_precision(train.precision)
     peak = planned_peak(config)
