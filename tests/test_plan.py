@@ -20,7 +20,13 @@ from llamatailor.errors import ConfigError, ModelLoadError, StageError
 from llamatailor.models.families import FAMILIES
 from llamatailor.models.loading import load_tokenizer
 from llamatailor.models.moe import check_run_model
-from llamatailor.plan.architectures import PRESETS, from_config
+from llamatailor.plan.architectures import (
+    HUB_RELEASES,
+    PRESETS,
+    base_architecture,
+    from_config,
+    load_architecture,
+)
 from llamatailor.plan.inference import inference_estimate
 from llamatailor.plan.memory import (
     GIB,
@@ -485,6 +491,44 @@ def test_a_hub_id_plans_from_the_local_hugging_face_cache(tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["model"] == hub_id and plan["parameters"] == PRESETS["llama-4-scout"].total_params()
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "preset"),
+    [
+        ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b"),
+        ("meta-llama/Meta-Llama-3-70B", "llama-3.1-70b"),
+        ("meta-llama/llama-2-7b-chat-hf", "llama-2-7b"),
+        ("meta-llama/Llama-3.3-70B-Instruct", "llama-3.3-70b"),
+        ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama-4-scout"),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct"),
+    ],
+)
+def test_a_preset_releases_hub_id_plans_without_its_config(monkeypatch, tmp_path, hub_id, preset):
+    """Before anything is downloaded (an empty Hugging Face cache), a release's hub id plans as its preset and
+    says so; the cached config.json wins when there is one (test above)."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    arch = load_architecture(hub_id)
+    assert arch.name == f"{hub_id} (preset {preset})"
+    assert arch.total_params() == PRESETS[preset].total_params() and arch.vocab == PRESETS[preset].vocab
+
+
+def test_hub_releases_name_presets_and_a_near_miss_is_suggested(monkeypatch, tmp_path):
+    assert set(HUB_RELEASES) <= set(PRESETS)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"did you mean 'meta-llama/Llama-3\.1-8B-Instruct'\?$"):
+        load_architecture("meta-llama/Llama-3.1-8B-Instruc")
+    with pytest.raises(ModelLoadError, match=r"release$"):
+        load_architecture("someone/some-model")
+
+
+def test_a_run_files_alias_is_planned_under_its_own_name():
+    """The embedded alias resolves to a converted folder named after its GGUF file; the plan says the alias."""
+    arch = base_architecture("smollm2-135m-instruct")
+    assert (
+        arch.name == "smollm2-135m-instruct"
+        and arch.total_params() == PRESETS["smollm2-135m-instruct"].total_params()
+    )
 
 
 @pytest.mark.parametrize(

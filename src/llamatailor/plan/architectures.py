@@ -3,6 +3,7 @@
 Numbers are the models' published configurations (Hugging Face `config.json` of each release).
 """
 
+import difflib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from llamatailor.errors import ModelLoadError
 from llamatailor.models.moe import local_config_json, moe_layout
+from llamatailor.models.source import resolve_source
 
 LLAMA4_NO_ROPE_EVERY = 4  # transformers' default no_rope_layer_interval: every 4th layer has no RoPE
 LLAMA4_ATTENTION_CHUNK = 8192  # transformers' default attention_chunk_size (RoPE layers)
@@ -253,8 +255,43 @@ def _with_llama4_moe(arch: Architecture, text: dict[str, Any]) -> Architecture:
     )
 
 
+# The hub releases each preset's shape is: base and instruct ("-Instruct" is added to each name but Llama 2's
+# and 3.3's), under Meta's current and earlier repository names (Llama 3 and 3.1 share their shapes).
+HUB_RELEASES: dict[str, tuple[str, ...]] = {
+    "llama-2-7b": ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf"),
+    "llama-2-13b": ("meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-13b-chat-hf"),
+    "llama-2-70b": ("meta-llama/Llama-2-70b-hf", "meta-llama/Llama-2-70b-chat-hf"),
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B",),
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B",),
+    "llama-3.1-8b": ("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
+    "llama-3.1-70b": (
+        "meta-llama/Meta-Llama-3-70B",
+        "meta-llama/Meta-Llama-3.1-70B",
+        "meta-llama/Llama-3.1-70B",
+    ),
+    "llama-3.1-405b": ("meta-llama/Meta-Llama-3.1-405B", "meta-llama/Llama-3.1-405B"),
+    "llama-3.3-70b": ("meta-llama/Llama-3.3-70B-Instruct",),
+    "llama-4-scout": ("meta-llama/Llama-4-Scout-17B-16E",),
+    "llama-4-maverick": ("meta-llama/Llama-4-Maverick-17B-128E",),
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M",),
+}
+
+
+def hub_presets() -> dict[str, str]:
+    """Hub id, as its repository spells it -> the preset of its shape (HUB_RELEASES). A fine-tune keeps its
+    base's shape but not its id: it is planned from its cached config.json or a folder."""
+    found = {}
+    for preset, names in HUB_RELEASES.items():
+        for name in names:
+            found[name] = preset
+            if "Llama-2" not in name and not name.endswith("-Instruct"):
+                found[f"{name}-Instruct"] = preset
+    return found
+
+
 def load_architecture(spec: str) -> Architecture:
-    """A preset name, a folder with config.json, or a hub id whose config.json is in the local cache.
+    """A preset name, a folder with config.json, a hub id whose config.json is in the local cache, or the
+    hub id of a release a preset describes (`hub_presets`; its cached config.json wins when there is one).
 
     Raises:
         ModelLoadError: `spec` is none of these (nothing is downloaded), or its config.json lacks a key.
@@ -266,7 +303,25 @@ def load_architecture(spec: str) -> Architecture:
         folder = Path(spec).expanduser()
         name = folder.name if path.parent == folder else spec
         return from_config(name, json.loads(path.read_text(encoding="utf-8")))
+    releases = hub_presets()
+    preset = {name.lower(): preset for name, preset in releases.items()}.get(spec.lower())
+    if preset is not None:
+        return replace(PRESETS[preset], name=f"{spec} (preset {preset})")
+    close = difflib.get_close_matches(spec, [*PRESETS, *releases], n=1, cutoff=0.8)
     raise ModelLoadError(
         f"no architecture for {spec!r}: not a preset ({', '.join(PRESETS)}), a folder with config.json, "
-        "or a hub id whose config.json is in the local Hugging Face cache"
+        "a hub id whose config.json is in the local Hugging Face cache, or the hub id of a preset's release"
+        + (f"; did you mean {close[0]!r}?" if close else "")
     )
+
+
+def base_architecture(base: str) -> Architecture:
+    """The architecture of a run file's `model.base`, named as the run file names it (an alias or GGUF file
+    resolves to a converted folder whose name means nothing to the user).
+
+    Raises:
+        ModelLoadError: as `load_architecture`, or `base` is no kind of model source (`resolve_source`).
+    """
+    location = resolve_source(base).location
+    arch = load_architecture(location)
+    return arch if location == base else replace(arch, name=base)

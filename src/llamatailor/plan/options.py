@@ -8,8 +8,7 @@ import torch
 from llamatailor.config import RunConfig
 from llamatailor.errors import ConfigError
 from llamatailor.hardware import available_memory
-from llamatailor.models.source import resolve_source
-from llamatailor.plan.architectures import load_architecture
+from llamatailor.plan.architectures import base_architecture, load_architecture
 from llamatailor.plan.inference import INFERENCE_CONTEXT
 from llamatailor.plan.memory import GIB, Setup
 from llamatailor.plan.run_setup import setup_from_config
@@ -65,7 +64,7 @@ def build_plan(
         ModelLoadError: no architecture for the model (`load_architecture`).
     """
     if config is not None:
-        arch = load_architecture(model or resolve_source(config.model.base).location)
+        arch = load_architecture(model) if model else base_architecture(config.model.base)
         setup = setup_from_config(config, arch)
     elif model is None:
         raise ConfigError("plan needs --model (a preset, a model folder or a cached hub id) or a run file")

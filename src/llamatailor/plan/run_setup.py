@@ -7,8 +7,7 @@ import torch
 from llamatailor.config import RunConfig
 from llamatailor.errors import ConfigError, ModelLoadError
 from llamatailor.hardware import micro_batch_tokens, resolve_precision, use_gradient_checkpointing
-from llamatailor.models.source import resolve_source
-from llamatailor.plan.architectures import Architecture, load_architecture
+from llamatailor.plan.architectures import Architecture, base_architecture
 from llamatailor.plan.memory import GIB, Setup, estimate
 from llamatailor.vocabulary import AUTO, EXPERTS, TRAIN_SPLIT
 
@@ -59,7 +58,7 @@ def planned_peak(config: RunConfig) -> int | None:
         ConfigError: the train section names a method, precision or optimizer the planner has no rule for.
     """
     try:
-        arch = load_architecture(resolve_source(config.model.base).location)
+        arch = base_architecture(config.model.base)
     except ModelLoadError:
         return None
     report = config.run_dir.data_report
