@@ -152,10 +152,10 @@ def test_a_real_cgroup_quota_and_memory_limit_bound_the_process():
     if not groups:
         pytest.skip("this machine does not let the tests make a cgroup (needs root and a writable cgroup fs)")
     try:
-        enter = " ".join(f"echo $$ > {group}/cgroup.procs;" for group in groups)
+        enter = " ".join(f"echo $$ > {group}/cgroup.procs || exit 77;" for group in groups)
         code = "print(usable_cpus(), cpu_threads(), available_memory())"
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-        shown = subprocess.run(
+        result = subprocess.run(
             [
                 "sh",
                 "-c",
@@ -165,8 +165,11 @@ def test_a_real_cgroup_quota_and_memory_limit_bound_the_process():
             capture_output=True,
             text=True,
             env=env,
-            check=True,
-        ).stdout.split()
+        )
+        if result.returncode == 77:
+            pytest.skip(f"this machine does not let a process into a new cgroup: {result.stderr.strip()}")
+        assert result.returncode == 0, result.stderr
+        shown = result.stdout.split()
         assert shown[:2] == ["1", "1"]
         assert 0 < int(shown[2]) <= 2 * GIB
     finally:
