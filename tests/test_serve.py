@@ -756,3 +756,199 @@ def test_disconnecting_client_stops_the_engine_in_this_process(tiny_models, tmp_
     generated, cancels = (after[name] - before[name] for name in COUNTERS)
     assert cancels == 1 and late in (0, 1), (generated, cancels, late)
     assert 3 <= generated < 250, generated
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(server):
+    """llama.cpp skips a token id it does not have (vLLM answers 500): the API refuses it for every engine,
+    naming the id and the vocabulary's size (the tiny model's 49152 tokens); the last id is accepted."""
+    running, _ = server
+    for route in ("chat", "text"):
+        response = post(running, route, {"logit_bias": {"5": 1, "100000": -100, "49152": 3}})
+        assert (response.status_code, response.json()) == (
+            400,
+            {
+                "error": {
+                    "message": "logit_bias: token id 49152 is not in this model's vocabulary of 49152 tokens "
+                    "(ids 0 to 49151)",
+                    "type": "invalid_request_error",
+                    "param": "logit_bias",
+                    "code": None,
+                }
+            },
+        ), route
+        assert post(running, route, {"logit_bias": {"49151": -100}}).status_code == 200
+
+
+SCHEMA_FIELD = "response_format.json_schema.schema"
+BROKEN_SCHEMAS = [  # schema, the error message after "<field>: not a valid JSON schema: " (jsonschema's words)
+    ({"type": "integr"}, "#/type: 'integr' is not valid under any of the given schemas"),
+    (
+        {"type": "object", "properties": {"age": {"type": "integer", "minimum": "0"}}},
+        "#/properties/age/minimum: '0' is not of type 'number'",
+    ),
+    ({"type": "object", "required": "name"}, "#/required: 'name' is not of type 'array'"),
+    ({"type": "object", "properties": [{"name": {"type": "string"}}]}, "#/properties: [{'name'"),
+    ({"anyOf": []}, "#/anyOf: [] should be non-empty"),
+    ({"type": "array", "items": [{"type": "string"}, 5]}, "#/items: [{'type': 'string'}, 5] is not of type"),
+    ({"$ref": "#/$defs/missing"}, "#/$ref: '#/$defs/missing' points at nothing in this schema"),
+    (
+        {"$schema": "http://json-schema.org/draft-07/schema#", "exclusiveMinimum": True},
+        "#/exclusiveMinimum: True",
+    ),
+]
+
+
+def test_invalid_json_schema_is_refused_naming_the_field(server):
+    """A schema the JSON Schema metaschema does not allow (or a $ref to nothing) gets 400 naming
+    response_format's schema field and the keyword's place in the schema, not llama.cpp's 400 without a
+    param; a valid schema with $defs and $ref still constrains the answer."""
+    running, _ = server
+    for schema, message in BROKEN_SCHEMAS:
+        response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        response = post(running, "chat", {"response_format": response_format})
+        error = response.json()["error"]
+        assert (response.status_code, error["param"], error["type"]) == (
+            400,
+            SCHEMA_FIELD,
+            "invalid_request_error",
+        ), schema
+        assert error["message"].startswith(f"{SCHEMA_FIELD}: not a valid JSON schema: {message}"), error
+    valid = {
+        "$defs": {"yes": {"type": "boolean"}},
+        "type": "object",
+        "properties": {"ok": {"$ref": "#/$defs/yes"}},
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": valid}}
+    answer = post(running, "chat", {"response_format": response_format, "max_tokens": 12})
+    assert answer.status_code == 200 and answer_text(answer).startswith("{"), answer.text
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {},
+        {"type": ["string", "null"], "maxLength": 5, "pattern": "^a"},
+        {
+            "type": "object",
+            "properties": {"a/b": {"const": 1}},
+            "required": ["a/b"],
+            "additionalProperties": False,
+        },
+        {"items": [{"type": "integer"}], "additionalItems": False},  # draft 7's tuple form
+        {"prefixItems": [True, {"enum": [1, "x", None]}], "items": False, "minItems": 0},
+        {"type": "number", "exclusiveMinimum": True, "minimum": 0, "multipleOf": 0.5},  # draft 4's bound
+        {"definitions": {"n": {"type": "integer"}}, "oneOf": [{"$ref": "#/definitions/n"}, {"$ref": "#"}]},
+        {"dependencies": {"a": ["b"], "c": {"required": ["d"]}}, "x-vendor": {"type": 5}},
+        {"$defs": {"inner": {"$id": "other.json", "$ref": "#/elsewhere"}}, "$ref": "#/$defs/inner"},
+    ],
+)
+def test_valid_json_schemas_pass_the_check(schema):
+    """Valid schemas of several drafts pass: unknown keywords, draft 4/7 forms without `$schema`, a reference
+    in another resource ($id), which is not looked up."""
+    from llamatailor.serve.json_schema import check_schema
+
+    check_schema(schema)
+
+
+def test_nested_schema_errors_name_their_place():
+    from llamatailor.serve.json_schema import SchemaError, check_schema
+
+    nested = {"allOf": [{"properties": {"x": {"items": {"not": {"minItems": 1.5}}}}}]}
+    with pytest.raises(
+        SchemaError, match=r"^#/allOf/0/properties/x/items/not/minItems: 1.5 is not of type 'integer'"
+    ):
+        check_schema(nested)
+    deep = {"$defs": {"a~b": {"type": "string"}}, "$ref": "#/$defs/a~0b"}
+    check_schema(deep)  # RFC 6901 escapes: ~0 is ~
+    with pytest.raises(SchemaError, match=r"'#/\$defs/a~1b' points at nothing"):
+        check_schema({**deep, "$ref": "#/$defs/a~1b"})
+
+
+def serve_command(target: Path, *options: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`llamatailor serve` that must stop by itself: a refusal (a server that started is killed at `timeout`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "llamatailor", "serve", str(target), *options],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_options_another_engine_uses_are_refused(gguf_file, tiny_models):
+    """--slots is llama.cpp's, --tensor-parallel vLLM's: given where another engine serves the target, each
+    is refused before any engine starts, naming the option, its engine and the engine serving the target."""
+    folder = tiny_models["chatml"]
+    cases = [
+        (
+            gguf_file,
+            ["--tensor-parallel", "2"],
+            "--tensor-parallel 2: only the vllm engine uses it, and this target is served by llama.cpp",
+        ),
+        (
+            folder,
+            ["--slots", "4"],
+            "--slots 4: only the llama.cpp engine uses it, and this target is served by transformers",
+        ),
+        (
+            folder,
+            ["--engine", "transformers", "--tensor-parallel", "2"],
+            "--tensor-parallel 2: only the vllm engine uses it, and this target is served by transformers",
+        ),
+        (
+            folder,
+            ["--engine", "vllm", "--slots", "2"],
+            "--slots 2: only the llama.cpp engine uses it, and this target is served by vllm",
+        ),
+    ]
+    for target, options, message in cases:
+        result = serve_command(target, *options)
+        assert result.returncode == 2 and message in " ".join(result.stderr.split()), (options, result.stderr)
+
+
+def test_port_in_use_is_refused_before_the_engine_starts(gguf_file):
+    """Another server holds the port: exit 2 naming the address, and no engine was started for nothing (the
+    'serving ...' line comes after the engine is up)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = serve_command(gguf_file, "--port", str(port))
+    assert result.returncode == 2, result.stderr
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in " ".join(result.stderr.split())
+    assert "serving" not in result.stdout
+
+
+def metadata_gguf(path: Path, **fields: str) -> Path:
+    """A GGUF file of llama architecture with these string metadata fields and no tensors."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in fields.items():
+        writer.add_string(key.replace("__", "."), value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_that_is_no_lora_adapter_is_refused_as_adapter(gguf_file, tmp_path):
+    """--adapter takes LoRA GGUF files (general.type "adapter", adapter.type "lora"): a full model, another
+    kind of adapter or a file that is no GGUF is refused naming the file and what it is, before llama-server
+    starts; a LoRA adapter given as the model to serve is refused too."""
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("not a model")
+    other = metadata_gguf(tmp_path / "other.gguf", general__type="adapter", adapter__type="control_vector")
+    lora = metadata_gguf(tmp_path / "lora.gguf", general__type="adapter", adapter__type="lora")
+    cases = [
+        (f"x={gguf_file}", f"--adapter x={gguf_file}: a full llama model (general.type not set), not a LoRA"),
+        (
+            f"x={other}",
+            f"--adapter x={other}: a control_vector adapter (adapter.type 'control_vector'), not a",
+        ),
+        (f"x={not_gguf}", f"--adapter x={not_gguf}: cannot read it as a GGUF file"),
+    ]
+    for adapter, message in cases:
+        result = serve_command(gguf_file, "--adapter", adapter)
+        assert result.returncode == 2 and message in " ".join(result.stderr.split()), (adapter, result.stderr)
+    alone = serve_command(lora)
+    assert alone.returncode == 2, alone.stderr
+    assert f"{lora}: a LoRA adapter (general.type 'adapter'), not a model" in " ".join(alone.stderr.split())

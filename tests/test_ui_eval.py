@@ -8,10 +8,12 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+import sacrebleu
+import yaml
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from ui_support import XSS, UiServer, click_and_load, console_errors, screenshot
+from ui_support import XSS, UiServer, by_id, click_and_load, console_errors, page_elements, screenshot
 
 DEMO_EVAL = Path(__file__).resolve().parents[1] / "runs" / "demo" / "eval"  # `make demo`'s, when there
 
@@ -150,6 +152,70 @@ def test_eval_page_shows_the_metrics_and_every_sample(ui, browser, run):
     lines = _all_sample_lines(browser, f"{server.url}/runs/{run}/eval?order=file")
     assert lines == expected
     assert console_errors(browser) == []
+
+
+@pytest.mark.parametrize("run", ["tiny", "crafted"])
+def test_each_sample_names_the_metric_of_its_scores(ui, run):
+    server, runs = ui
+    headline = json.loads((runs / run / "eval" / "metrics.json").read_text())["headline"]
+    html = httpx.get(f"{server.url}/runs/{run}/eval", params={"order": "file"}, timeout=30).text
+    samples = [element for element in page_elements(html) if element.tag == "article"]
+    labels = [
+        label.text for sample in samples for label in sample.find("span") if "score-metric" in label.classes
+    ]
+    written = (
+        len(crafted_samples())
+        if run == "crafted"
+        else len((runs / run / "eval" / "samples.jsonl").read_text().splitlines())
+    )
+    assert labels == [headline] * len(samples) and len(samples) == min(written, 25)
+    assert by_id(html)["sample-metric"].text == headline
+    if run == "tiny":  # what eval wrote: each answer scored alone with the headline metric
+        fields = yaml.safe_load((runs / run / "config.yaml").read_text())["eval"]["json_fields"]
+        for line in (runs / run / "eval" / "samples.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            for model in ("base", "tuned"):
+                assert row[f"{model}_score"] == pytest.approx(
+                    answer_score(headline, row[model], row["reference"], fields), abs=1e-12
+                )
+
+
+def answer_score(metric, answer, reference, fields):
+    """`metric` of one answer, computed here: sacrebleu's sentence chrF / 100, or the F1 of the answer's
+    (field, value) pairs of `fields` against the reference's."""
+    if metric == "chrf":
+        return sacrebleu.sentence_chrf(answer, [reference]).score / 100
+    assert metric == "json_field_f1"
+
+    def pairs(text):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return set()
+        return (
+            {(k, json.dumps(value[k], sort_keys=True)) for k in fields if k in value}
+            if isinstance(value, dict)
+            else set()
+        )
+
+    got, wanted = pairs(answer), pairs(reference)
+    return 2 * len(got & wanted) / (len(got) + len(wanted)) if got or wanted else 0.0
+
+
+def test_the_sample_metric_names_are_what_eval_scores_each_answer_with():
+    """SAMPLE_METRICS names the per-sample score by eval's headline: the headline metric of each answer."""
+    from llamatailor.evaluate.metrics import example_score, headline_metric
+    from llamatailor.ui.eval_view import SAMPLE_METRICS
+
+    cases = {  # (json_fields, answer, reference): scores neither 0 nor 1, so another metric would differ
+        None: ("the cat sat on a mat", "the cat sat on the mat"),
+        ("a", "b"): ('{"a": 1, "b": 3, "c": 0}', '{"a": 1, "b": 2}'),
+    }
+    assert set(SAMPLE_METRICS) == {headline_metric(list(f) if f else None) for f in cases}
+    for fields, (answer, reference) in cases.items():
+        metric = headline_metric(list(fields) if fields else None)
+        score = example_score(answer, reference, list(fields) if fields else None)
+        assert 0 < score < 1 and score == pytest.approx(answer_score(metric, answer, reference, fields or []))
 
 
 def test_a_line_that_is_not_json_is_named_with_its_number(ui, browser):

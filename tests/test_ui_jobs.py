@@ -9,6 +9,9 @@ import platform
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +23,8 @@ from selenium.webdriver.common.keys import Keys
 
 from helpers import alpaca_rows, write_jsonl
 from llamatailor.config import RunConfig, load_config
+from llamatailor.rundir import RunDir, now_iso
+from llamatailor.ui.jobs import LOG_NAME, Job, Jobs, group_alive
 from ui_support import UiServer, console_errors, screenshot, wait_for
 
 GIB = 1024**3
@@ -455,3 +460,83 @@ def test_a_run_just_started_has_its_pages_before_its_manifest(ui):
         assert httpx.get(f"{ui.url}/api/runs/fresh/metrics", timeout=10).json()["status"] == "new"
     finally:
         shutil.rmtree(run)
+
+
+GRACE = (1.0, 2.5)  # the stop's SIGTERM and SIGKILL marks, seconds after its SIGINT (the UI's: 10, 20)
+# A process that ignores the signals named in argv[2:]; argv[1] "leader" first starts a member of its process
+# group (the same program) and names its pid; each says when it is ready, then waits to be ended.
+GROUP_PROGRAM = """
+import signal, subprocess, sys, time
+member = None
+if sys.argv[1] == "leader":
+    member = subprocess.Popen([sys.executable, __file__, "member", *sys.argv[2:]], stdout=subprocess.PIPE)
+    assert member.stdout.readline() == b"ready\\n"
+for name in sys.argv[2:]:
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
+print("ready" if member is None else f"ready {member.pid}", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize(
+    ("ignored", "ender"),
+    [((), signal.SIGINT), (("SIGINT",), signal.SIGTERM), (("SIGINT", "SIGTERM"), signal.SIGKILL)],
+)
+def test_stop_escalates_until_the_process_group_is_gone(tmp_path, ignored, ender):
+    """A real group of two processes (a leader in its own session, as Jobs.start makes it, and its child)
+    that ignore `ignored`: Stop's SIGINT, then SIGTERM and SIGKILL at the GRACE marks, until the group ends
+    (the member, an orphan once its leader ends, may stay a zombie: an init that reaps no orphans, as in
+    some containers, and group_alive counts it ended); the job then says it stopped and which signal ended
+    it, as the job page shows it."""
+    program = tmp_path / "group.py"
+    program.write_text(GROUP_PROGRAM)
+    leader = subprocess.Popen(
+        [sys.executable, str(program), "leader", *ignored],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        word, member = leader.stdout.readline().split()
+        assert word == b"ready"
+        member_pid = int(member)
+        jobs = Jobs(stop_grace=GRACE)
+        job = Job("group", tmp_path / "run.yaml", tmp_path / LOG_NAME, leader, now_iso())
+        jobs.jobs["group"] = job
+        jobs.stop("group")
+        wait_for(
+            lambda: job.exit_code is not None and not group_alive(leader.pid), GRACE[1] + 20, "the group gone"
+        )
+        ended_after = time.monotonic() - job.stop_asked
+        signals = ["SIGINT", "SIGTERM", "SIGKILL"]
+        assert job.signals_sent == signals[: signals.index(ender.name) + 1]
+        assert leader.returncode == -ender
+        assert not group_alive(member_pid)  # gone, or a zombie of the same group
+        view = jobs.view("group", RunDir(tmp_path))
+        assert view["state"] == "stopped" and view["ended_by"] == ender.name
+        assert view["label"] == f"stopped (pid {leader.pid}, ended by {ender.name})"
+        assert ended_after >= [0.0, *GRACE][len(job.signals_sent) - 1]  # no signal before its mark
+    finally:
+        _kill_groups({leader.pid})
+        leader.stdout.close()
+        leader.wait(10)
+
+
+def test_a_group_of_only_zombies_has_ended():
+    """A process that ended but was not reaped (a zombie, as orphans stay in a container whose init reaps
+    none) leaves the group; a live one keeps it."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    try:
+        wait_for(
+            lambda: Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+            10,
+            "a zombie",
+        )
+        assert _group_alive(ended.pid)  # the kernel still counts it a member
+        assert not group_alive(ended.pid)
+        assert group_alive(live.pid)
+    finally:
+        live.kill()
+        live.wait()
+        ended.wait()

@@ -7,6 +7,7 @@ import math
 import shutil
 from urllib.parse import urljoin, urlparse
 
+import httpx2 as httpx
 import pytest
 import yaml
 from selenium.webdriver.common.by import By
@@ -15,7 +16,15 @@ from typer.testing import CliRunner
 
 from llamatailor.cli import app
 from llamatailor.ui.reports import NOT_JSON, PER_PAGE
-from ui_support import XSS, UiServer, click_and_load, console_errors, raw_get, screenshot
+from ui_support import (
+    XSS,
+    UiServer,
+    by_id,
+    click_and_load,
+    console_errors,
+    raw_get,
+    screenshot,
+)
 
 EXTRA_REJECTIONS = 120  # rows appended to the paged run's rejected.jsonl, kinds alternating
 BAD_LINE = 30  # the paged run's rejected.jsonl line that is not JSON
@@ -68,12 +77,34 @@ def paged_copy(runs, folder):
     (runs / "paged" / "data" / "lengths.png").symlink_to(outside)
 
 
+def clean_copy(runs):
+    """runs/clean: the tiny run's manifest and data as prepare writes them when nothing is rejected, cleaned,
+    found or removed (an empty rejected.jsonl, empty counts per split, kept-by-policy counts of 0), and an
+    export report that lists no GGUF file."""
+    shutil.copytree(runs / "tiny" / "data", runs / "clean" / "data")
+    shutil.copy(runs / "tiny" / "manifest.json", runs / "clean" / "manifest.json")
+    path = runs / "clean" / "data" / "report.json"
+    report = json.loads(path.read_text())
+    report["rejected"] = {split: {} for split in report["rejected"]}
+    report["inputs"] = [{**source, "rejected": 0} for source in report["inputs"]]
+    report["pii"] = {**report["pii"], "records": {}, "findings": {}}
+    report["dedup"] = {**report["dedup"], "removed": {}}
+    report["cleaned"], report["kept_by_policy"] = {}, {"empty": 0, "too_short": 0}
+    path.write_text(json.dumps(report))
+    (runs / "clean" / "data" / "rejected.jsonl").write_text("")
+    (runs / "clean" / "gguf").mkdir()
+    (runs / "clean" / "gguf" / "export_report.json").write_text(
+        json.dumps({"headline": "chrf", "files": [], "failures": []})
+    )
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, ui_finished_run):
     folder = tmp_path_factory.mktemp("ui-reports")
     runs = folder / "runs"
     shutil.copytree(ui_finished_run, runs / "tiny")
     paged_copy(runs, folder)
+    clean_copy(runs)
     export_copy(runs, folder)
     server = UiServer(runs, log=folder / "ui.log")
     yield server, runs, folder
@@ -175,6 +206,49 @@ def test_rejected_records_are_paged_and_filtered(ui, browser):
     assert "page=" not in browser.current_url and browser.find_element(By.ID, "page-count").text == "1"
     assert browser.find_elements(By.ID, "length-histogram") == []  # its file is a symlink leading out
     assert console_errors(browser) == []
+
+
+EMPTY_BLOCKS = ("pii-table", "dedup-table", "cleaning-table", "rejected-table", "rejection-filter",
+                "rejection-list", "pager", "retention-table", "gate-table")  # fmt: skip
+
+
+def test_sections_with_nothing_to_list_say_so_in_one_line(ui):
+    server = ui[0]
+    page = by_id(httpx.get(f"{server.url}/runs/clean/data", timeout=30).text)
+    assert page["rejected-none"].text == "Rejected per input split and reason: nothing rejected"
+    assert page["pii-none"].text == "PII mode report: no findings"
+    assert page["dedup-none"].text.startswith("Deduplication exact on") and page["dedup-none"].text.endswith(
+        ": none removed"
+    )
+    assert page["cleaning-none"].text == "Cleaning records changed per step: nothing changed"
+    assert page["no-rejections"].text == "Nothing rejected: data/rejected.jsonl holds no record."
+    assert [key for key in EMPTY_BLOCKS if key in page] == []
+    export = by_id(httpx.get(f"{server.url}/runs/clean/export", timeout=30).text)
+    assert export["no-files"].text == "The report lists no GGUF file."
+    assert export["no-gates"].text == "No gate: the report checks no GGUF file."
+    assert export["no-failures"].text == "The report records no failure."
+    assert [key for key in EMPTY_BLOCKS if key in export] == []
+    # a filter that matches nothing keeps the filter, and says so instead of an empty table
+    filtered = by_id(
+        httpx.get(f"{server.url}/runs/paged/data", params={"q": "no such text"}, timeout=30).text
+    )
+    assert filtered["no-match"].text == "No rejected record matches this filter."
+    assert "rejection-filter" in filtered and "rejection-list" not in filtered and "pager" not in filtered
+
+
+def test_the_rejected_counts_show_when_something_was_rejected(ui):
+    server, runs, _ = ui
+    report = json.loads((runs / "tiny" / "data" / "report.json").read_text())
+    page = by_id(httpx.get(f"{server.url}/runs/tiny/data", timeout=30).text)
+    rows = [
+        (row.attrs["data-split"], row.attrs["data-kind"], row.children[-1].text)
+        for row in page["rejected-table"].find("tr")
+    ]
+    expected = [
+        (split, kind, str(n)) for split, kinds in report["rejected"].items() for kind, n in kinds.items()
+    ]
+    assert rows == expected and expected
+    assert "rejected-none" not in page
 
 
 def expected_gates(check):

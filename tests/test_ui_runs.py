@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 
 import httpx2 as httpx
 import pytest
@@ -20,6 +21,7 @@ from ui_support import (
     DEMO,
     XSS,
     UiServer,
+    by_id,
     console_errors,
     needs_demo_screenshots,
     raw_get,
@@ -91,6 +93,45 @@ def test_runs_sort_by_headline_delta_and_compare(ui, browser, ui_finished_run):
     assert console_errors(browser) == []
     screenshot(browser, "compare")
     shutil.rmtree(second)
+
+
+SORTS = "'name', 'status', 'created_at', 'updated_at', 'seconds', 'base_model', 'method' or 'delta'"
+BAD_QUERIES = {
+    "/?sort=delta&desc=bogus": ["desc: expected true or false, got 'bogus'"],
+    "/?sort=size&desc=1": [f"sort: expected one of {SORTS}, got 'size'"],
+    "/runs/tiny/eval?order=random&page=0": [
+        "order: expected one of 'worst', 'best' or 'file', got 'random'",
+        "page: expected a number ≥ 1, got '0'",
+    ],
+    "/runs/tiny/eval?only=everything": [
+        "only: expected one of 'all', 'regressions' or 'runaway', got 'everything'"
+    ],
+    "/runs/tiny/data?kind=invalid&page=two": ["page: expected a whole number, got 'two'"],
+    f"/?desc={quote(XSS)}": [f"desc: expected true or false, got {XSS!r}"],
+}
+
+
+def test_bad_query_values_answer_a_page_naming_the_parameter(ui):
+    server, _ = ui
+    for address, problems in BAD_QUERIES.items():
+        response = httpx.get(server.url + address, timeout=30)
+        assert response.status_code == 400 and response.headers["content-type"].startswith("text/html"), (
+            address
+        )
+        page = by_id(response.text)
+        assert [item.text for item in page["query-problems"].find("li")] == problems
+        assert page["without-query"].attrs["href"] == address.split("?")[0]
+        assert "<script>" not in response.text
+    api = httpx.get(
+        f"{server.url}/api/runs/tiny/metrics", params={"offset": "x", "source": "sft"}, timeout=30
+    )
+    assert api.status_code == 422 and api.json() == {"detail": "offset: expected a whole number, got 'x'"}
+    for address in (
+        "/?sort=delta&desc=false",
+        "/runs/tiny/eval?order=best&only=regressions&page=9",
+        "/runs/tiny/data?page=9",
+    ):
+        assert httpx.get(server.url + address, timeout=30).status_code == 200, address
 
 
 def test_run_page_shows_stages_config_and_curves(ui, browser):

@@ -7,11 +7,14 @@ Screenshots go to $LLAMATAILOR_UI_SCREENSHOTS when set (`make ui-screenshots` se
 
 import http.client
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,74 @@ def raw_get(port: int, path: str) -> tuple[int, str]:
         return response.status, response.read().decode(errors="replace")
     finally:
         connection.close()
+
+
+VOID_TAGS = frozenset(
+    ("area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr")
+)
+
+
+@dataclass
+class Element:
+    """One element of a page as the server sent it: tag, attributes, its text (descendants' too, spaces
+    collapsed) and its child elements."""
+
+    tag: str
+    attrs: dict[str, str]
+    text: str = ""
+    children: list["Element"] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.attrs.get("class", "").split()
+
+    def find(self, tag: str) -> list["Element"]:
+        """The descendants with tag `tag`, in document order."""
+        found = []
+        for child in self.children:
+            found += ([child] if child.tag == tag else []) + child.find(tag)
+        return found
+
+
+class _Elements(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[Element] = []
+        self.open: list[Element] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, {key: value or "" for key, value in attrs})
+        if self.open:
+            self.open[-1].children.append(element)
+        self.found.append(element)
+        if tag not in VOID_TAGS:
+            self.open.append(element)
+
+    def handle_endtag(self, tag: str) -> None:
+        for index in range(len(self.open) - 1, -1, -1):
+            if self.open[index].tag == tag:
+                del self.open[index:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        for element in self.open:
+            element.text += data
+
+
+def page_elements(html: str) -> list[Element]:
+    """Every element of `html` in document order (the standard library's parser: what a plain HTTP answer
+    holds, without a browser)."""
+    parser = _Elements()
+    parser.feed(html)
+    parser.close()
+    for element in parser.found:
+        element.text = re.sub(r"\s+", " ", element.text).strip()
+    return parser.found
+
+
+def by_id(html: str) -> dict[str, Element]:
+    """The elements of `html` that have an id, by id."""
+    return {element.attrs["id"]: element for element in page_elements(html) if "id" in element.attrs}
 
 
 DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"

@@ -444,6 +444,7 @@ def serve(
     import uvicorn
 
     from llamatailor.serve.app import ServerSettings, create_app
+    from llamatailor.serve.backend import check_port_free
     from llamatailor.serve.target import ENGINES, ServeOptions, build_served, is_loopback, parse_adapters
 
     if engine not in ENGINES:
@@ -453,6 +454,7 @@ def serve(
             f"--host {host}: binding beyond this machine needs --api-key (or LLAMATAILOR_API_KEY)"
         )
     options = ServeOptions(engine, parse_adapters(adapter or []), context, slots, tensor_parallel)  # type: ignore[arg-type]
+    check_port_free(host, port)  # before the engine: starting one takes seconds to minutes
     served = build_served(target, options)
     settings = ServerSettings(api_key, max_body_bytes, max_queue, max_tokens_limit, request_log=log_requests)
     console.print(
@@ -488,8 +490,9 @@ def ui(
     export reports, chat side by side, and a form that starts new runs (docs/ui.md)."""
     import uvicorn
 
+    from llamatailor.serve.backend import check_port_free
     from llamatailor.serve.target import is_loopback
-    from llamatailor.ui.app import check_port_free, create_app
+    from llamatailor.ui.app import create_app
     from llamatailor.ui.paths import RunsFolder
     from llamatailor.ui.security import LOOPBACK_NAMES
     from llamatailor.ui.settings import UiSettings

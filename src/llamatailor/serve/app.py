@@ -288,6 +288,8 @@ class Service:
 
     def job(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Job:
         refuse_unhonoured(body, self.backend)
+        logit_bias = {int(token): bias for token, bias in body.logit_bias.items()}
+        refuse_unknown_tokens(logit_bias, self.backend.vocab_size)
         if body.n > self.backend.slots:  # llama.cpp decodes a request's choices in parallel slots
             raise ApiError(
                 400, f"n: at most {self.backend.slots} choices per request on this server (its slots)", "n"
@@ -303,7 +305,7 @@ class Service:
             body.n,
             body.presence_penalty or 0.0,
             body.frequency_penalty or 0.0,
-            {int(token): bias for token, bias in body.logit_bias.items()},
+            logit_bias,
             body.logprobs_asked(),
             body.json_schema(),
         )
@@ -423,6 +425,19 @@ def refuse_unhonoured(body: ChatCompletionRequest | CompletionRequest, backend: 
                 name,
                 UNSUPPORTED,
             )
+
+
+def refuse_unknown_tokens(logit_bias: dict[int, float], vocab_size: int) -> None:
+    """Raises ApiError (400, param "logit_bias") naming the lowest token id the model does not have. The
+    engines disagree about such an id (llama.cpp skips it, vLLM answers 500): the API decides, alike for all."""
+    outside = sorted(token for token in logit_bias if token >= vocab_size)
+    if outside:
+        raise ApiError(
+            400,
+            f"logit_bias: token id {outside[0]} is not in this model's vocabulary of {vocab_size} tokens "
+            f"(ids 0 to {vocab_size - 1})",
+            "logit_bias",
+        )
 
 
 async def until_disconnected(request: Request) -> None:

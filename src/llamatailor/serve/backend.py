@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llamatailor.data.formats import Message
+from llamatailor.errors import ConfigError
 from llamatailor.generation.text import Delta
 
 # The request fields a backend may apply besides the basics; the names are OpenAI's.
@@ -51,10 +52,12 @@ class Job:
 
 class Backend(Protocol):
     """`slots`: generations run at once (the API queues the rest); `honours`: the SAMPLING_FIELDS it applies;
+    `vocab_size`: the served model's token ids are 0 to vocab_size - 1 (the rows of its logits);
     `tokens_generated`: tokens generated since start, a cancelled generation's included (metrics)."""
 
     description: str
     context_length: int
+    vocab_size: int
     slots: int
     honours: frozenset[str]
 
@@ -94,3 +97,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises ConfigError naming the address when `host`:`port` cannot be bound (another server has it), so
+    that `serve` stops before its engine spends minutes starting. Bound as uvicorn binds it (IPv6 for an
+    address with a colon, SO_REUSEADDR: a port in TIME_WAIT is free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--port {port}: cannot listen on {address} ({exc.strerror or exc}); another server may have it: "
+            "stop it or choose another --port"
+        ) from None

@@ -84,7 +84,8 @@ def server_command(
 
 
 class LlamaServerBackend:
-    """`adapters` maps each model name to the index of its LoRA GGUF in `loras` (None: the base alone)."""
+    """`adapters` maps each model name to the index of its LoRA GGUF in `loras` (None: the base alone);
+    `vocab_size`: the GGUF's token count (llama.cpp's n_vocab)."""
 
     honours = frozenset(SAMPLING_FIELDS)
 
@@ -97,9 +98,10 @@ class LlamaServerBackend:
         context: int,
         slots: int,
         threads: int,
+        vocab_size: int,
     ) -> None:
         self.prompter, self.adapters, self.loras = prompter, adapters, loras
-        self.context_length, self.slots = context, slots
+        self.context_length, self.slots, self.vocab_size = context, slots, vocab_size
         self.description = f"llama-server over {gguf.name}, {slots} slot{'s' if slots > 1 else ''}" + (
             f", adapters {', '.join(n for n, i in adapters.items() if i is not None)}" if loras else ""
         )

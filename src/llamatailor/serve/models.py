@@ -37,10 +37,16 @@ class ServedModels:
     honours: frozenset[str] = frozenset()  # OpenAI's extra sampling fields: none (see serve.backend)
 
     def __init__(
-        self, engine: Engine, prompter: Prompter, adapters: dict[str, str | None], description: str
+        self,
+        engine: Engine,
+        prompter: Prompter,
+        adapters: dict[str, str | None],
+        description: str,
+        vocab_size: int,
     ) -> None:
         self.engine, self.prompter, self.adapters, self.description = engine, prompter, adapters, description
         self.context_length = engine.context_length
+        self.vocab_size = vocab_size
         self.tokens_after_cancel = 0
         self._engine_lock = threading.Lock()  # a closed request's thread finishes before the next starts
 
@@ -122,6 +128,7 @@ def transformers_models(
     engine = TransformersEngine(base_name, model.eval(), chat.tokenizer.pad_token_id)
     names: dict[str, str | None] = {name: name for name in adapters}
     description = f"transformers over {base.base}" + (f" with {', '.join(adapters)}" if adapters else "")
+    vocab_size = model.get_output_embeddings().weight.shape[0]  # the logits' rows, padding rows included
     return ServedModels(
-        engine, TokenizerPrompter(chat, system_prompt), {**names, base_name: None}, description
+        engine, TokenizerPrompter(chat, system_prompt), {**names, base_name: None}, description, vocab_size
     )

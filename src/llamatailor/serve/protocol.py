@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from llamatailor.serve.json_schema import SchemaError, check_schema
+
 MAX_STOP_SEQUENCES = 4
 UNSUPPORTED = "unsupported_value"  # pydantic error type and OpenAI error code of a refused value
 
@@ -119,6 +121,18 @@ class JsonSchema(Strict):
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                check_schema(value)
+            except SchemaError as exc:
+                raise ValueError(f"not a valid JSON schema: {exc}") from None
+            except RecursionError:  # the body cap allows nesting deeper than Python's stack
+                raise ValueError("not a valid JSON schema: nested too deeply") from None
+        return value
 
 
 class ResponseFormat(Strict):

@@ -74,6 +74,7 @@ def build_served(target: Path, options: ServeOptions) -> Backend:
                 "(`llamatailor export` writes one)"
             )
         section = ModelSection(base=str(target))
+        refuse_unused_options("vllm" if options.engine == "vllm" else "transformers", options)
         if options.engine == "vllm":
             context = options.context or folder_context(target)
             return vllm_backend(
@@ -90,26 +91,99 @@ def gguf_backend(
     """llama-server over `gguf`, with each `--adapter NAME=FILE.gguf` as a LoRA a request's `model` chooses;
     prompts by the run's training tokenizer when there is one (export checked that llama.cpp tokenizes
     identically), else by the file's own vocabulary and template."""
+    refuse_unused_options("llama.cpp", options)
     distinct_names(name, options.adapters)
     for adapter, path in options.adapters.items():
         if path.suffix != ".gguf":
             raise ConfigError(f"--adapter {adapter}={path}: a GGUF file is served with LoRA GGUF files")
         if not path.is_file():
             raise ConfigError(f"--adapter {adapter}={path}: no such file")
+        label = f"--adapter {adapter}={path}"
+        refuse_non_lora(label, gguf_metadata(path, label))
+    fields = gguf_metadata(gguf)
+    if fields.get("general.type") == "adapter":
+        raise ConfigError(
+            f"{gguf}: a LoRA adapter (general.type 'adapter'), not a model: serve its base GGUF with "
+            f"--adapter NAME={gguf}"
+        )
     prompter: Prompter = TokenizerPrompter(chat, system_prompt) if chat else GGUFPrompter(vocabulary(gguf))
     names: dict[str, int | None] = {name: None, **{a: i for i, a in enumerate(options.adapters)}}
     slots = options.slots or default_slots()
     loras = list(options.adapters.values())
-    context = options.context or min(DEFAULT_CONTEXT, trained_context(gguf))
-    return LlamaServerBackend(gguf, prompter, names, loras, context, slots, cpu_threads())
+    context = options.context or min(DEFAULT_CONTEXT, metadata_context(fields))
+    return LlamaServerBackend(
+        gguf, prompter, names, loras, context, slots, cpu_threads(), gguf_vocab_size(gguf, fields)
+    )
+
+
+def gguf_metadata(path: Path, label: str | None = None) -> dict[str, Any]:
+    """A GGUF file's metadata (string arrays as their lengths), read without its tensors. Raises ConfigError
+    starting with `label` (default: the path) for a file that is not GGUF."""
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    try:
+        fields, _ = read_gguf_metadata(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{label or path}: cannot read it as a GGUF file ({exc})") from None
+    return dict(fields)
 
 
 def trained_context(gguf: Path) -> int:
-    """The context the model was trained for (`<arch>.context_length`; DEFAULT_CONTEXT when absent)."""
-    from transformers.integrations.gguf.reader import read_gguf_metadata
+    """The context the GGUF's model was trained for (`<arch>.context_length`; DEFAULT_CONTEXT when absent).
+    Raises ConfigError for a file that is not GGUF."""
+    return metadata_context(gguf_metadata(gguf))
 
-    fields, _ = read_gguf_metadata(str(gguf))
+
+def metadata_context(fields: dict[str, Any]) -> int:
+    """`trained_context` from metadata already read."""
     return int(fields.get(f"{fields.get('general.architecture', 'llama')}.context_length") or DEFAULT_CONTEXT)
+
+
+def gguf_vocab_size(gguf: Path, fields: dict[str, Any]) -> int:
+    """llama.cpp's n_vocab: the number of entries in `tokenizer.ggml.tokens` (the reader gives a string
+    array's length unless asked for its strings). Raises ConfigError for a file without a vocabulary."""
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ConfigError(
+            f"{gguf}: no vocabulary (tokenizer.ggml.tokens) in its metadata: not a model to serve"
+        )
+    return len(tokens) if isinstance(tokens, list) else int(tokens)
+
+
+def refuse_non_lora(label: str, fields: dict[str, Any]) -> None:
+    """Raises ConfigError unless the GGUF is a LoRA adapter as llama.cpp loads one (`general.type` "adapter",
+    `adapter.type` "lora", as convert_lora_to_gguf.py and export.gguf_lora write them), saying what it is."""
+    kind, adapter = fields.get("general.type"), fields.get("adapter.type")
+    if kind == "adapter" and adapter == "lora":
+        return
+    if kind == "adapter":
+        what = f"a {adapter or 'untyped'} adapter (adapter.type {adapter!r})"
+    else:
+        architecture = fields.get("general.architecture", "unknown architecture")
+        what = f"a full {architecture} model (general.type {kind or 'not set'})"
+    raise ConfigError(
+        f"{label}: {what}, not a LoRA adapter; --adapter takes a LoRA GGUF (general.type 'adapter', "
+        "adapter.type 'lora': `llamatailor export` with export.lora_gguf, or llama.cpp's "
+        "convert_lora_to_gguf.py), and a full model is served as the TARGET"
+    )
+
+
+OPTION_ENGINES = {"--slots": "llama.cpp", "--tensor-parallel": "vllm"}  # engine-specific options
+
+
+def refuse_unused_options(engine: str, options: ServeOptions) -> None:
+    """Raises ConfigError naming an option that `engine`, the one chosen for the target, would ignore, and
+    the engine that uses it. A value that changes nothing (--tensor-parallel 1, the default) passes."""
+    given = {
+        "--slots": options.slots,
+        "--tensor-parallel": options.tensor_parallel if options.tensor_parallel != 1 else None,
+    }
+    for option, value in given.items():
+        if value is not None and OPTION_ENGINES[option] != engine:
+            raise ConfigError(
+                f"{option} {value}: only the {OPTION_ENGINES[option]} engine uses it, and this target is "
+                f"served by {engine}"
+            )
 
 
 def distinct_names(base: str, adapters: dict[str, Path], run: str | None = None) -> None:
@@ -156,6 +230,7 @@ def run_served(config: RunConfig, options: ServeOptions) -> Backend:
         return gguf_backend(config.name, gguf, chat, system_prompt, options)
     if engine == "llama.cpp":
         raise ConfigError(f"{run.root}: no GGUF export that passed its gates; run `llamatailor export` first")
+    refuse_unused_options("vllm" if engine == "vllm" else "transformers", options)
     merged = not adapters and (run.merged / "config.json").is_file() and stages_current(config, "merge")
     final = run.final(config.dpo.enabled)
     if engine == "vllm":

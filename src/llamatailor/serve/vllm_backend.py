@@ -125,7 +125,8 @@ def server_command(
 class VllmBackend:
     """vLLM's server process (started by `vllm_backend`) and the prompter of the run's training tokenizer.
     `served` lists the model ids a request may name: the merged model's name, or the adapters' names and
-    "base" (the adapters off). `folder` holds the chat template handed to vLLM and its log."""
+    "base" (the adapters off). `folder` holds the chat template handed to vLLM and its log; `model_dir`'s
+    config.json gives the vocabulary size."""
 
     slots = SLOTS
     honours = frozenset(SAMPLING_FIELDS)
@@ -139,11 +140,17 @@ class VllmBackend:
         served: list[str],
         context: int,
         what: str,
+        model_dir: Path,
     ) -> None:
         self.prompter, self.served, self.context_length = prompter, served, context
         self.description = f"vLLM over {what}"
         self.generated = 0
         self.process = EngineProcess("vLLM's server", command, port, folder, START_TIMEOUT_S)
+        try:  # read once vLLM has loaded the folder: for a folder that is no model, vLLM's error says why
+            self.vocab_size = model_vocab_size(model_dir)
+        except BaseException:
+            self.process.stop(timeout_s=STOP_TIMEOUT_S)
+            raise
         self.url = self.process.url
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
 
@@ -278,4 +285,12 @@ def vllm_backend(
     what = f"{model_dir}" + (f" with {', '.join(adapters)}" if adapters else "")
     served = [*adapters, BASE_ID] if adapters else [name]
     prompter = TokenizerPrompter(chat, system_prompt)
-    return VllmBackend(command, folder, port, prompter, served, context, what)
+    return VllmBackend(command, folder, port, prompter, served, context, what, model_dir)
+
+
+def model_vocab_size(model_dir: Path) -> int:
+    """The vocabulary size vLLM checks logit_bias ids against: the text model's `vocab_size` in config.json
+    (vLLM's ModelConfig.get_vocab_size)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size)

@@ -1,15 +1,13 @@
 """`llamatailor ui`: the FastAPI app that serves the dashboard's pages, its JSON routes and its static files."""
 
-import socket
-
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 
-from llamatailor.errors import ConfigError
 from llamatailor.ui import routes_chat, routes_eval, routes_jobs, routes_reports, routes_runs
-from llamatailor.ui.pages import STATIC
+from llamatailor.ui.pages import STATIC, invalid_request
 from llamatailor.ui.paths import OutsideRunsFolder
 from llamatailor.ui.security import Handler, guard
 from llamatailor.ui.settings import UiSettings
@@ -36,17 +34,12 @@ def create_app(settings: UiSettings) -> FastAPI:
     async def _outside(request: Request, exc: OutsideRunsFolder) -> PlainTextResponse:
         return PlainTextResponse(str(exc), status_code=404)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        # a page answers a 400 page naming the parameter, not FastAPI's 422 JSON; /api routes keep JSON
+        return invalid_request(request, exc)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for router in ROUTERS:
         app.include_router(router)
     return app
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Raise ConfigError when `host`:`port` cannot be bound (another server has it), before the address is
-    printed: otherwise the user would open the other server's page."""
-    try:
-        with socket.create_server((host, port)):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None

@@ -8,20 +8,27 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from llamatailor.ui.paths import RUN_NAME, OutsideRunsFolder, RunsFolder
 
-ORDERS = ("worst", "best", "file")  # by delta (tuned_score - base_score) ascending, descending; as written
-FILTERS = (
-    "all",
-    "regressions",
-    "runaway",
-)  # regressions: tuned_score < base_score; runaway: tuned not stopped
+# The samples' orders: by delta (tuned_score - base_score) ascending, descending; as written.
+Order = Literal["worst", "best", "file"]
+# The samples' filters: every one; regressions (tuned_score < base_score); runaway (tuned not stopped).
+Only = Literal["all", "regressions", "runaway"]
+ORDERS: tuple[str, ...] = get_args(Order)
+FILTERS: tuple[str, ...] = get_args(Only)
 PER_PAGE = 25
 REPORT_FILES = ("report.md", "scores.png")  # what eval writes beside its metrics, linked from the page
 SAMPLE_TEXTS = ("prompt", "reference", "base", "tuned")  # the fields every samples.jsonl line must hold
 WORD = re.compile(r"(\S+)(\s*)")
+# What samples.jsonl's base_score and tuned_score measure, by metrics.json's headline: eval scores each
+# answer (evaluate.metrics.example_score) with its headline metric (headline_metric) on that answer alone,
+# chrF at sentence level divided by 100, so 0 to 1 where the metric table's corpus chrF is 0 to 100.
+SAMPLE_METRICS = {
+    "chrf": "chrF of this answer alone (sacrebleu's sentence chrF ÷ 100: 0 to 1)",
+    "json_field_f1": "json_field_f1 of this answer alone (0 to 1)",
+}
 
 Segment = tuple[str, str]  # ("equal" | "ins" | "del", text): text is plain text, escaped by the template
 
@@ -65,6 +72,8 @@ class EvalPage:
     folder: str
     found: bool = False
     headline: str = ""
+    sample_metric: str = "score"  # the per-sample scores' metric (SAMPLE_METRICS), "score" when unknown
+    sample_metric_note: str = ""
     tuned_source: str = ""
     metrics: list[MetricRow] = field(default_factory=list)
     groups: dict[str, list[MetricRow]] = field(default_factory=dict)
@@ -181,6 +190,8 @@ def _read_metrics(page: EvalPage, saved: Any) -> None:
         page.problems.append(f"{label}: no 'base' and 'tuned' metrics")
         return
     page.headline = str(saved.get("headline", ""))
+    if page.headline in SAMPLE_METRICS:
+        page.sample_metric, page.sample_metric_note = page.headline, SAMPLE_METRICS[page.headline]
     page.tuned_source = str(saved.get("tuned_source", ""))
     training = saved.get("training")
     page.training = training if isinstance(training, dict) else {}

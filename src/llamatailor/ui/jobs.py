@@ -3,11 +3,11 @@ signal as a whole, which outlives the UI), its output appended to `<run>/ui-run.
 
 Stopping follows a terminal's Ctrl-C: SIGINT to the group (the trainer stops between steps and
 `pipeline.run_stage` records the stage failed), then SIGTERM after STOP_GRACE[0] seconds and SIGKILL after
-STOP_GRACE[1] if anything of the group is left. A run started elsewhere is seen through its manifest: a stage
+STOP_GRACE[1] if anything of the group is left (`Jobs.stop_grace`). The job records each signal it sent, and
+its label names the signal that ended the process. A run started elsewhere is seen through its manifest: a stage
 recorded running by a live process (`runs.stage_state`).
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -47,6 +47,7 @@ class Job:
     started_at: str
     stop_asked: float | None = None  # time.monotonic() of the stop
     stop_asked_at: str | None = None
+    signals_sent: list[str] = field(default_factory=list)  # by the stop, in order: SIGINT, SIGTERM, SIGKILL
 
     @property
     def pid(self) -> int:
@@ -68,33 +69,73 @@ class Job:
             return "stopped"
         return "finished" if code == 0 else "failed"
 
+    @property
+    def ended_by(self) -> str | None:
+        """The signal that ended the process (SIGTERM, ...), None while it runs or when it exited itself."""
+        code = self.exit_code
+        if code is None or code >= 0:
+            return None
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+
     def as_dict(self) -> dict[str, Any]:
-        """The job for JSON: state, pid, start and stop times (ISO 8601), exit code, run file."""
+        """The job for JSON: state, pid, start and stop times (ISO 8601), exit code, the signal that ended
+        it, the signals the stop sent, run file."""
         return {
             "state": self.state,
             "pid": self.pid,
             "started_at": self.started_at,
             "stop_asked_at": self.stop_asked_at,
             "exit_code": self.exit_code,
+            "ended_by": self.ended_by,
+            "signals_sent": list(self.signals_sent),
             "run_file": str(self.run_file),
         }
 
+    def send(self, signum: signal.Signals) -> None:
+        """Send `signum` to the job's process group and record it (nothing if the group has ended)."""
+        if signal_group(self.pid, signum):
+            self.signals_sent.append(signum.name)
+
 
 def group_alive(pgid: int) -> bool:
-    """Whether any process of group `pgid` is left (one of another user's counts as alive)."""
+    """Whether any process of group `pgid` is left that has not ended (one of another user's counts as
+    alive). A zombie, ended but not yet reaped, does not count: in a container whose init reaps no orphans
+    a run's ended child would otherwise keep its group "alive" for good. Linux: read from /proc."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        return True
+    return any(state != "Z" for group, state in process_groups(proc) if group == pgid)
 
 
-def signal_group(pgid: int, signum: int) -> None:
-    """Send `signum` to process group `pgid`; nothing if it has ended."""
-    with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+def process_groups(proc: Path) -> list[tuple[int, str]]:
+    """(process group, state letter) of every process in `proc` (/proc/PID/stat: the fields after the
+    command's closing parenthesis, state first, then the parent, then the group)."""
+    found = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        found.append((int(fields[2]), fields[0]))
+    return found
+
+
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send `signum` to process group `pgid`; False (nothing sent) if it has ended."""
+    try:
         os.killpg(pgid, signum)
+    except ProcessLookupError:  # ended meanwhile
+        return False
+    return True
 
 
 def outside_pid(run: RunDir, own: set[int]) -> int | None:
@@ -113,6 +154,7 @@ class Jobs:
 
     jobs: dict[str, Job] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop_grace: tuple[float, float] = STOP_GRACE  # seconds after a stop's SIGINT: SIGTERM, then SIGKILL
 
     def get(self, name: str) -> Job | None:
         """The newest job of run `name` this UI started, running or not; None if none."""
@@ -173,6 +215,8 @@ class Jobs:
         if job is not None:
             view = job.as_dict()
             code = "" if view["exit_code"] is None else f", exit code {view['exit_code']}"
+            if view["ended_by"]:
+                code = f", ended by {view['ended_by']}"
             return {**view, "label": f"{view['state']} (pid {job.pid}{code})"}
         pid = outside_pid(run, self.pids())
         if pid is not None:
@@ -180,29 +224,31 @@ class Jobs:
         return {"state": "idle", "label": "not running"}
 
     def stop(self, name: str) -> Job:
-        """SIGINT to the job's process group, then SIGTERM and SIGKILL on a timer (STOP_GRACE) while any of
-        it is left. Raises JobConflict when this UI runs no job of that name."""
+        """SIGINT to the job's process group, then SIGTERM and SIGKILL at the `stop_grace` marks (seconds
+        after the SIGINT) while any of it is left. Raises JobConflict when this UI runs no job of that
+        name."""
         with self.lock:
             job = self.jobs.get(name)
             if job is None or job.exit_code is not None:
                 raise JobConflict(f"this UI runs no job for {name!r}: nothing to stop")
             if job.stop_asked is None:
                 job.stop_asked, job.stop_asked_at = time.monotonic(), now_iso()
-                signal_group(job.pid, signal.SIGINT)
-                threading.Thread(target=_escalate, args=(job,), daemon=True).start()
+                job.send(signal.SIGINT)
+                threading.Thread(target=_escalate, args=(job, self.stop_grace), daemon=True).start()
             return job
 
 
-def _escalate(job: Job) -> None:
-    """Wait for the group to end after the SIGINT; SIGTERM, then SIGKILL, at the STOP_GRACE marks."""
+def _escalate(job: Job, grace: tuple[float, float]) -> None:
+    """Wait for the group to end after the SIGINT; SIGTERM, then SIGKILL, at the `grace` marks (seconds
+    after the SIGINT)."""
     assert job.stop_asked is not None
-    for grace, signum in zip(STOP_GRACE, (signal.SIGTERM, signal.SIGKILL), strict=True):
-        while time.monotonic() < job.stop_asked + grace:
+    for mark, signum in zip(grace, (signal.SIGTERM, signal.SIGKILL), strict=True):
+        while time.monotonic() < job.stop_asked + mark:
             job.process.poll()  # reaps the leader: a zombie would count as a group member
             if not group_alive(job.pid):
                 return
             time.sleep(0.2)
-        signal_group(job.pid, signum)
+        job.send(signum)
     job.process.poll()
 
 

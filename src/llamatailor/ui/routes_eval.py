@@ -7,7 +7,16 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
-from llamatailor.ui.eval_view import FILTERS, ORDERS, candidates, load_eval, page_of, select_samples
+from llamatailor.ui.eval_view import (
+    FILTERS,
+    ORDERS,
+    Only,
+    Order,
+    candidates,
+    load_eval,
+    page_of,
+    select_samples,
+)
 from llamatailor.ui.pages import render
 from llamatailor.ui.runs import read_manifest, stage_state
 from llamatailor.ui.settings import runs_of
@@ -19,18 +28,17 @@ router = APIRouter()
 def eval_page(
     request: Request,
     name: str,
-    order: str = "worst",
-    only: str = "all",
-    page: Annotated[int, Query()] = 1,
+    order: Order = "worst",
+    only: Only = "all",
+    page: Annotated[int, Query(ge=1)] = 1,
     candidate: str = "",
 ) -> HTMLResponse:
     """The eval results of run `name` (or of `candidate`, an `eval --model` evaluation). `order`: worst
     (tuned_score - base_score ascending), best, or file; `only`: all, regressions (tuned below base), or
-    runaway (tuned answers that did not stop); `page`: 1-based, 25 samples a page. 404 for an unknown run."""
+    runaway (tuned answers that did not stop); `page`: 1-based, 25 samples a page (past the last: the last).
+    404 for an unknown run; 400 for another order, filter or a page below 1 (`pages.invalid_request`)."""
     runs = runs_of(request)
     view = load_eval(runs, name, candidate)
-    order = order if order in ORDERS else ORDERS[0]
-    only = only if only in FILTERS else FILTERS[0]
     shown = page_of(select_samples(view.samples, order, only), page)
     stage = read_manifest(runs.run(name)).stages.get("eval")
     chosen = {"order": order, "only": only, "candidate": candidate}

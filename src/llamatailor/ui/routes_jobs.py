@@ -145,7 +145,7 @@ def job_page(request: Request, name: str) -> HTMLResponse:
     and its log (<run>/ui-run.log) following the run."""
     run = _job_run(request, name)
     status, stages = _run_status(run)
-    job = jobs_of(request).view(name, run)
+    jobs = jobs_of(request)
     return render(
         request,
         "job.html",
@@ -153,7 +153,8 @@ def job_page(request: Request, name: str) -> HTMLResponse:
         section="job",
         status=status,
         stages=stages,
-        job=job,
+        job=jobs.view(name, run),
+        grace=jobs.stop_grace,
         log=str(run.root / LOG_NAME),
     )
 
@@ -181,8 +182,8 @@ def _log_path(request: Request, name: str) -> Path | None:
 
 @router.post("/api/runs/{name}/stop", response_model=None)
 def stop_run(request: Request, name: str) -> dict[str, Any] | JSONResponse:
-    """Stop this UI's job of run `name` (SIGINT to its process group, then SIGTERM and SIGKILL on a timer);
-    409 when this UI runs none."""
+    """Stop this UI's job of run `name` (SIGINT to its process group, then SIGTERM and SIGKILL at the
+    `Jobs.stop_grace` marks); 409 when this UI runs none."""
     run = _job_run(request, name)
     jobs = jobs_of(request)
     try:

@@ -2,9 +2,10 @@
 (gguf/export_report.json: the retention table, every gate with its value and limit, the Modelfile, the merge
 checks)."""
 
+from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
 from llamatailor.ui.pages import render
@@ -15,9 +16,12 @@ router = APIRouter()
 
 
 @router.get("/runs/{name}/data", response_class=HTMLResponse)
-def data_page(request: Request, name: str, kind: str = "", q: str = "", page: int = 1) -> HTMLResponse:
-    """The data report of run `name` and page `page` (PER_PAGE records) of its rejected records, filtered by
-    rejection `kind` and by `q`, a text their reason, file or record holds."""
+def data_page(
+    request: Request, name: str, kind: str = "", q: str = "", page: Annotated[int, Query(ge=1)] = 1
+) -> HTMLResponse:
+    """The data report of run `name` and page `page` (PER_PAGE records; past the last: the last) of its
+    rejected records, filtered by rejection `kind` (any text: a kind the file lacks matches nothing) and by
+    `q`, a text their reason, file or record holds. 400 for a page that is not a number from 1."""
     data = load_data(runs_of(request), name, kind, q, page)
     links = {}
     if data.rejections is not None:

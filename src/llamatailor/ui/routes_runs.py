@@ -2,7 +2,7 @@
 the JSON and file routes behind them."""
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
@@ -13,17 +13,17 @@ from llamatailor.ui.settings import runs_of
 
 router = APIRouter()
 
-# The runs page's sortable columns: the query's `sort` value -> the summary's attribute.
-SORT_KEYS = ("name", "status", "created_at", "updated_at", "seconds", "base_model", "method", "delta")
+# The runs page's sortable columns: the query's `sort` value, the summary's attribute.
+SortKey = Literal["name", "status", "created_at", "updated_at", "seconds", "base_model", "method", "delta"]
+SORT_KEYS: tuple[str, ...] = get_args(SortKey)
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "text/plain"}
 
 
 @router.get("/", response_class=HTMLResponse)
-def runs_page(request: Request, sort: str = "updated_at", desc: bool = True) -> HTMLResponse:
-    """Every run under the runs folder, one row each, sorted by `sort` (a SORT_KEYS name)."""
+def runs_page(request: Request, sort: SortKey = "updated_at", desc: bool = True) -> HTMLResponse:
+    """Every run under the runs folder, one row each, sorted by `sort` (a SORT_KEYS name), descending when
+    `desc`; other values answer 400 (`pages.invalid_request`)."""
     runs = runs_of(request)
-    if sort not in SORT_KEYS:
-        sort = "updated_at"
     summaries = [summarize_run(runs.run(name)) for name in runs.run_names()]
     present = [row for row in summaries if getattr(row, sort) is not None]
     present.sort(key=lambda row: getattr(row, sort), reverse=desc)
