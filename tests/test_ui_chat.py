@@ -5,6 +5,7 @@ import json
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx2 as httpx
@@ -22,6 +23,7 @@ from llamatailor.generation.prompts import TokenizerPrompter
 from llamatailor.models.loading import load_saved_tokenizer
 from llamatailor.rundir import write_json
 from llamatailor.serve.target import DEFAULT_CONTEXT, trained_context
+from llamatailor.ui.chat import ChatModel, LoadedModels, ModelsInUse, answer_events
 from ui_support import DEMO, XSS, UiServer, console_errors, needs_demo_screenshots, screenshot, wait_for
 
 PROMPT = f"What comes after 7? {XSS}"
@@ -139,6 +141,107 @@ def test_answers_stream_and_stop_when_the_client_leaves(chat_ui):
     stopped_at = tuned_tokens()["tokens_generated"] - before
     time.sleep(0.5)
     assert 1 <= stopped_at < 200 and tuned_tokens()["tokens_generated"] - before == stopped_at
+
+
+def test_free_memory_drops_the_columns_and_a_prompt_loads_them_again(chat_ui, browser):
+    server, _, _ = chat_ui
+    api = f"{server.url}/api/runs/tiny/chat"
+    columns = ask(browser, server.url + "/runs/tiny/chat", "Count on", 8, timeout=60)
+
+    def answers():
+        return {
+            key: c.find_element(By.CSS_SELECTOR, ".chat-answer").get_property("textContent")
+            for key, c in columns.items()
+        }
+
+    def loaded_on_page():
+        return {
+            key: c.find_element(By.CSS_SELECTOR, ".chat-loaded").get_attribute("data-loaded")
+            for key, c in columns.items()
+        }
+
+    def loaded_by_the_server():
+        return {model["key"]: model["loaded"] for model in httpx.get(api).json()["models"]}
+
+    first = answers()
+    assert first["tuned"] and first["gguf/tiny-f32.gguf"]
+    loaded = {"base": "true", "tuned": "true", "gguf/tiny-f32.gguf": "true", "gguf/tiny-q8_0.gguf": "false"}
+    wait_for(lambda: loaded_on_page() == loaded, what="the page to show the loaded columns")
+    assert loaded_by_the_server() == {key: value == "true" for key, value in loaded.items()}
+    tuned_loaded = columns["tuned"].find_element(By.CSS_SELECTOR, ".chat-loaded").text
+    assert tuned_loaded.startswith("loaded · ") and tuned_loaded.endswith(" tokens generated")
+
+    browser.find_element(By.ID, "chat-free").click()
+    wait_for(lambda: set(loaded_on_page().values()) == {"false"}, what="the page to show no column loaded")
+    assert browser.find_element(By.ID, "chat-memory").text == "freed: base, tuned, GGUF f32"
+    assert set(loaded_by_the_server().values()) == {False}
+    assert columns["tuned"].find_element(By.CSS_SELECTOR, ".chat-loaded").text.startswith("not loaded")
+
+    browser.find_element(By.ID, "chat-send").click()  # the same prompt again: each model loads anew
+    wait_for(
+        lambda: all(c.get_attribute("data-state") in ("done", "error") for c in columns.values()),
+        timeout=60,
+        what="every column to finish again",
+    )
+    assert answers() == first
+    wait_for(lambda: loaded_on_page() == loaded, what="the page to show the columns loaded again")
+    assert console_errors(browser) == []
+
+
+def test_free_memory_is_refused_while_a_column_generates(chat_ui):
+    server, _, _ = chat_ui
+    url = f"{server.url}/api/runs/tiny/chat"
+    body = {"prompt": "Count on", "max_new_tokens": 1500, "models": ["tuned"]}  # about 5 s of tokens
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        lines = response.iter_lines()  # kept: a generator dropped mid-way would close the response
+        while json.loads(next(lines))["event"] != "text":
+            pass
+        refused = httpx.post(f"{url}/free")
+    assert refused.status_code == 409 and refused.json()["busy"] == ["tuned"]
+    assert refused.json()["detail"].startswith("tuned generating: stop it")
+
+    def models():
+        return {model["key"]: model for model in httpx.get(url).json()["models"]}
+
+    wait_for(lambda: not models()["tuned"]["busy"], timeout=10, what="the generation to stop")
+    assert models()["tuned"]["loaded"]
+    cross_site = httpx.post(f"{url}/free", headers={"Origin": "http://elsewhere.example"})
+    assert cross_site.status_code == 403 and models()["tuned"]["loaded"]
+    freed = httpx.post(f"{url}/free")
+    assert freed.status_code == 200 and "tuned" in freed.json()["released"]
+    assert not any(model["loaded"] for model in models().values())
+    again = httpx.post(f"{url}/free")
+    assert again.status_code == 200 and again.json() == {"released": []}
+    assert httpx.post(f"{server.url}/api/runs/nope/chat/free").status_code == 404
+
+
+def test_idle_models_are_dropped_by_the_timer_never_while_in_use(chat_ui):
+    _, config, _ = chat_ui
+    model = ChatModel("gguf/tiny-f32.gguf", "GGUF f32", "", config.run_dir.gguf_file("tiny", "f32"))
+    loaded = LoadedModels(idle_release_s=1.0)
+
+    def answer():
+        events = list(answer_events(loaded, config, [model], "Count on", 8, threading.Event()))
+        assert events[-1]["event"] == "done", events
+        return "".join(event.get("text", "") for event in events)
+
+    first = answer()
+    assert loaded.state(config) == {model.key: {"tokens_generated": 8, "busy": False}}
+    assert loaded.release(config.run_dir.root.parent / "another") == []  # another run's: nothing dropped
+    with loaded.use(config, model) as used:
+        engine = weakref.ref(used.engine)
+        with pytest.raises(ModelsInUse) as refused:
+            loaded.release()
+        assert refused.value.keys == [model.key]
+        time.sleep(1.5)  # past idle_release_s, but in use
+        assert loaded.state(config)[model.key]["busy"] is True
+    del used
+    let_go = time.monotonic()
+    wait_for(lambda: loaded.state(config) == {}, timeout=10, what="the idle timer to drop the model")
+    assert time.monotonic() - let_go >= 0.9  # a second after its last use, not at once
+    assert engine() is None  # no reference left anywhere: llama.cpp's buffers are gone
+    assert answer() == first  # loads again on the next prompt
+    assert loaded.release() == [model.key] and loaded.state(config) == {}
 
 
 def test_chat_runs_page_and_a_run_without_a_trained_model(chat_ui, browser):

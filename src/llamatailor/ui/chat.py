@@ -10,8 +10,15 @@ serve run a run's GGUF: export checked that llama.cpp tokenizes identically); th
 Single-turn: each prompt is a new conversation (no history). The models answer one after another, in the
 columns' order, so each has the whole machine and no more than one model generates at a time; a column
 whose model cannot load or answer says why and the next column goes on.
+
+Each column's model loads on first use and stays loaded for the next prompt (`LoadedModels`) until the
+page's Free memory, `idle_release_s` seconds without use, or another run's chat drops it; a model is never
+dropped while it generates.
 """
 
+import contextlib
+import ctypes
+import gc
 import json
 import threading
 import time
@@ -33,6 +40,7 @@ from llamatailor.ui.paths import OutsideRunsFolder, RunsFolder
 SERVICE = __name__  # the key of the loaded models in `UiSettings.services`
 DEFAULT_MAX_NEW_TOKENS = 256  # as `llamatailor chat`
 MAX_NEW_TOKENS_LIMIT = 2048
+DEFAULT_IDLE_RELEASE_S = 600.0  # models unused this long are dropped: the demo's columns hold about 2.5 GB
 
 Event = dict[str, Any]
 
@@ -94,11 +102,13 @@ def _read_json(path: Path) -> Any:
 
 @dataclass
 class LoadedModel:
-    """A column's engine and prompter; `lock` lets one generation at a time use the engine."""
+    """A column's engine and prompter; `lock` lets one generation at a time use the engine; `users`: the
+    generations holding it now (changed under `LoadedModels`' lock), so it is never closed under them."""
 
     engine: Engine
     prompter: Prompter
     lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
 
 
 def load_model(config: RunConfig, model: ChatModel) -> LoadedModel:
@@ -122,35 +132,134 @@ def load_model(config: RunConfig, model: ChatModel) -> LoadedModel:
     return LoadedModel(engine, prompter)
 
 
+class ModelsInUse(LlamatailorError):
+    """Loaded models cannot be dropped: a generation is using them. `keys`: their columns."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(f"{', '.join(keys)} generating: stop it (or let it finish) before freeing memory")
+        self.keys = keys
+
+
+def free_memory() -> None:
+    """Hands back what dropped models held: Python's reference cycles collected (a model's modules refer to
+    each other, so refcounts alone leave them), torch's cached accelerator blocks emptied, and glibc's free
+    heap trimmed (glibc keeps freed small blocks for reuse; trimming returns whole free pages to the OS)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, musl): that allocator returns memory by its own rules
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def close_engine(engine: Engine) -> None:
+    """Frees what an engine holds outside Python's heap now: llama.cpp's model, context and KV cache
+    (`Llama.close`); a transformers model has nothing to close (its tensors go with its last reference)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
 class LoadedModels:
     """The columns' engines, each loaded on first use and kept for the next prompt. Only one run's are kept
-    (opening another run's chat, or the run's manifest changing, drops them), to bound memory."""
+    (opening another run's chat, or the run's manifest changing, drops them), to bound memory. They are
+    dropped and their memory freed by `release` (the page's Free memory), and by a timer once none has
+    been used for `idle_release_s` seconds (None: never); never while a generation uses them."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_release_s: float | None = DEFAULT_IDLE_RELEASE_S) -> None:
+        self.idle_release_s = idle_release_s
         self._lock = threading.Lock()
         self._run: tuple[Path, int] | None = None
         self._models: dict[str, LoadedModel] = {}
+        self._last_used = time.monotonic()
+        self._timer: threading.Timer | None = None
 
-    def get(self, config: RunConfig, model: ChatModel) -> LoadedModel:
-        """The loaded model of `model`'s column, loading it (one load at a time: the memory peak)."""
+    @contextlib.contextmanager
+    def use(self, config: RunConfig, model: ChatModel) -> Iterator[LoadedModel]:
+        """The loaded model of `model`'s column, loading it (one load at a time: the memory peak); it is
+        not dropped until the block ends, and the idle timer starts again then."""
         with self._lock:
             run = config.run_dir
             key = (run.root, run.manifest.stat().st_mtime_ns)
             if self._run != key:
-                self._run, self._models = key, {}
+                self._drop()
+                self._run = key
             if model.key not in self._models:
                 self._models[model.key] = load_model(config, model)
-            return self._models[model.key]
+            loaded = self._models[model.key]
+            loaded.users += 1
+        try:
+            yield loaded
+        finally:
+            with self._lock:
+                loaded.users -= 1
+                self._last_used = time.monotonic()
+                self._arm(self.idle_release_s)
+
+    def release(self, run: Path | None = None) -> list[str]:
+        """Drops the loaded models (only when they are run folder `run`'s, if given) and frees their
+        memory; the columns dropped. Raises ModelsInUse, dropping none, while a generation uses any."""
+        with self._lock:
+            if run is not None and (self._run is None or self._run[0] != run):
+                return []
+            busy = [key for key, loaded in self._models.items() if loaded.users]
+            if busy:
+                raise ModelsInUse(busy)
+            return self._drop()
 
     def state(self, config: RunConfig) -> dict[str, Event]:
-        """Per loaded column of this run: tokens its engine generated so far and whether it is generating."""
+        """Per loaded column of this run: tokens its engine generated so far and whether a generation uses
+        it now (`busy`)."""
         with self._lock:
             if self._run is None or self._run[0] != config.run_dir.root:
                 return {}
             return {
-                key: {"tokens_generated": loaded.engine.tokens_generated, "busy": loaded.lock.locked()}
+                key: {"tokens_generated": loaded.engine.tokens_generated, "busy": loaded.users > 0}
                 for key, loaded in self._models.items()
             }
+
+    def _drop(self) -> list[str]:
+        """Under `_lock`: forgets every model, closing those no generation holds (one still in use, after
+        another run was opened, goes when its generation lets go of it), then frees the memory."""
+        if self._timer is not None:
+            self._timer.cancel()
+        dropped, self._models, self._run = self._models, {}, None
+        keys = list(dropped)
+        for key in keys:
+            if not dropped[key].users:
+                close_engine(dropped[key].engine)
+        dropped.clear()  # the last references: free_memory then collects what they held
+        if keys:
+            free_memory()
+        return keys
+
+    def _arm(self, delay: float | None) -> None:
+        """Under `_lock`: (re)starts the idle timer, to fire in `delay` seconds."""
+        if delay is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(delay, self._on_idle)
+        self._timer.daemon = True  # a sleeping timer must not keep the process alive at exit
+        self._timer.start()
+
+    def _on_idle(self) -> None:
+        with self._lock:
+            if not self._models or any(loaded.users for loaded in self._models.values()):
+                return  # nothing to drop, or a generation is on: its end starts the timer again
+            idle = time.monotonic() - self._last_used
+            if self.idle_release_s is not None and idle < self.idle_release_s:
+                self._arm(self.idle_release_s - idle)  # used again since this timer started
+                return
+            self._drop()
 
 
 def answer_events(
@@ -169,8 +278,9 @@ def answer_events(
             return
         yield {"model": model.key, "event": "loading"}
         try:
-            for event in _answer(loaded.get(config, model), prompt, max_new_tokens, cancelled):
-                yield {"model": model.key, **event}
+            with loaded.use(config, model) as used:
+                for event in _answer(used, prompt, max_new_tokens, cancelled):
+                    yield {"model": model.key, **event}
         except Exception as exc:  # shown in its column; the other columns go on
             message = str(exc) if isinstance(exc, LlamatailorError) else f"{type(exc).__name__}: {exc}"
             yield {"model": model.key, "event": "error", "message": message}

@@ -1,6 +1,6 @@
 """The chat pages: /chat (the runs with a trained model) and /runs/{name}/chat (one prompt answered side by
-side, see `ui.chat`), and the routes behind them: the columns' state, and the answers as NDJSON lines
-streamed while the models generate."""
+side, see `ui.chat`), and the routes behind them: the columns' state, the answers as NDJSON lines
+streamed while the models generate, and freeing the memory the loaded models hold."""
 
 import asyncio
 import json
@@ -21,6 +21,7 @@ from llamatailor.ui.chat import (
     ChatModel,
     Event,
     LoadedModels,
+    ModelsInUse,
     answer_events,
     chat_models,
     has_trained_model,
@@ -130,6 +131,18 @@ def chat_answers(request: Request, name: str, body: ChatRequest) -> Response:
         return answer_events(loaded, config, chosen, body.prompt, body.max_new_tokens, cancelled)
 
     return StreamingResponse(ndjson_lines(events), media_type="application/x-ndjson")
+
+
+@router.post("/api/runs/{name}/chat/free")
+def chat_free(request: Request, name: str) -> JSONResponse:
+    """Drops the run's loaded models and frees their memory: `released`, the columns dropped (none when
+    none of this run's is loaded); 409 while a column generates (its engine is in use)."""
+    run = runs_of(request).run(name)
+    try:
+        released = loaded_models(request).release(run.root)
+    except ModelsInUse as exc:
+        return JSONResponse({"detail": str(exc), "busy": exc.keys}, status_code=409)
+    return JSONResponse({"released": released})
 
 
 async def ndjson_lines(events: Any) -> AsyncIterator[bytes]:

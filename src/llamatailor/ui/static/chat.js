@@ -1,6 +1,8 @@
 // The chat page: posts one prompt to /api/runs/NAME/chat and fills each model's column from the NDJSON
 // events as they arrive (fetch + ReadableStream). Every text goes in with textContent: markup in a prompt
-// or an answer shows as text. Stop aborts the request; the server then stops generating.
+// or an answer shows as text. Stop aborts the request; the server then stops generating. Each column says
+// whether its model is loaded (from /api/runs/NAME/chat, asked on load, after each prompt and every 10 s:
+// the server drops idle models on its own); Free memory posts /api/runs/NAME/chat/free.
 "use strict";
 
 (function () {
@@ -10,9 +12,38 @@
   const send = document.getElementById("chat-send");
   const stop = document.getElementById("chat-stop");
   const errorBox = document.getElementById("chat-error");
+  const free = document.getElementById("chat-free");
+  const memory = document.getElementById("chat-memory");
+  const api = `/api/runs/${encodeURIComponent(run)}/chat`;
   const columns = new Map();
   for (const section of document.querySelectorAll(".chat-column")) columns.set(section.dataset.model, section);
   let controller = null;
+  let refreshing = false;
+
+  function showLoaded(column, model) {
+    const loaded = column.querySelector(".chat-loaded");
+    loaded.dataset.loaded = model.loaded ? "true" : "false";
+    loaded.textContent = model.loaded
+      ? `loaded · ${model.tokens_generated} tokens generated${model.busy ? " · in use" : ""}`
+      : "not loaded (loads on the next prompt)";
+  }
+
+  async function refreshState() {
+    if (refreshing) return;
+    refreshing = true;
+    try {
+      const response = await fetch(api);
+      if (!response.ok) return;
+      for (const model of (await response.json()).models) {
+        const column = columns.get(model.key);
+        if (column) showLoaded(column, model);
+      }
+    } catch (error) {
+      /* the server is away: the next refresh tries again */
+    } finally {
+      refreshing = false;
+    }
+  }
 
   function setState(column, state, status) {
     column.dataset.state = state;
@@ -71,7 +102,7 @@
 
   async function ask(prompt, maxNewTokens, models) {
     controller = new AbortController();
-    const response = await fetch(`/api/runs/${encodeURIComponent(run)}/chat`, {
+    const response = await fetch(api, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ prompt: prompt, max_new_tokens: maxNewTokens, models: models }),
@@ -100,6 +131,8 @@
     }
     send.disabled = true;
     stop.disabled = false;
+    free.disabled = true;
+    memory.textContent = "";
     try {
       await ask(prompt, maxNewTokens, models);
     } catch (error) {
@@ -110,9 +143,36 @@
       }
       send.disabled = false;
       stop.disabled = true;
+      free.disabled = false;
       controller = null;
+      await refreshState();
     }
   });
+
+  free.addEventListener("click", async () => {
+    errorBox.hidden = true;
+    free.disabled = true;
+    try {
+      const response = await fetch(`${api}/free`, { method: "POST" });
+      const body = await response.text();
+      if (!response.ok) showError(errorText(response.status, body));
+      else {
+        const released = JSON.parse(body).released;
+        const labels = released.map((key) => (columns.has(key) ? columns.get(key).querySelector("h3").textContent : key));
+        memory.textContent = labels.length ? `freed: ${labels.join(", ")}` : "no model was loaded";
+      }
+    } catch (error) {
+      showError("cannot reach the UI server: " + error);
+    } finally {
+      free.disabled = controller !== null;
+      await refreshState();
+    }
+  });
+
+  refreshState();
+  setInterval(() => {
+    if (controller === null) refreshState();
+  }, 10000);
 
   stop.addEventListener("click", () => {
     if (controller) controller.abort();
