@@ -7,8 +7,9 @@ import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from llamatailor.config import ModelSection, load_config, parse_override
+from llamatailor.config import ModelSection, RunConfig, _section_type, load_config, parse_override
 from llamatailor.errors import ConfigError, EncodingError
 
 GOOD = """\
@@ -122,6 +123,50 @@ def test_wrong_type_and_range(tmp_path):
     assert "2 problems" in message
     assert "train.lora.r (run.yaml line 7): got 'eight'" in message
     assert "train.batch_size (run.yaml line 8): got 0: Input should be greater than or equal to 1" in message
+
+
+def _float_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of the run file's float fields under `model` (a dict of floats as `<path>.f16`)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        section = _section_type(field.annotation)
+        if section is not None:
+            keys += _float_keys(section, f"{prefix}{name}.")
+        elif field.annotation is float or float in typing.get_args(field.annotation):
+            keys.append(prefix + name)
+        elif typing.get_origin(field.annotation) is dict and "float" in repr(field.annotation):
+            keys.append(f"{prefix}{name}.f16")
+    return keys
+
+
+def test_every_float_field_refuses_infinity_and_nan(tmp_path):
+    """1e400 overflows to inf and slips past `gt=0`; NaN fails a bound with a misleading message."""
+    keys = _float_keys(RunConfig)
+    assert {"train.epochs", "dpo.beta", "data.dedup.threshold", "export.gates.f16"} <= set(keys)
+    assert len(keys) >= 15
+    judge = ["eval.judge.base_url=http://127.0.0.1:9/v1", "eval.judge.model=judge"]
+    for key in keys:
+        for value, shown in ((".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")):
+            with pytest.raises(ConfigError) as info:
+                load_config(write(tmp_path, GOOD), [*judge, f"{key}={value}"])
+            assert str(info.value).endswith(
+                f"  - {key} (from override '{key}={value}'): got {shown}: Input should be a finite number"
+            ), str(info.value)
+
+
+def test_infinite_and_nan_floats_in_the_run_file_are_refused_by_line(tmp_path):
+    """PyYAML reads 1e400 (no dot) as a string, which pydantic turns into inf."""
+    path = write(
+        tmp_path, GOOD.replace("  learning_rate: 0.001\n", "  epochs: 1e400\n  warmup_ratio: .nan\n")
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: invalid run file (2 problems)",
+        "  - train.epochs (run.yaml line 5): got '1e400': Input should be a finite number",
+        "  - train.warmup_ratio (run.yaml line 6): got nan: Input should be a finite number",
+    ]
+    assert load_config(path, ["train.epochs=2.5", "train.warmup_ratio=0.1"]).train.epochs == 2.5
 
 
 def test_missing_required_key(tmp_path):

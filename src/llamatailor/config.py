@@ -57,7 +57,9 @@ NESTING_LIMIT = 64
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite epoch count or a NaN rate passes every bound pydantic checks (or fails
+    # one with a misleading message); every float field of the run file refuses them by name instead.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -747,6 +749,13 @@ def describe_error(error: ErrorDetails, loc: tuple[str, ...]) -> str:
         suggestion = f"; did you mean '{hint}'?" if hint else ""
         return f"got {value!r}, expected one of {expected}{suggestion}"
     reason = error.get("ctx", {}).get("error") if kind == "value_error" else None  # without "Value error, "
+    if isinstance(value, dict) and reason is not None:
+        # A section's own rule (save_steps against eval_steps) is given the whole section: show the keys its
+        # message names, not every key of the section (a form sends them all).
+        named = set("".join(char if char.isalnum() or char == "_" else " " for char in str(reason)).split())
+        value = {key: item for key, item in value.items() if key in named}
+        if not value:
+            return str(reason)
     return f"got {value!r}: {reason or error['msg']}"
 
 

@@ -8,6 +8,7 @@ not up to date, and those reading what a stage before them is about to rewrite.
 """
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import llamatailor
 from llamatailor import __version__
 from llamatailor.config import RunConfig
 from llamatailor.data.prepare import STAGE as PREPARE
@@ -36,6 +38,7 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "acceler
 
 STAGES: tuple[Stage, ...] = (PREPARE, TRAIN, DPO, EVAL, MERGE, EXPORT)
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+PACKAGE_DIR = Path(llamatailor.__file__).resolve().parent
 
 
 def input_hashes(stage: Stage, config: RunConfig) -> dict[str, str]:
@@ -88,7 +91,8 @@ def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
         return stage.action(config, **kwargs)
     run = config.run_dir
     stage.precheck(config)
-    start_run(config)
+    source = source_revision(PACKAGE_DIR)
+    start_run(config, source)
     inputs = input_hashes(stage, config)
     record: dict[str, Any] = {
         "status": "running",
@@ -98,6 +102,10 @@ def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
         # Who runs it: `llamatailor ui` tells a stage still running from one whose process died.
         "pid": os.getpid(),
         "host": platform.node(),
+        # The llamatailor source this stage ran on, kept with the stage: a later stage run after a code
+        # update records its own and leaves this one as it was.
+        "llamatailor": __version__,
+        **source,
     }
     run.set_stage_record(stage.name, record)
     started = time.perf_counter()
@@ -124,12 +132,15 @@ def run_stage(stage: Stage, config: RunConfig, **kwargs: Any) -> Any:
     return result
 
 
-def start_run(config: RunConfig) -> None:
-    """Write the resolved config and the manifest's run-wide facts (versions, config hash, git revision)."""
+def start_run(config: RunConfig, source: dict[str, Any]) -> None:
+    """Write the resolved config and the manifest's run-wide facts as of this stage start (versions, config
+    hash, and `source`: the llamatailor checkout's git revision, see `source_revision`).
+
+    The manifest is read first: one that cannot be read stops the stage before anything is written."""
     run = config.create_run_dir()
+    manifest = run.read_manifest()
     resolved = config.resolved()
     run.write_config(resolved)
-    manifest = run.read_manifest()
     run.update_manifest(
         name=config.name,
         created_at=manifest.get("created_at", now_iso()),
@@ -138,7 +149,7 @@ def start_run(config: RunConfig) -> None:
         python=platform.python_version(),
         platform=platform.platform(),
         packages={name: _version(name) for name in TRACKED_PACKAGES},
-        git_revision=_git_revision(),
+        **source,
     )
 
 
@@ -161,11 +172,40 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git_revision() -> str | None:
+@functools.cache
+def source_revision(package_dir: Path) -> dict[str, Any]:
+    """The git revision of the checkout holding the llamatailor package at `package_dir`, and whether the
+    package's files there differ from it (`git status --porcelain` on the package folder, untracked files
+    included): `{"git_revision": ..., "git_dirty": ...}`, both None when the package is not a tracked part of
+    a git checkout (an installed wheel, whose version the manifest records as `llamatailor`; or a virtual
+    environment inside the user's own repository) or git cannot tell.
+
+    Asked of the package's folder, never the working directory: the user's own project is not the code that
+    ran. Cached: a process runs the code it imported, whatever happens to the files later.
+    """
+    unknown = {"git_revision": None, "git_dirty": None}
+    if _git(package_dir, "ls-files", "--error-unmatch", "--", "__init__.py") is None:
+        return unknown
+    revision = _git(package_dir, "rev-parse", "--verify", "HEAD")
+    changes = _git(package_dir, "--no-optional-locks", "status", "--porcelain", "--", ".")
+    if not revision or changes is None:
+        return unknown
+    return {"git_revision": revision.strip(), "git_dirty": bool(changes.strip())}
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """A git command's output, run in `folder`; None when git is missing, fails or takes over 5 seconds."""
+    # GIT_DIR and the like (set inside a git hook, say) would point git at another repository than folder's.
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=5
+            ["git", "-C", str(folder), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=5,
+            env=environment,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return result.stdout.strip() or None
+    return result.stdout if result.returncode == 0 else None

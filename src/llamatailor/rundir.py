@@ -185,9 +185,40 @@ class RunDir:
         return self.gguf / f"{name}-{gguf_type}.gguf"
 
     def read_manifest(self) -> dict[str, Any]:
+        """The run's manifest (an empty one before the first stage starts).
+
+        Raises StageError naming the file and its fault when it is not a JSON object whose `stages` is an
+        object of stage records (objects): a manifest cut short or edited by hand is never overwritten, since
+        it is the run's only record of what each stage did.
+        """
         if not self.manifest.exists():
             return {"manifest_version": MANIFEST_VERSION, "stages": {}}
-        return json.loads(self.manifest.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(self.manifest.read_bytes().decode("utf-8"))
+        except json.JSONDecodeError as exc:
+            raise self._unreadable_manifest(f"is not valid JSON ({exc})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._unreadable_manifest(f"cannot be read ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise self._unreadable_manifest(f"holds a JSON {_json_type(manifest)}, not an object")
+        stages = manifest.setdefault("stages", {})
+        if not isinstance(stages, dict):
+            raise self._unreadable_manifest(
+                f"has stages as a JSON {_json_type(stages)} where an object of stage records belongs"
+            )
+        for name, record in stages.items():
+            if not isinstance(record, dict):
+                raise self._unreadable_manifest(
+                    f"has stages.{name} as a JSON {_json_type(record)} where a stage record (an object) belongs"
+                )
+        return manifest
+
+    def _unreadable_manifest(self, fault: str) -> StageError:
+        return StageError(
+            f"{self.manifest} {fault}: it is this run's record of its stages, and llamatailor will not write "
+            f"over it. Repair it, or move it away (mv {self.manifest} {self.manifest}.broken) to start the "
+            "run's record over: every stage then counts as not run and runs again."
+        )
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         manifest = self.read_manifest()
@@ -207,6 +238,12 @@ class RunDir:
 
     def write_config(self, resolved: dict[str, Any]) -> None:
         write_text(self.config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages about a file's shape."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def now_iso() -> str:
