@@ -903,6 +903,10 @@ def test_options_another_engine_uses_are_refused(gguf_file, tiny_models):
     for target, options, message in cases:
         result = serve_command(target, *options)
         assert result.returncode == 2 and message in " ".join(result.stderr.split()), (options, result.stderr)
+    from llamatailor.serve.target import ServeOptions, refuse_unused_options
+
+    refuse_unused_options("transformers", ServeOptions("transformers", slots=1))  # its one slot: no change
+    refuse_unused_options("vllm", ServeOptions("vllm", tensor_parallel=1))
 
 
 def test_port_in_use_is_refused_before_the_engine_starts(gguf_file):

@@ -36,8 +36,9 @@ DEFAULT_CONTEXT = 4096  # tokens per request when --context is not given, if the
 @dataclass(frozen=True)
 class ServeOptions:
     """`adapters`: NAME -> a PEFT adapter folder (transformers, vLLM) or a LoRA GGUF file (llama.cpp);
-    `context`: tokens per request (per slot; None: the model's trained context, at most DEFAULT_CONTEXT); `slots`: llama-server's parallel slots (None: from the cores);
-    `tensor_parallel`: GPUs vLLM splits the model over."""
+    `context`: tokens per request (per slot; None: the model's trained context, at most DEFAULT_CONTEXT);
+    `slots`: llama-server's parallel slots (None: `default_slots()`); `tensor_parallel`: GPUs vLLM splits the
+    model over."""
 
     engine: EngineChoice = "auto"
     adapters: dict[str, Path] = field(default_factory=dict)
@@ -173,9 +174,10 @@ OPTION_ENGINES = {"--slots": "llama.cpp", "--tensor-parallel": "vllm"}  # engine
 
 def refuse_unused_options(engine: str, options: ServeOptions) -> None:
     """Raises ConfigError naming an option that `engine`, the one chosen for the target, would ignore, and
-    the engine that uses it. A value that changes nothing (--tensor-parallel 1, the default) passes."""
+    the engine that uses it. A value that changes nothing passes: --tensor-parallel 1 (the default), --slots 1
+    on transformers (which answers one request at a time)."""
     given = {
-        "--slots": options.slots,
+        "--slots": options.slots if not (engine == "transformers" and options.slots == 1) else None,
         "--tensor-parallel": options.tensor_parallel if options.tensor_parallel != 1 else None,
     }
     for option, value in given.items():
