@@ -258,6 +258,22 @@ def test_a_hub_id_is_accepted_with_a_note(ui):
     assert answer["plan_error"].startswith("no architecture for 'some-org/some-model-7b'")  # not cached here
 
 
+def test_a_sections_own_rule_names_its_field_and_only_the_keys_involved(ui):
+    """A rule across fields of one section (train: save_steps a multiple of eval_steps) is shown under the
+    field its message opens with, with the keys it names, not the section's every value (the form sends all
+    25 train keys); one naming keys together (val_ratio + test_ratio) stays on its section."""
+    schedule = {"save_steps": 7, "eval_steps": 5, "logging_steps": 1, "learning_rate": 0.001}
+    value = {"name": "form-rules", "model": {"base": str(ui.model)}, "train": schedule}
+    value["data"] = {"train": [str(ui.data)], "val_ratio": 0.5, "test_ratio": 0.4}
+    answer = httpx.post(f"{ui.url}/api/run-form/validate", json={"config": value}, timeout=30).json()
+    assert {error["field"]: error["message"] for error in answer["errors"]} == {
+        "train.save_steps": "got {'save_steps': 7, 'eval_steps': 5}: save_steps (7) must be a multiple of "
+        "eval_steps (5): checkpoints are kept by their val loss",
+        "data": "got {'val_ratio': 0.5, 'test_ratio': 0.4}: val_ratio + test_ratio is 0.9; keep it below 0.9 "
+        "so training data remains",
+    }
+
+
 def test_the_page_says_it_needs_javascript(ui):
     page = httpx.get(f"{ui.url}/new", timeout=10).text
     note = re.search(r"<noscript>(.*?)</noscript>", page, re.DOTALL)
@@ -308,11 +324,12 @@ DATA = {"val_ratio": 0.2, "test_ratio": 0.2, "max_seq_len": 128}
 
 
 def _start_from_form(browser, ui):
-    """Fill the form for a tiny run long enough to stop half-way, start it; the run file it wrote."""
+    """Fill the form for a tiny run long enough to stop half-way, start it; the run file it wrote. The model
+    and data paths are typed relative to the working directory (the UI's too: it inherits the tests')."""
     _open_form(browser, ui)
     _fill(browser, "name", NAME)
-    _fill(browser, "model.base", str(ui.model))
-    _fill(browser, "data.train.0.path", str(ui.data))
+    _fill(browser, "model.base", os.path.relpath(ui.model))
+    _fill(browser, "data.train.0.path", os.path.relpath(ui.data))
     for section, values in (("data", DATA), ("train", TRAIN), ("train.lora", LORA)):
         for key, value in values.items():
             _fill(browser, f"{section}.{key}", value)
@@ -333,6 +350,9 @@ def _stop(browser, ui, pid):
     browser.find_element(By.ID, "stop-run").click()
     wait_for(lambda: _job_state(browser) == "stopped", 30, "the job stopped")
     wait_for(lambda: not _group_alive(pid), 10, "the process group gone")
+    stop_asked = httpx.get(f"{ui.url}/api/runs/{NAME}/log", timeout=10).json()["job"]["stop_asked_at"]
+    said = f"=== stop asked at {stop_asked}: SIGINT sent to the run's processes (as Ctrl-C)"
+    wait_for(lambda: said in _log_text(browser), 10, "the stop in the log")  # the log tells it too
     record = json.loads((ui.runs / NAME / "manifest.json").read_text())["stages"]["train"]
     assert record["status"] == "failed" and record["error"].startswith("KeyboardInterrupt")
     assert browser.find_element(By.ID, "run-status").text == "failed"
@@ -348,9 +368,14 @@ def _running_pid(ui):
 
 def test_start_stop_and_resume_a_run_from_the_form(ui, browser):
     run_file = _start_from_form(browser, ui)
-    expected = {"name": NAME, "output_dir": str(ui.runs), "model": {"base": str(ui.model)}}
-    expected |= {"data": {"train": [{"path": str(ui.data)}], **DATA}, "train": {**TRAIN, "lora": LORA}}
+    model, data = str(ui.model.resolve()), str(ui.data.resolve())
+    expected = {"name": NAME, "output_dir": str(ui.runs), "model": {"base": model}}
+    expected |= {"data": {"train": [{"path": data}], **DATA}, "train": {**TRAIN, "lora": LORA}}
     assert load_config(run_file).model_dump() == RunConfig.model_validate(expected).model_dump()
+    # Typed relative, written absolute: the run file reads the same files from any working directory.
+    written = yaml.safe_load(run_file.read_text())
+    assert (written["model"]["base"], written["data"]["train"][0]["path"]) == (model, data)
+    assert Path(model).is_dir() and Path(data).is_file()
     pid = _running_pid(ui)
     run = ui.runs / NAME
 
@@ -449,6 +474,32 @@ def test_resume_writes_into_the_runs_folder_whatever_the_config_says(ui, ui_fini
         shutil.rmtree(run)
 
 
+def test_the_log_box_scrolls_sideways_rather_than_wrap(ui, browser):
+    """A rule 160 columns wide (LOG_ENVIRONMENT's COLUMNS, as rich draws it) stays one line in the job
+    page's log box, which scrolls sideways, in a window narrower than the rule."""
+    run = ui.runs / "wide"
+    run.mkdir()
+    rule = "─" * 160
+    (run / LOG_NAME).write_text(f"{rule}\nafter the rule\n")
+    size = browser.get_window_size()
+    browser.set_window_size(1000, size["height"])
+    try:
+        browser.get(f"{ui.url}/runs/wide/job")
+        wait_for(lambda: "after the rule" in _log_text(browser), 10, "the log")
+        lines, scrolls = browser.execute_script(
+            """const log = document.getElementById("job-log");
+            const range = document.createRange();
+            range.selectNodeContents(log);
+            const tops = Array.from(range.getClientRects()).filter((r) => r.width > 0).map((r) => Math.round(r.top));
+            return [new Set(tops).size, log.scrollWidth > log.clientWidth];"""
+        )
+        assert (lines, scrolls) == (2, True)  # the rule and the line after it; wider than the box
+        assert console_errors(browser) == []
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+        shutil.rmtree(run)
+
+
 def test_a_run_just_started_has_its_pages_before_its_manifest(ui):
     run = ui.runs / "fresh"
     run.mkdir()
@@ -516,6 +567,25 @@ def test_stop_escalates_until_the_process_group_is_gone(tmp_path, ignored, ender
         assert view["state"] == "stopped" and view["ended_by"] == ender.name
         assert view["label"] == f"stopped (pid {leader.pid}, ended by {ender.name})"
         assert ended_after >= [0.0, *GRACE][len(job.signals_sent) - 1]  # no signal before its mark
+        # The run's log tells each signal, as the job page shows it.
+        log = tmp_path / LOG_NAME
+        notes = wait_for(
+            lambda: (
+                (found := re.findall(r"^=== .*$", log.read_text(), re.MULTILINE))
+                and len(found) == len(job.signals_sent)
+                and found
+            ),
+            5,
+            "a log line per signal",
+        )
+        sigint = f"=== stop asked at {job.stop_asked_at}: SIGINT sent to the run's processes (as Ctrl-C)"
+        escalations = [
+            rf"=== \S+: {name} sent to the run's processes: some were still there {mark:g} s after the SIGINT"
+            for name, mark in zip(("SIGTERM", "SIGKILL"), GRACE, strict=True)
+        ]
+        assert notes[0] == sigint
+        for pattern, note in zip(escalations[: len(notes) - 1], notes[1:], strict=True):
+            assert re.fullmatch(pattern, note), note
     finally:
         _kill_groups({leader.pid})
         leader.stdout.close()

@@ -310,6 +310,40 @@ def test_export_page_shows_every_file_and_gate(ui, browser):
     screenshot(browser, "export")
 
 
+MIB = 2**20
+
+
+def test_export_sizes_are_labelled_mib(ui):
+    """export_report.json's sizes are MiB (st_size / 2**20, as the export and `llamatailor export`'s table
+    count them): a file of 3.5 MiB (3.67 MB) shows 3.5 under "Size MiB", the LoRA files' sizes say MiB."""
+    server, runs, _ = ui
+    gguf = runs / "sized" / "gguf"
+    gguf.mkdir(parents=True)
+    shutil.copy(runs / "tiny" / "manifest.json", runs / "sized" / "manifest.json")
+    sizes = {"model-q8_0.gguf": 3 * MIB + MIB // 2, "model-f16.gguf": 5 * MIB, "adapter.gguf": MIB // 4}
+    for file, size in sizes.items():
+        with (gguf / file).open("wb") as handle:
+            handle.truncate(size)
+    mib = {file: (gguf / file).stat().st_size / MIB for file in sizes}
+    check = {"gguf_type": "q8_0", "path": str(gguf / "model-q8_0.gguf"), "size_mb": mib["model-q8_0.gguf"]}
+    lora = {"base": "model-f16.gguf", "adapter": "adapter.gguf", "base_size_mb": mib["model-f16.gguf"],
+            "adapter_size_mb": mib["adapter.gguf"]}  # fmt: skip
+    report = {"headline": "chrf", "files": [check], "failures": [], "lora": lora}
+    (gguf / "export_report.json").write_text(json.dumps(report))
+    try:
+        page = by_id(httpx.get(f"{server.url}/runs/sized/export", timeout=30).text)
+        table = page["retention-table"]
+        header = [cell.text for cell in table.find("th")]
+        row = next(r for r in table.find("tr") if r.attrs.get("data-type") == "q8_0")
+        size = next(cell.text for cell in row.find("td") if "size_mb" in cell.classes)
+        assert (header[2], size) == ("Size MiB", "3.5")
+        shown_sizes = [row.find("td")[-1].text for row in page["lora-table"].find("tr")[:2]]
+        assert shown_sizes == ["5 MiB", "0.25 MiB"]
+        assert not any(" MB" in element.text for element in page.values())
+    finally:
+        shutil.rmtree(runs / "sized")
+
+
 def test_paths_leading_out_are_refused(ui):
     server, runs, folder = ui
     (folder / "secret.txt").write_text("not for the UI")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from helpers import alpaca_rows, write_jsonl, write_run_file
 from llamatailor.cli import app
+from llamatailor.ui.security import is_loopback
 from ui_support import (
     DEMO,
     XSS,
@@ -24,6 +25,7 @@ from ui_support import (
     by_id,
     console_errors,
     needs_demo_screenshots,
+    page_elements,
     raw_get,
     screenshot,
     wait_for,
@@ -206,6 +208,14 @@ def test_paths_outside_the_runs_folder_are_refused(ui, tmp_path):
 def test_host_origin_and_key_checks(ui, tmp_path):
     server, runs = ui
     assert httpx.get(server.url + "/", headers={"Host": "attacker.example"}).status_code == 421
+    # Every loopback address is this machine: answered as 127.0.0.1 is (is_loopback, the one rule).
+    for host in ("127.0.0.2", "127.255.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]"):
+        assert httpx.get(server.url + "/", headers={"Host": f"{host}:{server.port}"}).status_code == 200, host
+    for host in ("10.0.0.1", "0.0.0.0", "[::2]", "localhost.example", "127.0.0.1.nip.io"):
+        assert httpx.get(server.url + "/", headers={"Host": f"{host}:{server.port}"}).status_code == 421, host
+    assert [is_loopback(host) for host in ("127.0.0.2", "::1", "[::1]", "LOCALHOST", "0.0.0.0", "::")] == [
+        True, True, True, True, False, False
+    ]  # fmt: skip
     refused = httpx.post(server.url + "/api/runs/tiny/stop", headers={"Origin": "http://attacker.example"})
     assert refused.status_code == 403
     page = httpx.get(server.url + "/")
@@ -369,10 +379,12 @@ def test_malformed_manifests_are_named_not_a_500(ui, browser):
         assert rows["odd-list"]["status"] == "unreadable"
         assert rows["odd-list"]["problems"] == ["manifest.json: expected an object, found list"]
         assert rows["odd-flat"]["problems"] == [
-            "manifest.json: stages.train is not a record with a status",
+            'manifest.json: stages.train is "complete", not a stage record (an object with a status)',
             "config.yaml: not a YAML mapping",
         ]
         assert rows["odd-typed"]["stages"] == {"prepare": "complete"} and rows["odd-typed"]["seconds"] == 0
+        assert rows["odd-typed"]["problems"] == ["manifest.json: stages.train.status is 5, not a status word"]
+        assert {rows[f"odd-{name}"]["status"] for name in ODD_MANIFESTS} == {"unreadable"}
         assert rows["odd-cut"]["problems"][0].startswith("manifest.json: not readable JSON")
         browser.get(server.url + "/")
         cell = browser.find_element(By.CSS_SELECTOR, 'tr[data-run="odd-text"]')
@@ -388,6 +400,84 @@ def test_malformed_manifests_are_named_not_a_500(ui, browser):
             shutil.rmtree(runs / f"odd-{name}")
 
 
+BROKEN_RECORDS = [
+    "manifest.json: stages.train.status is 7, not a status word",
+    'manifest.json: stages.eval is "oops", not a stage record (an object with a status)',
+]
+
+
+def test_malformed_stage_records_make_a_run_unreadable_and_not_resumable(ui, browser, ui_finished_run):
+    """A finished run whose train and eval records are malformed is neither complete nor resumable: every
+    page says unreadable and names the records; Resume is off with the reason, and refused by the server."""
+    server, runs = ui
+    run = _copy_run(ui_finished_run, runs, "broken")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["train"]["status"] = 7
+    manifest["stages"]["eval"] = "oops"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    manifest_path = (run / "manifest.json").resolve()
+    refused = f"Resume is off: {'; '.join(BROKEN_RECORDS)}. Fix or remove {manifest_path} first."
+    try:
+        row = next(row for row in httpx.get(server.url + "/api/runs").json() if row["name"] == "broken")
+        assert (row["status"], row["problems"], row["stages"]) == (
+            "unreadable",
+            BROKEN_RECORDS,
+            {"prepare": "complete"},
+        )
+        runs_page = page_elements(httpx.get(server.url + "/").text)
+        listed = next(e for e in runs_page if e.tag == "tr" and e.attrs.get("data-run") == "broken")
+        assert [e.text for e in listed.find("span") if "status" in e.classes] == ["unreadable"]
+        assert [e.text for e in listed.find("div") if "problem" in e.classes] == BROKEN_RECORDS
+        page = by_id(httpx.get(f"{server.url}/runs/broken").text)
+        assert page["run-status"].text == "unreadable"
+        assert [item.text for item in page["run-problems"].find("li")] == BROKEN_RECORDS
+        job = by_id(httpx.get(f"{server.url}/runs/broken/job").text)
+        assert "disabled" in job["resume-run"].attrs and job["resume-refused"].text == refused
+        resumed = httpx.post(f"{server.url}/api/runs/broken/resume", timeout=10)
+        assert resumed.status_code == 409 and resumed.json() == {"error": refused}
+        assert not (run / "ui-run.log").exists()  # nothing was started
+        browser.get(f"{server.url}/runs/broken/job")
+        wait_for(lambda: browser.find_element(By.ID, "job-log").get_attribute("data-offset"), what="a poll")
+        assert browser.find_element(By.ID, "run-status").text == "unreadable"
+        assert not browser.find_element(By.ID, "resume-run").is_enabled()
+        assert browser.find_element(By.ID, "resume-refused").text == refused
+        assert console_errors(browser) == []
+    finally:
+        shutil.rmtree(run)
+
+
+def test_metric_values_that_are_not_numbers_are_left_out_and_named(ui, browser, ui_finished_run):
+    """metrics.jsonl lines with a value that is not a finite number: the value is left out of its row (a
+    row without a numeric step entirely), listed in the poll's bad_values and named in the curves' note."""
+    server, runs = ui
+    run = _copy_run(ui_finished_run, runs, "odd-values")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    first = len(lines) + 1
+    lines += ['{"step": 900, "loss": "high", "lr": 0.001}', '{"step": 901, "loss": NaN, "grad_norm": null}',
+              '{"step": "x", "loss": 1.0}', "not JSON"]  # fmt: skip
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    try:
+        answer = httpx.get(f"{server.url}/api/runs/odd-values/metrics", timeout=10).json()
+        assert answer["rows"][-2:] == [{"step": 900, "lr": 0.001}, {"step": 901}]
+        assert all(isinstance(value, (int, float)) for row in answer["rows"] for value in row.values())
+        bad = [(first, "loss", '"high"'), (first + 1, "loss", "NaN"), (first + 1, "grad_norm", "null"),
+               (first + 2, "step", '"x"')]  # fmt: skip
+        assert answer["bad_values"] == [
+            {"line": line, "key": key, "value": value} for line, key, value in bad
+        ]
+        assert answer["bad_lines"] == [first + 3] and answer["line"] == first + 4
+        browser.get(f"{server.url}/runs/odd-values")
+        wait_for(lambda: browser.find_element(By.ID, "charts").get_attribute("data-points"), what="curves")
+        note = browser.find_element(By.ID, "curves-note").text
+        values = "; ".join(f"line {line} {key}: {value}" for line, key, value in bad)
+        assert note == f"metrics.jsonl lines not JSON: {first + 3}; values not plotted, not numbers: {values}"
+        loss = browser.execute_script("return window.llamatailorCharts.loss.data")
+        assert loss[0][-2:] == [900, 901] and loss[1][-2:] == [None, None]
+        assert console_errors(browser) == []
+    finally:
+        shutil.rmtree(run)
+
+
 def test_ui_refuses_a_port_in_use_and_a_file_as_runs_folder(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -401,3 +491,13 @@ def test_ui_refuses_a_port_in_use_and_a_file_as_runs_folder(tmp_path):
     afile.write_text("{}\n")
     result = CliRunner().invoke(app, ["ui", "--runs", str(afile)])
     assert result.exit_code == 2 and "a file, not a folder of runs" in result.output
+
+
+def test_ui_binds_any_loopback_address_without_a_key(tmp_path):
+    """127.0.0.0/8 is all this machine: `--host 127.0.0.2` needs no key (serve and ui share the rule)."""
+    server = UiServer(tmp_path, host="127.0.0.2", log=tmp_path / "ui.log")
+    try:
+        assert httpx.get(server.url + "/", timeout=10).status_code == 200
+        assert server.url.startswith("http://127.0.0.2:")
+    finally:
+        server.stop()

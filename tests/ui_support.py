@@ -28,12 +28,20 @@ CHROMEDRIVER = os.environ.get("LLAMATAILOR_CHROMEDRIVER", "/usr/bin/chromedriver
 
 
 class UiServer:
-    """`llamatailor ui --runs FOLDER` on a free port; `url` is its address (with no key asked)."""
+    """`llamatailor ui --runs FOLDER --host HOST` on a free port; `url` is its address (with no key asked)."""
 
-    def __init__(self, runs: Path, *options: str, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        runs: Path,
+        *options: str,
+        log: Path,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         command = [sys.executable, "-m", "llamatailor", "ui", "--runs", str(runs), "--port", str(self.port)]
+        command += ["--host", host]
         self.log = log
         self.process = subprocess.Popen(
             [*command, *options],

@@ -444,8 +444,8 @@ def serve(
     import uvicorn
 
     from llamatailor.serve.app import ServerSettings, create_app
-    from llamatailor.serve.backend import check_port_free
-    from llamatailor.serve.target import ENGINES, ServeOptions, build_served, is_loopback, parse_adapters
+    from llamatailor.serve.backend import check_port_free, is_loopback
+    from llamatailor.serve.target import ENGINES, ServeOptions, build_served, parse_adapters
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine!r}: expected {', '.join(ENGINES)}")
@@ -490,8 +490,7 @@ def ui(
     export reports, chat side by side, and a form that starts new runs (docs/ui.md)."""
     import uvicorn
 
-    from llamatailor.serve.backend import check_port_free
-    from llamatailor.serve.target import is_loopback
+    from llamatailor.serve.backend import check_port_free, is_loopback
     from llamatailor.ui.app import create_app
     from llamatailor.ui.paths import RunsFolder
     from llamatailor.ui.security import LOOPBACK_NAMES

@@ -8,6 +8,7 @@ request fields beyond the basics (model, prompt, max_tokens, temperature, top_p,
 the API refuses the others with 400 unless their value changes nothing.
 """
 
+import ipaddress
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -97,6 +98,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or name, IPv6 with or without brackets) is this machine only: `localhost`
+    or a loopback address (all of 127.0.0.0/8, ::1). The one rule for where `serve` and `ui` may bind without
+    a key, and for which Host headers `ui` then answers."""
+    name = host.strip().removeprefix("[").removesuffix("]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -320,7 +320,3 @@ def exported_gguf(config: RunConfig) -> Path | None:
     chosen = config.export.modelfile_from or (config.export.gguf[0] if config.export.gguf else None)
     path = run.gguf_file(config.name, chosen) if chosen else None
     return path if path is not None and path.is_file() else None
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1")

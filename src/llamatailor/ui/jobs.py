@@ -3,9 +3,10 @@ signal as a whole, which outlives the UI), its output appended to `<run>/ui-run.
 
 Stopping follows a terminal's Ctrl-C: SIGINT to the group (the trainer stops between steps and
 `pipeline.run_stage` records the stage failed), then SIGTERM after STOP_GRACE[0] seconds and SIGKILL after
-STOP_GRACE[1] if anything of the group is left (`Jobs.stop_grace`). The job records each signal it sent, and
-its label names the signal that ended the process. A run started elsewhere is seen through its manifest: a stage
-recorded running by a live process (`runs.stage_state`).
+STOP_GRACE[1] if anything of the group is left (`Jobs.stop_grace`). The job records each signal it sent (and
+writes a line saying so into the run's log), and its label names the signal that ended the process. A run
+started elsewhere is seen through its manifest: a stage recorded running by a live process
+(`runs.stage_state`).
 """
 
 import json
@@ -94,10 +95,24 @@ class Job:
             "run_file": str(self.run_file),
         }
 
-    def send(self, signum: signal.Signals) -> None:
-        """Send `signum` to the job's process group and record it (nothing if the group has ended)."""
-        if signal_group(self.pid, signum):
-            self.signals_sent.append(signum.name)
+    def send(self, signum: signal.Signals, when: str, why: str = "") -> bool:
+        """Send `signum` to the job's process group, record it, and say so in the run's log (`=== WHEN:
+        SIGNAL sent to the run's processes WHY`); nothing if the group has ended. Whether it was sent."""
+        if not signal_group(self.pid, signum):
+            return False
+        self.signals_sent.append(signum.name)
+        self.note(f"{when}: {signum.name} sent to the run's processes{why}")
+        return True
+
+    def note(self, text: str) -> None:
+        """Append the line `=== TEXT` to the run's log, so that the log the page shows tells what the UI did
+        to the run beside what the run printed (appended as the run's own output is: lines keep their
+        order)."""
+        try:
+            with self.log.open("ab") as handle:
+                handle.write(f"\n=== {text}\n".encode())
+        except OSError:
+            pass  # a log that cannot be written must not keep the signal from being sent
 
 
 def group_alive(pgid: int) -> bool:
@@ -233,7 +248,7 @@ class Jobs:
                 raise JobConflict(f"this UI runs no job for {name!r}: nothing to stop")
             if job.stop_asked is None:
                 job.stop_asked, job.stop_asked_at = time.monotonic(), now_iso()
-                job.send(signal.SIGINT)
+                job.send(signal.SIGINT, f"stop asked at {job.stop_asked_at}", " (as Ctrl-C)")
                 threading.Thread(target=_escalate, args=(job, self.stop_grace), daemon=True).start()
             return job
 
@@ -248,7 +263,7 @@ def _escalate(job: Job, grace: tuple[float, float]) -> None:
             if not group_alive(job.pid):
                 return
             time.sleep(0.2)
-        job.send(signum)
+        job.send(signum, now_iso(), f": some were still there {mark:g} s after the SIGINT")
     job.process.poll()
 
 

@@ -2,7 +2,7 @@
 file into the runs folder, starting `llamatailor run` on it in the background, following its log, stopping
 and resuming it."""
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from llamatailor.ui.run_form import (
     starting_value,
     write_run_file,
 )
-from llamatailor.ui.runs import summarize_run
+from llamatailor.ui.runs import UNREADABLE, read_manifest, summarize_run
 from llamatailor.ui.settings import runs_of, settings_of
 
 router = APIRouter()
@@ -95,9 +95,10 @@ def validate_form(request: Request, body: FormRequest) -> dict[str, Any]:
 
 @router.post("/api/runs", response_model=None)
 def start_new_run(request: Request, body: FormRequest) -> dict[str, Any] | JSONResponse:
-    """Write the form's run file to <runs>/<name>.yaml (output_dir: the runs folder) and start `llamatailor
-    run` on it. 400 with the problems when the form is not valid; 409 when the run exists and `resume`
-    is not set, or when it runs. Answers {name, url: its job page, job}."""
+    """Write the form's run file to <runs>/<name>.yaml (output_dir: the runs folder; paths absolute:
+    `run_form.write_run_file`) and start `llamatailor run` on it. 400 with the problems when the form is
+    not valid; 409 when the run exists and `resume` is not set, or when it runs. Answers {name, url: its
+    job page, job}."""
     runs = runs_of(request)
     check = check_form(body.config, runs.root, body.resume)
     config = check.config
@@ -107,7 +108,7 @@ def start_new_run(request: Request, body: FormRequest) -> dict[str, Any] | JSONR
     try:
         run = _new_run_dir(runs, config.name)
         jobs.refuse_running(config.name, run)
-        run_file = write_run_file(body.config, runs.root, config.name, replace=body.resume)
+        run_file = write_run_file(config, runs.root, replace=body.resume)
         jobs.start(config.name, run_file, run)
     except (FormConflict, JobConflict, OutsideRunsFolder) as exc:
         return _conflict(exc)
@@ -132,11 +133,25 @@ def _job_run(request: Request, name: str) -> RunDir:
     return RunDir(job.log.parent) if job is not None else runs_of(request).run(name)
 
 
-def _run_status(run: RunDir) -> tuple[str, dict[str, str]]:
+@dataclass(frozen=True)
+class RunStatus:
+    """What the job page shows of the run beside its process: its state in one word, each stage's state,
+    and why Resume is refused (None: it is not; a malformed manifest would only fail the run again)."""
+
+    status: str
+    stages: dict[str, str]
+    resume_refused: str | None
+
+
+def _run_status(run: RunDir) -> RunStatus:
     if not run.manifest.is_file():
-        return "new", {}
-    summary = summarize_run(run)
-    return summary.status, summary.stages
+        return RunStatus("new", {}, None)
+    manifest = read_manifest(run)
+    summary = summarize_run(run, manifest)
+    refused = None
+    if summary.status == UNREADABLE:
+        refused = f"Resume is off: {'; '.join(manifest.problems)}. Fix or remove {run.manifest} first."
+    return RunStatus(summary.status, summary.stages, refused)
 
 
 @router.get("/runs/{name}/job", response_class=HTMLResponse)
@@ -144,15 +159,16 @@ def job_page(request: Request, name: str) -> HTMLResponse:
     """Start / stop: the run's process (this UI's job, or one running elsewhere), stop and resume buttons,
     and its log (<run>/ui-run.log) following the run."""
     run = _job_run(request, name)
-    status, stages = _run_status(run)
+    state = _run_status(run)
     jobs = jobs_of(request)
     return render(
         request,
         "job.html",
         name=name,
         section="job",
-        status=status,
-        stages=stages,
+        status=state.status,
+        stages=state.stages,
+        resume_refused=state.resume_refused,
         job=jobs.view(name, run),
         grace=jobs.stop_grace,
         log=str(run.root / LOG_NAME),
@@ -162,11 +178,11 @@ def job_page(request: Request, name: str) -> HTMLResponse:
 @router.get("/api/runs/{name}/log")
 def job_log(request: Request, name: str, offset: int = 0) -> dict[str, Any]:
     """New text of <run>/ui-run.log from byte `offset`: {text, offset (to ask from next), reset (start the
-    text over), more (ask again at once), job (the process's state, pid, exit code), status, stages}."""
+    text over), more (ask again at once), job (the process's state, pid, exit code), status, stages,
+    resume_refused (why Resume is off, or null)}."""
     run = _job_run(request, name)
     chunk = read_log(_log_path(request, name), max(offset, 0))
-    status, stages = _run_status(run)
-    return {**asdict(chunk), "job": jobs_of(request).view(name, run), "status": status, "stages": stages}
+    return {**asdict(chunk), "job": jobs_of(request).view(name, run), **asdict(_run_status(run))}
 
 
 def _log_path(request: Request, name: str) -> Path | None:
@@ -197,13 +213,17 @@ def stop_run(request: Request, name: str) -> dict[str, Any] | JSONResponse:
 def resume_run(request: Request, name: str) -> dict[str, Any] | JSONResponse:
     """Start `llamatailor run` again on run `name`'s run file (<runs>/<name>.yaml, else the run's resolved
     config.yaml): up-to-date stages are skipped and training continues from its newest checkpoint. 409
-    while it runs, here or elsewhere."""
+    while it runs, here or elsewhere, and for a run whose manifest is malformed (`llamatailor run` would
+    stop on it with a traceback)."""
     run = _job_run(request, name)
     jobs = jobs_of(request)
     job = jobs.get(name)
     run_file = job.run_file if job is not None else _run_file(runs_of(request), name)
     try:
         jobs.refuse_running(name, run)
+        refused = _run_status(run).resume_refused
+        if refused is not None:
+            raise FormConflict(refused)
         if run_file is None:
             raise FormConflict(f"run {name!r} has neither {name}.yaml in the runs folder nor a config.yaml")
         jobs.start(name, run_file, run)

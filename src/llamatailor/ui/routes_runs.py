@@ -83,8 +83,9 @@ def metrics_json(
     request: Request, name: str, source: Literal["sft", "dpo"] = "sft", offset: int = 0, line: int = 1
 ) -> dict[str, Any]:
     """SFT's metrics.jsonl (or DPO's dpo/metrics.jsonl) rows from byte `offset` (line number `line`):
-    {rows, offset, line, bad_lines, status, stages}. A page polls it with the returned offset and line to
-    follow a run while it trains."""
+    {rows, offset, line, bad_lines, bad_values, status, stages, problems}: `bad_values` lists the values
+    left out of their rows for not being numbers ({line, key, value}). A page polls it with the returned
+    offset and line to follow a run while it trains."""
     run = runs_of(request).run(name)
     path = run.metrics if source == "sft" else run.dpo / "metrics.jsonl"
     chunk = read_metrics(path, max(offset, 0), max(line, 1))
@@ -95,6 +96,7 @@ def metrics_json(
         "offset": chunk.offset,
         "line": chunk.line,
         "bad_lines": chunk.bad_lines,
+        "bad_values": chunk.bad_values,
         "status": summary.status,
         "stages": stage_rows(manifest),
         "problems": summary.problems,

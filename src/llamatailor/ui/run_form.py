@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
-from llamatailor.config import DataFile, ModelSection, RunConfig, Section, describe_error
+from llamatailor.config import DataFile, ModelSection, RunConfig, Section, allowed_keys, describe_error
 from llamatailor.data.reader import checked_path
 from llamatailor.errors import DataError, LlamatailorError, ModelLoadError
 from llamatailor.ui.pages import number
@@ -234,7 +234,20 @@ def check_form(value: dict[str, Any], runs_root: Path, resume: bool = False) -> 
 
 def _field_error(error: Any) -> FieldError:
     loc = tuple(str(part) for part in error["loc"] if part != "[key]")  # a mapping's bad key: its name
-    return FieldError(".".join(loc) or "(top level)", describe_error(error, loc))
+    return FieldError(".".join(_named_field(error, loc)) or "(top level)", describe_error(error, loc))
+
+
+def _named_field(error: Any, loc: tuple[str, ...]) -> tuple[str, ...]:
+    """Where the form shows a problem: `loc`, except for a section's own rule whose message opens with one
+    of the section's keys alone ("save_steps (7) must be a multiple of eval_steps (5)"), which goes under
+    that key's field; one naming keys together ("val_ratio + test_ratio is ...") stays on the section."""
+    reason = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+    if reason is None or not isinstance(error.get("input"), dict):
+        return loc
+    words = str(reason).split(maxsplit=2)
+    first = words[0].rstrip(":,;") if words else ""
+    joined = len(words) > 1 and words[1] in ("+", "and", "or", "with")
+    return (*loc, first) if first in allowed_keys(loc) and not joined else loc
 
 
 def _alone(section: type[SectionT], raw: Any) -> SectionT | None:
@@ -294,14 +307,20 @@ def _name_taken(name: str, taken: list[Path]) -> FieldError:
     )
 
 
-def write_run_file(value: dict[str, Any], runs_root: Path, name: str, replace: bool) -> Path:
-    """Write the form's value (with output_dir: `runs_root`) as YAML to `<runs_root>/<name>.yaml`, atomically.
+def write_run_file(config: RunConfig, runs_root: Path, replace: bool) -> Path:
+    """Write the form's checked run file (with output_dir: `runs_root`) as YAML to `<runs_root>/<name>.yaml`,
+    atomically, with its paths absolute as `RunConfig.resolved` makes them for a run's config.yaml: each data
+    file, a local model.base and model.chat_template where the form (and the run the UI starts, from the
+    same working directory) found them, so a Resume from a UI started elsewhere, or `llamatailor run` from
+    another folder, reads the same files.
 
     Raises FormConflict when that file exists and `replace` is false: it is never overwritten silently
     (written beside it, then linked into place, which fails where the name is taken).
     """
+    name = config.name
     path = runs_root / f"{name}.yaml"
-    text = yaml.safe_dump({**value, SERVER_SET: str(runs_root)}, sort_keys=False, allow_unicode=True)
+    value = {**config.resolved(), SERVER_SET: str(runs_root)}
+    text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True)
     runs_root.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".yaml.tmp", dir=runs_root)
     try:

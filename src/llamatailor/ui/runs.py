@@ -2,6 +2,7 @@
 metrics.jsonl lines from a byte offset (for live curves)."""
 
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from llamatailor.ui.pages import seconds
 
 STAGE_NAMES = ("prepare", "train", "dpo", "eval", "merge", "export")  # pipeline.STAGES' names, in order
 INTERRUPTED = "interrupted"  # recorded as running, but its process is gone
+UNREADABLE = "unreadable"  # a run whose manifest.json or one of its stage records is malformed
 
 
 @dataclass
@@ -33,15 +35,19 @@ class RunSummary:
     tuned_score: float | None = None
     last_loss: float | None = None
     problems: list[str] = field(default_factory=list)
+    manifest_malformed: bool = False  # manifest.json, or one of its stage records, is malformed (`problems`)
 
     @property
     def status(self) -> str:
-        """running, interrupted, failed, complete, new, or unreadable (a malformed manifest with no stage
-        to show): the run's state in one word."""
+        """running, unreadable (a malformed manifest or stage record: the stages it holds cannot be told,
+        so the run is neither complete nor resumable), interrupted, failed, complete or new: the run's state
+        in one word. A stage running still says running: its process owns the run."""
         states = set(self.stages.values())
-        if not states and self.problems:
-            return "unreadable"
-        for state in ("running", INTERRUPTED, "failed"):
+        if "running" in states:
+            return "running"
+        if self.manifest_malformed:
+            return UNREADABLE
+        for state in (INTERRUPTED, "failed"):
             if state in states:
                 return state
         return "complete" if states else "new"
@@ -106,11 +112,31 @@ def read_manifest(run: RunDir) -> ManifestView:
     if not isinstance(records, dict):
         records, problems = {}, ["manifest.json: stages is not an object"]
     for name, record in records.items():
-        if isinstance(record, dict) and isinstance(record.get("status"), str):
+        problem = _record_problem(record)
+        if problem is None:
             stages[name] = record
         else:
-            problems.append(f"manifest.json: stages.{name} is not a record with a status")
+            problems.append(f"manifest.json: stages.{name}{problem}")
     return ManifestView(manifest, stages, problems)
+
+
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with a stage record, worded to follow its key path (None: an object whose status is
+    text, as `pipeline.run_stage` writes it)."""
+    if not isinstance(record, dict):
+        return f" is {_excerpt(record)}, not a stage record (an object with a status)"
+    if "status" not in record:
+        return " has no status"
+    if not isinstance(record["status"], str):
+        return f".status is {_excerpt(record['status'])}, not a status word"
+    return None
+
+
+def _excerpt(value: Any, limit: int = 60) -> str:
+    """`value` as JSON, cut at `limit` characters: a problem names a malformed value without quoting a
+    whole section."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def stage_rows(manifest: ManifestView) -> list[dict[str, str]]:
@@ -153,6 +179,7 @@ def summarize_run(run: RunDir, manifest: ManifestView | None = None) -> RunSumma
         base_model=str(model.get("base", "")),
         method=str(train.get("method", "")),
         problems=problems,
+        manifest_malformed=bool(manifest.problems),
     )
     metrics = read_json(run.eval / "metrics.json")
     if isinstance(metrics, dict) and metrics.get("headline"):
@@ -183,20 +210,24 @@ def _read_yaml(path: Path) -> Any:
 
 @dataclass
 class MetricsChunk:
-    """metrics.jsonl lines from a byte offset: the parsed rows, the offset and line number (1-based) to ask
-    from next time, and the line numbers of lines that were not JSON objects."""
+    """metrics.jsonl lines from a byte offset: the parsed rows (numbers only), the offset and line number
+    (1-based) to ask from next time, the line numbers of lines that were not JSON objects, and each value
+    left out of its row because it is not a finite number ({line, key, value}: `value` as JSON, cut)."""
 
     rows: list[dict[str, Any]]
     offset: int
     line: int
     bad_lines: list[int]
+    bad_values: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_metrics(path: Path, offset: int = 0, first_line: int = 1) -> MetricsChunk:
     """Complete lines of `path` from byte `offset` on (a line still being written is left for the next call).
 
     A file shorter than `offset` was rewritten (a fresh training run): it is read again from the start, and
-    the chunk's rows begin with {"reset": true} so a chart clears its points.
+    the chunk's rows begin with {"reset": true} so a chart clears its points. Every value of a row is a
+    finite number (the trainer writes nothing else): any other ("high", null, NaN) is left out and listed in
+    `bad_values`, and a row whose step is not one is left out whole (a point needs its step).
     """
     try:
         size = path.stat().st_size
@@ -209,15 +240,32 @@ def read_metrics(path: Path, offset: int = 0, first_line: int = 1) -> MetricsChu
         handle.seek(offset)
         data = handle.read(size - offset)
     complete = data[: data.rfind(b"\n") + 1]
-    bad = []
-    lines = complete.splitlines()
-    for number, line in enumerate(lines, start=first_line):
+    chunk = MetricsChunk(rows, offset + len(complete), first_line, [])
+    for number, line in enumerate(complete.splitlines(), start=first_line):
+        chunk.line = number + 1
         try:
             row = json.loads(line)
         except ValueError:
             row = None
         if isinstance(row, dict):
-            rows.append(row)
+            _add_row(chunk, number, row)
         elif line.strip():
-            bad.append(number)
-    return MetricsChunk(rows, offset + len(complete), first_line + len(lines), bad)
+            chunk.bad_lines.append(number)
+    return chunk
+
+
+def _add_row(chunk: MetricsChunk, number: int, row: dict[str, Any]) -> None:
+    """Line `number`'s row into `chunk`: its finite numbers, the rest listed as bad values."""
+    kept = {}
+    for key, value in row.items():
+        if _finite(value):
+            kept[key] = value
+        else:
+            chunk.bad_values.append({"line": number, "key": key, "value": _excerpt(value, 40)})
+    if "step" in kept:
+        chunk.rows.append(kept)
+
+
+def _finite(value: Any) -> bool:
+    # NaN and infinity are numbers to Python's json, but not to JSON: the answer could not carry them.
+    return _number(value) is not None and math.isfinite(value)

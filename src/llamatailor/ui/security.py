@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
+from llamatailor.serve.backend import is_loopback
+
 COOKIE = "llamatailor_ui_key"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # No inline script, no remote origin: a value from user data that slipped past escaping still cannot run.
@@ -20,7 +22,7 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")  # the Host names answered without a key
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -37,10 +39,13 @@ def request_key(request: Request) -> str | None:
 
 
 def host_allowed(request: Request, allowed_hosts: tuple[str, ...]) -> bool:
-    """Whether the Host header names this UI (refuses DNS rebinding: a page on another name that resolves to
-    127.0.0.1 sends its own name)."""
+    """Whether the Host header names this UI: a name in `allowed_hosts` ("*": any), or any loopback host
+    (`is_loopback`) when a loopback name is allowed. Refuses DNS rebinding: a page on another name that
+    resolves to 127.0.0.1 sends its own name."""
     host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
-    return "*" in allowed_hosts or host in allowed_hosts or f"[{host}]" in allowed_hosts
+    if "*" in allowed_hosts or host in allowed_hosts or f"[{host}]" in allowed_hosts:
+        return True
+    return is_loopback(host) and any(is_loopback(allowed) for allowed in allowed_hosts)
 
 
 def same_origin(request: Request) -> bool:

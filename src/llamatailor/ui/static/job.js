@@ -57,7 +57,9 @@
     row = column = 0;
   }
 
-  function showJob(job, status, stages) {
+  // `refused`: why Resume is off for this run (a malformed manifest), null when it is not; undefined keeps
+  // what the last poll said (an answer to a button carries no run state).
+  function showJob(job, status, stages, refused) {
     const state = document.getElementById("job-state");
     state.textContent = job.label;
     state.className = "state " + job.state;
@@ -75,8 +77,13 @@
       item.textContent = `${stage}: ${stageState}`;
       list.append(item, document.createTextNode(" "));
     }
+    if (refused !== undefined) {
+      const reason = document.getElementById("resume-refused");
+      reason.textContent = refused || "";
+      reason.hidden = !refused;
+    }
     stopButton.disabled = job.state !== "running";
-    resumeButton.disabled = ACTIVE.has(job.state);
+    resumeButton.disabled = ACTIVE.has(job.state) || !document.getElementById("resume-refused").hidden;
   }
 
   async function poll() {
@@ -91,7 +98,7 @@
         if (following) log.scrollTop = log.scrollHeight;
         offset = chunk.offset;
         log.dataset.offset = String(offset);
-        showJob(chunk.job, chunk.status, chunk.stages);
+        showJob(chunk.job, chunk.status, chunk.stages, chunk.resume_refused);
         if (chunk.more) delay = 0;
       }
     } catch (error) {

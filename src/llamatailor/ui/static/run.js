@@ -63,13 +63,22 @@ function showStages(rows) {
   if (!sft) return;
   const statusBadge = document.getElementById("run-status");
   const note = document.getElementById("curves-note");
+  // What the reader left out, over every poll (each chunk names only its own lines); cleared on a reset.
+  let badLines = [];
+  let badValues = [];
   follow(sft, "sft", "llamatailorCharts", (chunk, curves) => {
     document.getElementById("no-metrics").hidden = curves.byStep.size > 0;
     showStages(chunk.stages);
     statusBadge.textContent = chunk.status;
     statusBadge.className = "status " + chunk.status;
-    const bad = chunk.bad_lines.length ? `metrics.jsonl lines not JSON: ${chunk.bad_lines.join(", ")}` : "";
-    note.textContent = bad || (chunk.status === "running" ? "live" : "");
+    if (chunk.rows.length && chunk.rows[0].reset) badLines = badValues = [];
+    badLines = badLines.concat(chunk.bad_lines);
+    badValues = badValues.concat(chunk.bad_values.map((bad) => `line ${bad.line} ${bad.key}: ${bad.value}`));
+    const notes = [];
+    if (badLines.length) notes.push(`metrics.jsonl lines not JSON: ${badLines.join(", ")}`);
+    if (badValues.length) notes.push(`values not plotted, not numbers: ${badValues.join("; ")}`);
+    note.textContent = notes.join("; ") || (chunk.status === "running" ? "live" : "");
+    note.dataset.badValues = String(badValues.length);
   });
   const dpo = document.getElementById("dpo-charts");
   follow(dpo, "dpo", "llamatailorDpoCharts", (chunk, curves) => {
