@@ -610,3 +610,19 @@ def test_a_group_of_only_zombies_has_ended():
         live.kill()
         live.wait()
         ended.wait()
+
+
+def test_the_forms_plan_names_the_model_as_the_run_file_does(tmp_path):
+    """The embedded alias resolves to a converted folder named after its GGUF file; the form's plan says the
+    alias, as `llamatailor plan` does."""
+    from llamatailor.models.source import resolve_source
+    from llamatailor.ui.run_form import plan_verdict
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, alpaca_rows(4))
+    config = RunConfig.model_validate(
+        {"name": "alias", "model": {"base": "smollm2-135m-instruct"}, "data": {"train": [str(data)]}}
+    )
+    location = resolve_source("smollm2-135m-instruct").location
+    assert location != "smollm2-135m-instruct"
+    assert plan_verdict(config, 24, location)["model"] == "smollm2-135m-instruct"

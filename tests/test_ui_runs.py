@@ -416,7 +416,7 @@ def test_malformed_stage_records_make_a_run_unreadable_and_not_resumable(ui, bro
     manifest["stages"]["eval"] = "oops"
     (run / "manifest.json").write_text(json.dumps(manifest))
     manifest_path = (run / "manifest.json").resolve()
-    refused = f"Resume is off: {'; '.join(BROKEN_RECORDS)}. Fix or remove {manifest_path} first."
+    refused = f"Resume is off: {'; '.join(BROKEN_RECORDS)}. Repair {manifest_path} first (moving it away makes every stage run again, training included)."
     try:
         row = next(row for row in httpx.get(server.url + "/api/runs").json() if row["name"] == "broken")
         assert (row["status"], row["problems"], row["stages"]) == (

@@ -26,8 +26,8 @@ WORD = re.compile(r"(\S+)(\s*)")
 # answer (evaluate.metrics.example_score) with its headline metric (headline_metric) on that answer alone,
 # chrF at sentence level divided by 100, so 0 to 1 where the metric table's corpus chrF is 0 to 100.
 SAMPLE_METRICS = {
-    "chrf": "chrF of this answer alone (sacrebleu's sentence chrF ÷ 100: 0 to 1)",
-    "json_field_f1": "json_field_f1 of this answer alone (0 to 1)",
+    "chrf": "measured on this answer alone (sacrebleu's sentence chrF ÷ 100: 0 to 1)",
+    "json_field_f1": "measured on this answer alone (0 to 1)",
 }
 
 Segment = tuple[str, str]  # ("equal" | "ins" | "del", text): text is plain text, escaped by the template

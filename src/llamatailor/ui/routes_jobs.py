@@ -150,7 +150,7 @@ def _run_status(run: RunDir) -> RunStatus:
     summary = summarize_run(run, manifest)
     refused = None
     if summary.status == UNREADABLE:
-        refused = f"Resume is off: {'; '.join(manifest.problems)}. Fix or remove {run.manifest} first."
+        refused = f"Resume is off: {'; '.join(manifest.problems)}. Repair {run.manifest} first (moving it away makes every stage run again, training included)."
     return RunStatus(summary.status, summary.stages, refused)
 
 

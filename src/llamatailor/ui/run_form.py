@@ -349,6 +349,11 @@ def plan_verdict(config: RunConfig, gpu_mem_gib: float, model: str | None = None
     from llamatailor.plan.verdict import plan_as_dict
 
     plan = plan_as_dict(build_plan(config, model=model, gpu_mem_gib=gpu_mem_gib, gpus=1, sharding="none"))
+    if model not in (
+        None,
+        config.model.base,
+    ):  # as `plan` names it: an alias's converted folder means nothing
+        plan["model"] = config.model.base
     method = config.train.method
     methods = {
         label: {
