@@ -179,7 +179,6 @@ class LoadedModels:
         self._lock = threading.Lock()
         self._run: tuple[Path, int] | None = None
         self._models: dict[str, LoadedModel] = {}
-        self._last_used = time.monotonic()
         self._timer: threading.Timer | None = None
 
     @contextlib.contextmanager
@@ -201,8 +200,7 @@ class LoadedModels:
         finally:
             with self._lock:
                 loaded.users -= 1
-                self._last_used = time.monotonic()
-                self._arm(self.idle_release_s)
+                self._arm(self.idle_release_s)  # the idle time counts from the last use's end
 
     def release(self, run: Path | None = None) -> list[str]:
         """Drops the loaded models (only when they are run folder `run`'s, if given) and frees their
@@ -253,12 +251,8 @@ class LoadedModels:
 
     def _on_idle(self) -> None:
         with self._lock:
-            if not self._models or any(loaded.users for loaded in self._models.values()):
-                return  # nothing to drop, or a generation is on: its end starts the timer again
-            idle = time.monotonic() - self._last_used
-            if self.idle_release_s is not None and idle < self.idle_release_s:
-                self._arm(self.idle_release_s - idle)  # used again since this timer started
-                return
+            if any(loaded.users for loaded in self._models.values()):
+                return  # a generation is on: its end starts the timer again
             self._drop()
 
 
