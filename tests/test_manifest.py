@@ -36,15 +36,19 @@ def tiny_run(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("text", "fault"),
     [
-        (CUT_SHORT, "is not valid JSON (Unterminated string starting at: line 4 column 27 (char 67))"),
-        ("[1, 2]\n", "holds a JSON array, not an object"),
-        ('{"stages": []}\n', "has stages as a JSON array where an object of stage records belongs"),
+        (CUT_SHORT, "not valid JSON (Unterminated string starting at: line 4 column 27 (char 67))"),
+        ("[1, 2]\n", "is a JSON array, not an object"),
+        ('{"stages": []}\n', "stages is a JSON array, not an object of stage records"),
         (
             '{"stages": {"prepare": "complete"}}\n',
-            "has stages.prepare as a JSON string where a stage record (an object) belongs",
+            'stages.prepare is "complete", not a stage record (an object with a status)',
+        ),
+        (
+            '{"stages": {"prepare": {"status": 7}, "train": {"seconds": 3}}}\n',
+            "stages.prepare.status is 7, not a status word; stages.train has no status",
         ),
     ],
-    ids=["cut-short", "a-list", "stages-a-list", "record-a-string"],
+    ids=["cut-short", "a-list", "stages-a-list", "record-a-string", "two-bad-records"],
 )
 @pytest.mark.parametrize("command", [["run"], ["run", "--force"], ["prepare"]], ids=" ".join)
 def test_a_malformed_manifest_is_a_clear_error_and_left_as_it_is(tmp_path, text, fault, command):
@@ -54,7 +58,7 @@ def test_a_malformed_manifest_is_a_clear_error_and_left_as_it_is(tmp_path, text,
     config_written = manifest.with_name("config.yaml")
     result = CliRunner().invoke(app, [command[0], str(run_file), *command[1:]])
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
-    assert f"error: {manifest} {fault}: it is this run's record of its stages" in result.output
+    assert f"error: {manifest}: {fault}: it is this run's record of its stages" in result.output
     assert f"move it away (mv {manifest} {manifest}.broken) to start the run's record over" in result.output
     assert manifest.read_text(encoding="utf-8") == text
     assert not config_written.exists()  # the stage stopped before writing anything

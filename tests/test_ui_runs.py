@@ -377,7 +377,7 @@ def test_malformed_manifests_are_named_not_a_500(ui, browser):
     try:
         rows = {row["name"]: row for row in httpx.get(server.url + "/api/runs").json()}
         assert rows["odd-list"]["status"] == "unreadable"
-        assert rows["odd-list"]["problems"] == ["manifest.json: expected an object, found list"]
+        assert rows["odd-list"]["problems"] == ["manifest.json: is a JSON array, not an object"]
         assert rows["odd-flat"]["problems"] == [
             'manifest.json: stages.train is "complete", not a stage record (an object with a status)',
             "config.yaml: not a YAML mapping",
@@ -388,7 +388,7 @@ def test_malformed_manifests_are_named_not_a_500(ui, browser):
         assert rows["odd-cut"]["problems"][0].startswith("manifest.json: not readable JSON")
         browser.get(server.url + "/")
         cell = browser.find_element(By.CSS_SELECTOR, 'tr[data-run="odd-text"]')
-        assert "manifest.json: expected an object, found str" in cell.text
+        assert "manifest.json: is a JSON string, not an object" in cell.text
         for name in ODD_MANIFESTS:
             assert httpx.get(f"{server.url}/runs/odd-{name}").status_code == 200
             assert httpx.get(f"{server.url}/api/runs/odd-{name}/metrics").status_code == 200

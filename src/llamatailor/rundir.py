@@ -196,26 +196,19 @@ class RunDir:
         try:
             manifest = json.loads(self.manifest.read_bytes().decode("utf-8"))
         except json.JSONDecodeError as exc:
-            raise self._unreadable_manifest(f"is not valid JSON ({exc})") from None
+            raise self._unreadable_manifest(f"not valid JSON ({exc})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise self._unreadable_manifest(f"cannot be read ({exc})") from None
-        if not isinstance(manifest, dict):
-            raise self._unreadable_manifest(f"holds a JSON {_json_type(manifest)}, not an object")
-        stages = manifest.setdefault("stages", {})
-        if not isinstance(stages, dict):
-            raise self._unreadable_manifest(
-                f"has stages as a JSON {_json_type(stages)} where an object of stage records belongs"
-            )
-        for name, record in stages.items():
-            if not isinstance(record, dict):
-                raise self._unreadable_manifest(
-                    f"has stages.{name} as a JSON {_json_type(record)} where a stage record (an object) belongs"
-                )
+        if isinstance(manifest, dict):
+            manifest.setdefault("stages", {})
+        problems = manifest_problems(manifest)
+        if problems:
+            raise self._unreadable_manifest("; ".join(problems))
         return manifest
 
     def _unreadable_manifest(self, fault: str) -> StageError:
         return StageError(
-            f"{self.manifest} {fault}: it is this run's record of its stages, and llamatailor will not write "
+            f"{self.manifest}: {fault}: it is this run's record of its stages, and llamatailor will not write "
             f"over it. Repair it, or move it away (mv {self.manifest} {self.manifest}.broken) to start the "
             "run's record over: every stage then counts as not run and runs again."
         )
@@ -238,6 +231,37 @@ class RunDir:
 
     def write_config(self, resolved: dict[str, Any]) -> None:
         write_text(self.config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """Every fault of a parsed manifest.json's shape, each worded after its key path ("stages.train.status is
+    7, not a status word"); [] for an object whose `stages` (when present) is an object of stage records as
+    `pipeline.run_stage` writes them: objects whose status is text. The one rule for the stages and the UI."""
+    if not isinstance(manifest, dict):
+        return [f"is a JSON {_json_type(manifest)}, not an object"]
+    stages = manifest.get("stages", {})
+    if not isinstance(stages, dict):
+        return [f"stages is a JSON {_json_type(stages)}, not an object of stage records"]
+    problems = [stage_record_problem(name, record) for name, record in stages.items()]
+    return [problem for problem in problems if problem is not None]
+
+
+def stage_record_problem(name: str, record: Any) -> str | None:
+    """What is wrong with stage `name`'s record (None: an object whose status is text)."""
+    if not isinstance(record, dict):
+        return f"stages.{name} is {excerpt(record)}, not a stage record (an object with a status)"
+    if "status" not in record:
+        return f"stages.{name} has no status"
+    if not isinstance(record["status"], str):
+        return f"stages.{name}.status is {excerpt(record['status'])}, not a status word"
+    return None
+
+
+def excerpt(value: Any, limit: int = 60) -> str:
+    """`value` as JSON, cut at `limit` characters: a message names a malformed value without quoting a whole
+    section."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _json_type(value: Any) -> str:

@@ -150,7 +150,10 @@ def _run_status(run: RunDir) -> RunStatus:
     summary = summarize_run(run, manifest)
     refused = None
     if summary.status == UNREADABLE:
-        refused = f"Resume is off: {'; '.join(manifest.problems)}. Repair {run.manifest} first (moving it away makes every stage run again, training included)."
+        refused = (
+            f"Resume is off: {'; '.join(manifest.problems)}. Repair {run.manifest} first (moving it away "
+            "makes every stage run again, training included)."
+        )
     return RunStatus(summary.status, summary.stages, refused)
 
 
@@ -214,7 +217,7 @@ def resume_run(request: Request, name: str) -> dict[str, Any] | JSONResponse:
     """Start `llamatailor run` again on run `name`'s run file (<runs>/<name>.yaml, else the run's resolved
     config.yaml): up-to-date stages are skipped and training continues from its newest checkpoint. 409
     while it runs, here or elsewhere, and for a run whose manifest is malformed (`llamatailor run` would
-    stop on it with a traceback)."""
+    only stop on it)."""
     run = _job_run(request, name)
     jobs = jobs_of(request)
     job = jobs.get(name)

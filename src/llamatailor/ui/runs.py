@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from llamatailor.rundir import RunDir
+from llamatailor.rundir import RunDir, excerpt, manifest_problems, stage_record_problem
 from llamatailor.ui.pages import seconds
 
 STAGE_NAMES = ("prepare", "train", "dpo", "eval", "merge", "export")  # pipeline.STAGES' names, in order
@@ -105,38 +105,11 @@ def read_manifest(run: RunDir) -> ManifestView:
         manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return ManifestView({}, {}, [f"manifest.json: not readable JSON ({exc})"])
-    if not isinstance(manifest, dict):
-        return ManifestView({}, {}, [f"manifest.json: expected an object, found {type(manifest).__name__}"])
-    stages, problems = {}, []
-    records = manifest.get("stages") or {}
-    if not isinstance(records, dict):
-        records, problems = {}, ["manifest.json: stages is not an object"]
-    for name, record in records.items():
-        problem = _record_problem(record)
-        if problem is None:
-            stages[name] = record
-        else:
-            problems.append(f"manifest.json: stages.{name}{problem}")
+    problems = [f"manifest.json: {problem}" for problem in manifest_problems(manifest)]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+        return ManifestView(manifest if isinstance(manifest, dict) else {}, {}, problems)
+    stages = {n: r for n, r in manifest.get("stages", {}).items() if stage_record_problem(n, r) is None}
     return ManifestView(manifest, stages, problems)
-
-
-def _record_problem(record: Any) -> str | None:
-    """What is wrong with a stage record, worded to follow its key path (None: an object whose status is
-    text, as `pipeline.run_stage` writes it)."""
-    if not isinstance(record, dict):
-        return f" is {_excerpt(record)}, not a stage record (an object with a status)"
-    if "status" not in record:
-        return " has no status"
-    if not isinstance(record["status"], str):
-        return f".status is {_excerpt(record['status'])}, not a status word"
-    return None
-
-
-def _excerpt(value: Any, limit: int = 60) -> str:
-    """`value` as JSON, cut at `limit` characters: a problem names a malformed value without quoting a
-    whole section."""
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def stage_rows(manifest: ManifestView) -> list[dict[str, str]]:
@@ -261,7 +234,7 @@ def _add_row(chunk: MetricsChunk, number: int, row: dict[str, Any]) -> None:
         if _finite(value):
             kept[key] = value
         else:
-            chunk.bad_values.append({"line": number, "key": key, "value": _excerpt(value, 40)})
+            chunk.bad_values.append({"line": number, "key": key, "value": excerpt(value, 40)})
     if "step" in kept:
         chunk.rows.append(kept)
 
