@@ -17,6 +17,7 @@ from helpers import alpaca_rows, prepared_run
 from llamatailor.cli import app
 from llamatailor.config import LoraSection, RunConfig, Schedule, load_config
 from llamatailor.errors import ConfigError, ModelLoadError, StageError
+from llamatailor.hardware import resolve_precision
 from llamatailor.models.families import FAMILIES
 from llamatailor.models.loading import load_tokenizer
 from llamatailor.models.moe import check_run_model
@@ -575,3 +576,17 @@ def test_experts_on_a_dense_model_are_refused_by_plan_and_train_alike(tmp_path):
     config.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 8}), encoding="utf-8")
     with pytest.raises(ModelLoadError, match=r"model_type 'mixtral', num_local_experts: 8"):
         check_run_model(run.model_copy(update={"train": run.train.model_copy(update={"method": "full"})}))
+
+
+def test_the_serving_table_names_the_precision_its_columns_hold():
+    """On CPU the unquantized column is fp32 (the plan's precision there), and the title says so rather than
+    "16 bits"."""
+    result = runner.invoke(app, ["plan", "--model", "llama-3.1-8b"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    precision = resolve_precision("auto")  # fp32 on CPU
+    assert (
+        f"serving llama-3.1-8b: weights in int4, int8, {precision}, KV cache of 8,192 tokens ({precision})"
+        in text
+    )
+    assert "16 bits" not in text

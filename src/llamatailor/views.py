@@ -182,15 +182,18 @@ def _plan_training_table(plan: Plan) -> Table:
 def _plan_inference_table(plan: Plan) -> Table:
     gib = 2**30
     context = plan.inference[0].breakdown.context if plan.inference else 0
+    # int4/int8, then the compute precision: fp32 on CPU, where "16 bits" would undercount twice over
+    labels = [
+        f"int{f.breakdown.bits}" if f.breakdown.bits < 16 else plan.setup.precision for f in plan.inference
+    ]
     table = Table(
-        title=f"serving {plan.arch.name}: weights at 4, 8, 16 bits, KV cache of {context:,} tokens "
+        title=f"serving {plan.arch.name}: weights in {', '.join(labels)}, KV cache of {context:,} tokens "
         f"({plan.setup.precision}), GiB",
         show_edge=False,
     )
     table.add_column("term")
-    for fit in plan.inference:
-        bits = fit.breakdown.bits
-        table.add_column(f"int{bits}" if bits < 16 else plan.setup.precision, justify="right")
+    for label in labels:
+        table.add_column(label, justify="right")
     for label, term in (("weights", "weights"), ("KV cache", "kv_cache"), ("overhead", "overhead")):
         sizes = (getattr(fit.breakdown, term) / gib for fit in plan.inference)
         table.add_row(label, *(f"{size:.2f}" for size in sizes))
