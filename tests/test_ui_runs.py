@@ -267,8 +267,11 @@ def test_chart_gains_points_while_training(ui, browser, tiny_models, tmp_path):
     )
     metrics = runs / "live" / "metrics.jsonl"
     try:
-        wait_for(lambda: metrics.is_file(), timeout=120, what="training to start")
+        # The page is open from the run folder's creation, before the first point: a page that loads slowly
+        # on a busy machine must not miss the start of training.
+        wait_for(lambda: metrics.parent.is_dir(), timeout=120, what="the run to start")
         browser.get(server.url + "/runs/live")
+        wait_for(lambda: metrics.is_file(), timeout=120, what="training to start")
         observed = []
         while process.poll() is None and len(observed) < 6:
             steps = _steps_in(metrics)
